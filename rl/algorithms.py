@@ -1,0 +1,626 @@
+"""RL algorithm maths: advantage estimators, KL estimators, policy/value losses, loss aggregation.
+
+Every piece is a small pure tensor function in a string-keyed registry (the layout of verl's
+``core_algos.py``), so a recipe picks it by name and a test can check it in isolation.
+
+Conventions
+-----------
+* ``[B, T]`` tensors run over the *response* tokens: everything after the prompt, across all turns
+  of a multi-turn episode.
+* ``response_mask`` ``[B, T]`` (bool or 0/1 float) is 1 where the policy generated the token and 0 for
+  environment-inserted tokens (observations inside a response) and right padding. It is read as
+  binary: any non-zero entry counts as a policy token.
+* ``group_ids`` ``[B]`` long: samples of the same prompt share an id.
+* Outputs are exactly 0 at masked positions. Masked positions of the inputs are never read
+  arithmetically (``torch.where``, not multiplication), so garbage there (``-inf`` log-probs of
+  padding, NaN values) cannot leak into outputs or gradients.
+* Nothing mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ADVANTAGE_ESTIMATORS",
+    "register_advantage_estimator",
+    "get_advantage_estimator",
+    "compute_advantages",
+    "reinforce",
+    "rloo",
+    "grpo",
+    "gae",
+    "KL_ESTIMATORS",
+    "register_kl_estimator",
+    "get_kl_estimator",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "POLICY_LOSSES",
+    "register_policy_loss",
+    "get_policy_loss",
+    "clipped_policy_loss",
+    "vanilla_policy_loss",
+    "VALUE_LOSSES",
+    "register_value_loss",
+    "get_value_loss",
+    "value_loss",
+    "entropy_from_logits",
+    "LOSS_AGGREGATIONS",
+    "register_loss_aggregation",
+    "get_loss_aggregation",
+    "aggregate_loss",
+]
+
+# exp() of a log-ratio beyond this overflows float16/bfloat16 long before it means anything.
+_LOG_RATIO_CLAMP = 20.0
+
+
+# --------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------
+
+
+def _registrar(registry: dict[str, Callable], kind: str, n_positional: int):
+    """Decorator factory: registers under ``name`` and enforces the uniform call convention.
+
+    The first ``n_positional`` parameters are the shared tensors; everything after them must be
+    keyword-only with no ``*args``/``**kwargs``, because the trainer passes exactly the config
+    fields a function declares (``inspect.signature``) and a catch-all would swallow typos.
+    """
+
+    def register(name: str):
+        def deco(fn: Callable) -> Callable:
+            if name in registry:
+                raise ValueError(f"{kind} '{name}' is already registered")
+            params = list(inspect.signature(fn).parameters.values())
+            head, options = params[:n_positional], params[n_positional:]
+            if len(head) < n_positional or any(
+                p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in head
+            ):
+                raise TypeError(f"{kind} '{name}': the first {n_positional} parameters must be positional")
+            bad = [p.name for p in options if p.kind is not p.KEYWORD_ONLY]
+            if bad:
+                raise TypeError(f"{kind} '{name}': options {bad} must be keyword-only (no *args/**kwargs)")
+            registry[name] = fn
+            return fn
+
+        return deco
+
+    return register
+
+
+def _lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    try:
+        return registry[name]
+    except KeyError:
+        raise KeyError(f"unknown {kind} '{name}'; valid names: {sorted(registry)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Masked helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum(x[mask])`` (over ``dim``, or everything when ``dim`` is None)."""
+    kept = torch.where(_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum(x * mask) / max(sum(mask), 1)``: an empty mask gives 0, not NaN."""
+    m = _bool(mask)
+    count = m.sum() if dim is None else m.sum(dim)
+    return masked_sum(x, m, dim) / count.clamp_min(1).to(x.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked-in elements (scalar).
+
+    ``sum((x - mean)^2 * mask) / (n - 1)`` when ``unbiased`` else ``/ n``. Fewer than 2 elements
+    (unbiased) or none (biased) give 0 instead of raising, so whitening a degenerate batch just
+    centres it.
+    """
+    m = _bool(mask)
+    n = m.sum()
+    mean = masked_mean(x, m)
+    sq = masked_sum((x - mean) ** 2, m)
+    denom = (n - 1) if unbiased else n
+    return torch.where(denom > 0, sq / denom.clamp_min(1).to(x.dtype), torch.zeros_like(sq))
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over all masked-in elements (unbiased var); 0 where masked.
+
+    ``shift_mean=False`` adds the mean back (only the scale is normalised).
+    """
+    m = _bool(mask)
+    mean = masked_mean(x, m)
+    out = (x - mean) * torch.rsqrt(masked_var(x, m) + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# --------------------------------------------------------------------------------------------
+# Advantage estimators
+# --------------------------------------------------------------------------------------------
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+_register_estimator = _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", 4)
+
+
+def register_advantage_estimator(name: str):
+    """Register ``fn(token_rewards, response_mask, group_ids, values=None, *, <options>)``.
+
+    Advantages and returns are regression/PG *targets*: the function is run under ``no_grad`` so a
+    ``values`` tensor that still requires grad cannot leak critic gradients into the policy loss.
+    """
+
+    def deco(fn):
+        wrapped = torch.no_grad()(fn)  # functools.wraps keeps the signature visible to inspect
+        _register_estimator(name)(wrapped)
+        return wrapped
+
+    return deco
+
+
+def get_advantage_estimator(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def compute_advantages(
+    name: str,
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    values: Tensor | None = None,
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """Look up estimator ``name`` and call it; an option it does not declare is a TypeError."""
+    return get_advantage_estimator(name)(token_rewards, response_mask, group_ids, values, **options)
+
+
+def _scores(token_rewards: Tensor, mask: Tensor) -> Tensor:
+    """Sequence score ``sum_t r_t * mask_t`` ``[B]``."""
+    return masked_sum(token_rewards, mask, dim=-1)
+
+
+def _group_stats(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample ``(group_mean, group_std_unbiased, group_sum, group_size)``, each ``[B]``.
+
+    A single-sample group has no baseline information, so (as in verl) its mean is 0 and its
+    std 1: the sample's advantage is then its raw score.
+    """
+    _, inv, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    g = counts.numel()
+    inv = inv.to(scores.device)
+    n = counts.to(device=scores.device, dtype=scores.dtype)
+    sums = scores.new_zeros(g).index_add(0, inv, scores)
+    mean = sums / n
+    sq = scores.new_zeros(g).index_add(0, inv, (scores - mean[inv]) ** 2)
+    std = (sq / (n - 1).clamp_min(1)).sqrt()
+    single = n == 1
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(std), std)
+    return mean[inv], std[inv], sums[inv], n[inv]
+
+
+def _broadcast(per_seq: Tensor, mask: Tensor) -> Tensor:
+    out = per_seq.unsqueeze(-1).expand(mask.shape)
+    return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _reward_to_go(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = r_t + gamma * G_{next policy token}`` over policy tokens only; 0 where masked.
+
+    Masked tokens are transparent: they carry the running return unchanged, so the token before an
+    observation block sees the return of the policy tokens after it, one gamma step away.
+    """
+    zero = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device)
+    running = token_rewards.new_zeros(token_rewards.shape[0])
+    out = torch.zeros_like(token_rewards)
+    for t in reversed(range(token_rewards.shape[-1])):
+        m = mask[:, t]
+        running = torch.where(m, torch.where(m, token_rewards[:, t], zero) + gamma * running, running)
+        out[:, t] = torch.where(m, running, zero)
+    return out
+
+
+_REINFORCE_BASELINES = ("none", "batch", "group")
+
+
+@register_advantage_estimator("reinforce")
+def reinforce(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    values: Tensor | None = None,
+    *,
+    baseline: str = "none",
+    whiten: bool = False,
+    gamma: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with an optional constant baseline.
+
+    ``returns_t = sum_{k >= t, k policy} gamma^{#policy tokens in [t, k)} r_k`` (masked tokens skipped)
+    ``advantages_t = (returns_t - b) * mask_t`` with ``b`` =
+      ``none``: 0; ``batch``: mean over the batch of the scores ``S_i = sum_t r_t mask_t``;
+      ``group``: mean of ``S`` within the sample's group (single-sample group: 0).
+    ``whiten``: advantages are then whitened over all policy tokens of the batch.
+    """
+    if baseline not in _REINFORCE_BASELINES:
+        raise ValueError(f"reinforce: baseline '{baseline}' is not one of {list(_REINFORCE_BASELINES)}")
+    mask = _bool(response_mask)
+    returns = _reward_to_go(token_rewards, mask, gamma)
+    if baseline == "none":
+        b = torch.zeros_like(returns[:, 0])
+    elif baseline == "batch":
+        b = _scores(token_rewards, mask).mean().expand(returns.shape[0])
+    else:
+        b = _group_stats(_scores(token_rewards, mask), group_ids)[0]
+    advantages = torch.where(mask, returns - b.unsqueeze(-1), torch.zeros_like(returns))
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+@register_advantage_estimator("rloo")
+def rloo(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    values: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024).
+
+    ``A_i = S_i - (sum_{j in g(i), j != i} S_j) / (|g(i)| - 1)``, broadcast over policy tokens;
+    a single-sample group has baseline 0. Returns = advantages.
+    """
+    mask = _bool(response_mask)
+    scores = _scores(token_rewards, mask)
+    _, _, sums, n = _group_stats(scores, group_ids)
+    # the leave-one-out mean keeps the baseline independent of the sample, so the PG stays unbiased
+    loo = torch.where(n > 1, (sums - scores) / (n - 1).clamp_min(1), torch.zeros_like(scores))
+    adv = _broadcast(scores - loo, mask)
+    return adv, adv.clone()
+
+
+@register_advantage_estimator("grpo")
+def grpo(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    values: Tensor | None = None,
+    *,
+    normalize_by_std: bool = True,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """GRPO group-relative advantage (Shao et al. 2024).
+
+    ``A_i = (S_i - mean_g S) / (std_g S + eps)`` with the unbiased (n-1) std of the group;
+    ``normalize_by_std=False`` is Dr.GRPO (Liu et al. 2025): ``A_i = S_i - mean_g S``.
+    Single-sample group: mean 0, std 1. Broadcast over policy tokens; returns = advantages.
+    """
+    mask = _bool(response_mask)
+    scores = _scores(token_rewards, mask)
+    mean, std, _, _ = _group_stats(scores, group_ids)
+    adv = scores - mean
+    if normalize_by_std:
+        adv = adv / (std + eps)
+    adv = _broadcast(adv, mask)
+    return adv, adv.clone()
+
+
+@register_advantage_estimator("gae")
+def gae(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor,
+    values: Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over policy tokens only.
+
+    For policy tokens ``t`` with ``n(t)`` the next policy token (``V_{n(t)} = 0`` past the last one):
+    ``delta_t = r_t + gamma * V_{n(t)} - V_t``; ``A_t = delta_t + gamma * lam * A_{n(t)}``;
+    ``returns_t = A_t + V_t``. Masked tokens are skipped entirely, so a response with an observation
+    block gets exactly the advantages of the same response with the block cut out.
+    """
+    if values is None:
+        raise ValueError("gae needs values from a critic (values=None)")
+    mask = _bool(response_mask)
+    zero = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device)
+    next_value = token_rewards.new_zeros(token_rewards.shape[0])
+    last_gae = token_rewards.new_zeros(token_rewards.shape[0])
+    advantages = torch.zeros_like(token_rewards)
+    for t in reversed(range(token_rewards.shape[-1])):
+        m = mask[:, t]
+        r = torch.where(m, token_rewards[:, t], zero)
+        v = torch.where(m, values[:, t].to(token_rewards.dtype), zero)
+        delta = r + gamma * next_value - v
+        gae_t = delta + gamma * lam * last_gae
+        # a masked token passes the state of the next policy token through unchanged
+        last_gae = torch.where(m, gae_t, last_gae)
+        next_value = torch.where(m, v, next_value)
+        advantages[:, t] = torch.where(m, gae_t, zero)
+    returns = torch.where(mask, advantages + values.to(advantages.dtype), zero)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators
+# --------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+register_kl_estimator = _registrar(KL_ESTIMATORS, "KL estimator", 2)
+
+
+def get_kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return _lookup(KL_ESTIMATORS, "KL estimator", name)
+
+
+@register_kl_estimator("k1")
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``k1 = log pi(x) - log pi_ref(x)``: unbiased for KL(pi || pi_ref), high variance, can be < 0."""
+    return logprobs - ref_logprobs
+
+
+@register_kl_estimator("k2")
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``k2 = 0.5 * (log pi(x) - log pi_ref(x))^2``: biased, low variance, >= 0."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+@register_kl_estimator("k3")
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``k3 = exp(d) - d - 1`` with ``d = log pi_ref(x) - log pi(x)`` (Schulman 2020): unbiased, >= 0.
+
+    ``d`` is clamped to [-20, 20] (gradient 0 beyond) so one token whose log-probs diverge cannot
+    overflow exp() to inf; the clamped ``d`` is used in both terms, which keeps the value >= 0.
+    """
+    d = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    # expm1 avoids the cancellation in exp(d) - 1 near d = 0 that makes the naive form slightly
+    # negative; the clamp only removes last-ulp rounding, since the true value is >= 0
+    return (torch.expm1(d) - d).clamp_min(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Policy losses
+# --------------------------------------------------------------------------------------------
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
+register_policy_loss = _registrar(POLICY_LOSSES, "policy loss", 4)
+
+
+def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    return _lookup(POLICY_LOSSES, "policy loss", name)
+
+
+def _ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ratio, log_ratio)`` with log_ratio 0 (ratio 1) at masked positions and clamped to +-20."""
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
+    return torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)), log_ratio
+
+
+def _info(mask: Tensor, **parts: Tensor) -> dict[str, Tensor]:
+    return {k: torch.where(mask, v.detach().to(torch.float32), 0.0) for k, v in parts.items()}
+
+
+@register_policy_loss("clipped")
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017), per token.
+
+    ``rho = exp(logp - logp_old)``; ``L = max(-A rho, -A clip(rho, 1 - eps_lo, 1 + eps_hi))`` with
+    ``eps_lo = clip_ratio``, ``eps_hi = clip_ratio_high`` (default ``clip_ratio``; DAPO's clip-higher).
+    Dual clip (Ye et al. 2020), ``c > 1``: for ``A < 0``, ``L = min(L, -A c)``, bounding the loss of a
+    token whose ratio exploded.
+    info: ``clipped`` (either clip bound the loss), ``dual_clipped``, ``ratio``, ``approx_kl``
+    (``logp_old - logp``).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
+    mask = _bool(response_mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    adv = torch.where(mask, advantages.to(logprobs.dtype), zero)
+    ratio, log_ratio = _ratio(logprobs, old_logprobs, mask)
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + high)
+    loss = torch.maximum(l1, l2)
+    clipped = l2 > l1
+    dual = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        dual = (adv < 0) & (l3 < loss)
+        loss = torch.where(dual, l3, loss)
+        clipped = clipped | dual
+    loss = torch.where(mask, loss, zero)
+    return loss, _info(mask, clipped=clipped, dual_clipped=dual, ratio=ratio, approx_kl=-log_ratio)
+
+
+@register_policy_loss("vanilla")
+def vanilla_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain policy gradient: ``L = -A * rho`` with ``rho = exp(logp - logp_old)``.
+
+    On-policy (``rho = 1``) its gradient is exactly ``-A * grad(logp)`` (REINFORCE); off-policy it is
+    the importance-weighted policy gradient. The clip options are accepted only so every policy loss
+    has the same signature; they are ignored.
+    """
+    mask = _bool(response_mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    adv = torch.where(mask, advantages.to(logprobs.dtype), zero)
+    ratio, log_ratio = _ratio(logprobs, old_logprobs, mask)
+    loss = torch.where(mask, -adv * ratio, zero)
+    no_clip = torch.zeros_like(mask)
+    return loss, _info(mask, clipped=no_clip, dual_clipped=no_clip, ratio=ratio, approx_kl=-log_ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# Value loss and entropy
+# --------------------------------------------------------------------------------------------
+
+VALUE_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
+register_value_loss = _registrar(VALUE_LOSSES, "value loss", 4)
+
+
+def get_value_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    return _lookup(VALUE_LOSSES, "value loss", name)
+
+
+@register_value_loss("clipped")
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_range: float | None = 0.5,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss, per token.
+
+    ``L = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``; ``clip_range=None`` gives
+    ``0.5 * (V - R)^2``. info: ``clipped`` where the clipped term is the larger one.
+    """
+    mask = _bool(response_mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    v = torch.where(mask, values, zero)
+    v_old = torch.where(mask, old_values.to(values.dtype), zero)
+    ret = torch.where(mask, returns.to(values.dtype), zero)
+    l1 = (v - ret) ** 2
+    if clip_range is None:
+        loss, clipped = l1, torch.zeros_like(mask)
+    else:
+        l2 = (v_old + (v - v_old).clamp(-clip_range, clip_range) - ret) ** 2
+        loss, clipped = torch.maximum(l1, l2), l2 > l1
+    return torch.where(mask, 0.5 * loss, zero), _info(mask, clipped=clipped)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim: ``H = logsumexp(z) - sum_i p_i z_i``.
+
+    Computed on ``z - max(z)`` (H is shift-invariant): with raw logits both terms are of the size
+    of the logits and their difference loses the entropy to float32 cancellation.
+    ``-inf`` logits (vocab masked by top-k/top-p) have p = 0 and contribute 0; they are zeroed
+    before the product because ``0 * -inf`` is NaN in the forward and backward pass.
+    """
+    z = logits - logits.amax(dim=-1, keepdim=True).detach()
+    probs = torch.softmax(z, dim=-1)
+    finite = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
+    return torch.logsumexp(z, dim=-1) - (probs * finite).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss aggregation
+# --------------------------------------------------------------------------------------------
+# Denominators are GLOBAL counts of the whole optimisation batch: with them, the sum over
+# micro-batches (and data-parallel ranks) of the aggregated micro-batch losses equals the
+# aggregated full-batch loss, so gradient accumulation is exact. Omitted, they default to this
+# tensor's own counts, which is the full-batch reference value.
+
+LOSS_AGGREGATIONS: dict[str, Callable[..., Tensor]] = {}
+register_loss_aggregation = _registrar(LOSS_AGGREGATIONS, "loss aggregation", 2)
+
+
+def get_loss_aggregation(name: str) -> Callable[..., Tensor]:
+    return _lookup(LOSS_AGGREGATIONS, "loss aggregation", name)
+
+
+def _denom(value, like: Tensor) -> Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp_min(1)
+
+
+@register_loss_aggregation("token-mean")
+def _token_mean(loss_mat, response_mask, *, num_tokens=None, num_seqs=None, norm_len=None) -> Tensor:
+    """``sum(L * mask) / num_tokens`` (default ``sum(mask)``): every token weighs the same."""
+    mask = _bool(response_mask)
+    total = masked_sum(loss_mat, mask)
+    return total / _denom(mask.sum() if num_tokens is None else num_tokens, total)
+
+
+@register_loss_aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(loss_mat, response_mask, *, num_tokens=None, num_seqs=None, norm_len=None) -> Tensor:
+    """``sum_i mean_t(L_i * mask_i) / num_seqs`` (default B): every sequence weighs the same.
+
+    A sequence with no policy tokens contributes 0 (but still counts in ``num_seqs``).
+    """
+    per_seq = masked_mean(loss_mat, response_mask, dim=-1)
+    return per_seq.sum() / _denom(loss_mat.shape[0] if num_seqs is None else num_seqs, per_seq)
+
+
+@register_loss_aggregation("seq-mean-token-sum")
+def _seq_mean_token_sum(loss_mat, response_mask, *, num_tokens=None, num_seqs=None, norm_len=None) -> Tensor:
+    """``sum(L * mask) / num_seqs`` (default B): longer sequences weigh more."""
+    total = masked_sum(loss_mat, response_mask)
+    return total / _denom(loss_mat.shape[0] if num_seqs is None else num_seqs, total)
+
+
+@register_loss_aggregation("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(
+    loss_mat, response_mask, *, num_tokens=None, num_seqs=None, norm_len=None
+) -> Tensor:
+    """``sum(L * mask) / (num_seqs * norm_len)`` (Dr.GRPO), defaults B and T.
+
+    The trainer passes a constant ``norm_len`` (max response tokens) so the normaliser depends on
+    neither the batch nor its padding, removing GRPO's length bias.
+    """
+    total = masked_sum(loss_mat, response_mask)
+    s = loss_mat.shape[0] if num_seqs is None else num_seqs
+    n = loss_mat.shape[-1] if norm_len is None else norm_len
+    return total / _denom(s * n, total)
+
+
+def aggregate_loss(
+    loss_mat: Tensor,
+    response_mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: int | Tensor | None = None,
+    num_seqs: int | Tensor | None = None,
+    norm_len: int | None = None,
+) -> Tensor:
+    """Reduce a per-token loss ``[B, T]`` to a scalar with aggregation ``mode``.
+
+    Pass the optimisation batch's global ``num_tokens`` (policy tokens), ``num_seqs`` (sequences)
+    and a fixed ``norm_len`` when ``loss_mat`` is a micro-batch, so micro-batch losses sum to the
+    full-batch loss.
+    """
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation mode '{mode}'; valid modes: {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode](
+        loss_mat, response_mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len
+    )

@@ -1,0 +1,305 @@
+"""Recipe YAML -> typed config.
+
+A recipe is a YAML mapping whose keys are the fields of `TrainConfig` below (nested
+sections are dataclasses). Parsing is strict: an unknown or misspelled key is an
+error that names the file, the full key path and the closest valid key, because a
+silently ignored `kl_coeff: 0.1` is a run wasted.
+
+Command-line overrides use dotted paths: `algorithm.kl_coef=0.01 train.steps=10`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be run as written; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"  # a short name from `rl.models`, a local dir or a hub id
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU (bf16 is >15x slower on AVX2 CPUs)
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # LoRA through PEFT; the LoRA-disabled base model then serves as the KL reference.
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    # A dataset source: "module:function" returning a datasets.Dataset (or DatasetDict),
+    # a .jsonl/.json/.parquet/.csv file, or a directory saved with `save_to_disk`.
+    train: str = ""
+    train_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval: str = ""
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_size: int = 0  # 0 = the whole eval split
+    # Turns a dataset row into chat messages: a registered name or "module:function".
+    prompt_builder: str = "messages"
+    # Columns every row must have (checked up front, so a typo fails before any compute).
+    required_columns: list[str] = field(default_factory=list)
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # registered engine name (rl.engines)
+    agent: str = "single_turn"  # registered agent loop (agents) or "module:function"
+    agent_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the agent (env settings, turns, ...)
+    group_size: int = 4  # samples per prompt (G)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    generation_batch_size: int = 64  # sequences per engine call; bounds KV-cache memory
+    eval_temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass
+class RewardSpec:
+    name: str = ""  # a registered reward or "package.module:function"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlgorithmConfig:
+    # reinforce | rloo | grpo | ppo (= gae advantages with a learned critic)
+    name: str = "grpo"
+    # advantage-estimator options (each estimator takes the ones it declares)
+    baseline: str = "group"  # reinforce: none | batch | group
+    whiten: bool = False  # reinforce
+    normalize_by_std: bool = True  # grpo; False = Dr.GRPO
+    gamma: float = 1.0
+    lam: float = 1.0
+    # policy loss
+    policy_loss: str = "clipped"  # clipped | vanilla
+    clip_ratio: float = 0.2
+    clip_ratio_high: float | None = None
+    dual_clip: float | None = None
+    loss_agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0
+    # KL to the reference policy; off (0) means no reference model is loaded at all
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False  # True: -kl_coef*KL in the token rewards (PPO style); False: a loss term (GRPO style)
+    # critic (ppo)
+    value_loss_coef: float = 0.5
+    value_clip: float | None = 0.5
+    critic_lr: float = 1e-5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # any transformers scheduler name
+    warmup_steps: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage; Progressive GRPO is GRPO over several of these."""
+
+    name: str = ""
+    steps: int = 0
+    prompt_builder: str | None = None  # overrides data.prompt_builder
+    train: str | None = None  # overrides data.train
+    train_kwargs: dict[str, Any] | None = None
+    kl_coef: float | None = None  # overrides algorithm.kl_coef
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    reward_fallback: float = 0.0  # score given when a reward function raises (the error is counted)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    steps: int = 10  # total optimizer-phase steps when no stages are given
+    prompts_per_step: int = 4  # across all processes
+    ppo_epochs: int = 1
+    mini_batches_per_step: int = 1  # optimizer steps per rollout batch and epoch
+    micro_batch_tokens: int = 4096  # packed tokens per forward/backward
+    packing: bool = True  # padding-free packed micro-batches; False = padded rows
+    old_logprobs: str = "rollout"  # rollout (engine log-probs) | recompute (extra forward)
+
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    logging_steps: int = 1
+    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 2
+    eval_steps: int = 0  # 0 = only before and after training
+    eval_before_training: bool = True
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages) if self.stages else self.steps
+
+    def resolved_stages(self) -> list[StageConfig]:
+        return self.stages or [StageConfig(name="main", steps=self.steps)]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, where: str):
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(types_)})"
+            raise ConfigError(f"unknown key '{path}'{hint}")
+        kwargs[key] = _coerce(value, types_[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> TrainConfig:
+    try:
+        cfg = _build(TrainConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: TrainConfig, source: str) -> None:
+    from rl import algorithms  # local import: config must stay importable without torch work
+
+    def fail(msg: str):
+        raise ConfigError(f"{source}: {msg}")
+
+    algo = cfg.algorithm
+    if algo.name not in ALGORITHMS:
+        fail(f"algorithm.name '{algo.name}' is not one of {sorted(ALGORITHMS)}")
+    if algo.policy_loss not in algorithms.POLICY_LOSSES:
+        fail(f"algorithm.policy_loss '{algo.policy_loss}' is not one of {sorted(algorithms.POLICY_LOSSES)}")
+    if algo.loss_agg_mode not in algorithms.LOSS_AGGREGATIONS:
+        fail(f"algorithm.loss_agg_mode '{algo.loss_agg_mode}' is not one of {sorted(algorithms.LOSS_AGGREGATIONS)}")
+    if algo.kl_estimator not in algorithms.KL_ESTIMATORS:
+        fail(f"algorithm.kl_estimator '{algo.kl_estimator}' is not one of {sorted(algorithms.KL_ESTIMATORS)}")
+    if cfg.old_logprobs not in ("rollout", "recompute"):
+        fail(f"old_logprobs must be 'rollout' or 'recompute', got '{cfg.old_logprobs}'")
+    if not cfg.rewards:
+        fail("rewards: at least one reward function is required")
+    if not cfg.data.train and not any(s.train for s in cfg.stages):
+        fail("data.train: no training dataset given")
+    if cfg.prompts_per_step < 1 or cfg.rollout.group_size < 1:
+        fail("prompts_per_step and rollout.group_size must be >= 1")
+    if cfg.mini_batches_per_step < 1 or cfg.ppo_epochs < 1:
+        fail("mini_batches_per_step and ppo_epochs must be >= 1")
+    if cfg.total_steps < 1:
+        fail("nothing to train: steps (or the sum of stage steps) must be >= 1")
+    for i, stage in enumerate(cfg.stages):
+        if stage.steps < 1:
+            fail(f"stages[{i}].steps must be >= 1")
+
+
+# algorithm name -> advantage estimator; ppo is the only one with a critic
+ALGORITHMS = {"reinforce": "reinforce", "rloo": "rloo", "grpo": "grpo", "ppo": "gae"}

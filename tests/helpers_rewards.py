@@ -1,0 +1,26 @@
+"""Reward functions the tests plug in through 'helpers_rewards:<name>'."""
+
+import math
+
+CALLS = {"n": 0}
+
+
+def digit_fraction(row, traj):
+    """Fraction of digit characters: varies across random samples, so advantages are non-zero."""
+    text = traj.response_text
+    return sum(c.isdigit() for c in text) / max(1, len(text))
+
+
+def raises_on_odd(row, traj):
+    CALLS["n"] += 1
+    if CALLS["n"] % 2:
+        raise RuntimeError("deliberate failure")
+    return 1.0
+
+
+def returns_dict(row, traj):
+    return {"score": 0.5, "length": float(len(traj.response_ids))}
+
+
+def returns_nan(row, traj):
+    return math.nan
