@@ -55,6 +55,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str)
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:
     tensors = load_file(str(directory / f"{name}.safetensors"))
     rest = json.loads((directory / f"{name}.json").read_text())
+    # JSON has no tuples: give hyper-parameters like `betas` back their original type
+    for saved, live in zip(rest["param_groups"], optimizer.param_groups):
+        for key, value in saved.items():
+            if isinstance(live.get(key), tuple) and isinstance(value, list):
+                saved[key] = tuple(value)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, rest))
 
 

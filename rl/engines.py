@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -101,7 +102,9 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(prompts), self.batch_size):
+            starts = range(0, len(prompts), self.batch_size)
+            # a bar only when there is more than one batch (evaluation, big groups)
+            for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
                 out.extend(self._generate_batch(prompts[start : start + self.batch_size], params))
         finally:
             self.model.train(was_training)

@@ -26,12 +26,6 @@ register_reward = registering(REWARDS)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def parse_number(text: str) -> float | None:
-    """The first number in `text` (commas as thousands separators are dropped)."""
-    m = _NUMBER.search(text.replace(",", ""))
-    return float(m.group()) if m else None
-
-
 @register_reward("numeric_exact")
 def numeric_exact(row: dict, traj: Trajectory, answer_column: str = "answer") -> float:
     """1 if the whole response (stripped) is exactly the gold number, else 0.
@@ -43,11 +37,15 @@ def numeric_exact(row: dict, traj: Trajectory, answer_column: str = "answer") ->
     return 1.0 if text == str(row[answer_column]).strip() else 0.0
 
 
-@register_reward("numeric_contains")
-def numeric_contains(row: dict, traj: Trajectory, answer_column: str = "answer") -> float:
-    """1 if the first number in the response equals the gold number."""
-    value = parse_number(traj.response_text)
-    return 1.0 if value is not None and math.isclose(value, float(row[answer_column])) else 0.0
+@register_reward("final_number")
+def final_number(row: dict, traj: Trajectory, answer_column: str = "answer") -> float:
+    """1 if the response ended by itself (not cut at the token budget) and its last
+    number equals the gold number: the final answer of a worked reply like
+    "9 + 3 = 12" counts; rambling that never finishes does not."""
+    if traj.info.get("finish_reason") == "length":
+        return 0.0
+    numbers = _NUMBER.findall(traj.response_text.replace(",", ""))
+    return 1.0 if numbers and math.isclose(float(numbers[-1]), float(row[answer_column])) else 0.0
 
 
 @register_reward("length_penalty")

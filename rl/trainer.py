@@ -642,6 +642,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 "time/step": step_time,
                 "time/rollout": rollout_time,
                 "time/train": train_time,
+                "tokens/generated": tot[3],
+                "tokens/trained": tot[5],  # forward/backward tokens (with padding when packing is off)
                 "throughput/generated_tokens_per_s": tot[3] / max(rollout_time, 1e-9),
                 "throughput/trained_tokens_per_s": tot[5] / max(train_time, 1e-9),
             }

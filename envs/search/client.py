@@ -191,6 +191,8 @@ class RetrievalClient:
         """Top-``topk`` hits per query; failed queries get ``UnavailableHits`` (no exception)."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings, not a single string")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk must be a positive integer, got {topk!r}")
         queries = list(queries)
         self._count("queries", len(queries))
         results: list[list[dict] | None] = [None] * len(queries)
