@@ -143,7 +143,8 @@ class TrainConfig:
     ppo_epochs: int = 1
     mini_batches_per_step: int = 1  # optimizer steps per rollout batch and epoch
     micro_batch_tokens: int = 4096  # packed tokens per forward/backward
-    packing: bool = True  # padding-free packed micro-batches; False = padded rows
+    packing: bool = True  # packed rows sharing each prompt across its samples; False = one padded row per sample
+    pack_row_tokens: int = 256  # packed row width: attention costs O(width^2) without a varlen kernel
     old_logprobs: str = "rollout"  # rollout (engine log-probs) | recompute (extra forward)
 
     seed: int = 0
@@ -200,6 +201,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):

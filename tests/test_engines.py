@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents.single_turn import render_prompt, single_turn
 from rl.engines import HFEngine, SamplingParams, _first_stop
-from rl.trainer import forward_logprobs, make_micro_batch
+from rl.trainer import forward_logprobs, make_micro_batch, scatter_rows
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,12 @@ def tiny(tiny_model_dir):
 
 
 def teacher_forced(model, trajs, temperature):
-    rows = list(range(len(trajs)))
-    logp, _ = forward_logprobs(model, make_micro_batch(trajs, rows, True, 0), temperature, False)
-    return logp
+    """Trainer log-probs of every response token, in trajectory order."""
+    mb = make_micro_batch(trajs, list(range(len(trajs))), True, 0)
+    logp, _ = forward_logprobs(model, mb, temperature, False)
+    T = max(len(t.response_ids) for t in trajs)
+    full = scatter_rows(logp, mb, len(trajs), T)
+    return torch.cat([full[i, : len(t.response_ids)] for i, t in enumerate(trajs)])
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -140,23 +140,65 @@ def test_micro_batching_gives_the_full_batch_update(tiny_model_dir, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_packed_and_padded_forward_agree(tiny_model_dir):
+def _random_groups(spec, seed=0, vocab=400):
+    """Trajectories for groups [(prompt_len, [response lengths...]), ...] sharing prompts."""
+    g = torch.Generator().manual_seed(seed)
+    trajs = []
+    for gid, (p, ns) in enumerate(spec):
+        prompt = torch.randint(3, vocab, (p,), generator=g).tolist()
+        for n in ns:
+            resp = torch.randint(3, vocab, (n,), generator=g).tolist()
+            trajs.append(Trajectory(prompt, resp, [1] * n, [0.0] * n, gid, {}))
+    return trajs
+
+
+@pytest.mark.parametrize("spec", [
+    [(5, [3]), (9, [7]), (3, [1]), (12, [4])],              # no shared prompts: position-id packing
+    [(6, [3, 5, 1, 4]), (4, [2, 7]), (9, [6])],            # groups share their prompt
+])
+def test_packed_and_padded_forward_agree_with_one_at_a_time(tiny_model_dir, spec):
     from transformers import AutoModelForCausalLM
+    from rl.trainer import scatter_rows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    g = torch.Generator().manual_seed(0)
-    trajs = []
-    for i, (p, n) in enumerate([(5, 3), (9, 7), (3, 1), (12, 4)]):
-        ids = torch.randint(3, 400, (p + n,), generator=g).tolist()
-        trajs.append(Trajectory(ids[:p], ids[p:], [1] * n, [0.0] * n, i, {}))
+    trajs = _random_groups(spec)
     rows = list(range(len(trajs)))
-    packed, _ = forward_logprobs(model, make_micro_batch(trajs, rows, True, 2), 0.7, False)
-    padded, _ = forward_logprobs(model, make_micro_batch(trajs, rows, False, 2), 0.7, False)
-    single = torch.cat(
-        [forward_logprobs(model, make_micro_batch(trajs, [r], False, 2), 0.7, False)[0] for r in rows]
-    )
-    torch.testing.assert_close(packed, single, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(padded, single, rtol=1e-4, atol=1e-5)
+    T = max(len(t.response_ids) for t in trajs)
+
+    def as_rows(mb):
+        logp, ent = forward_logprobs(model, mb, 0.7, True)
+        return scatter_rows(logp, mb, len(trajs), T), scatter_rows(ent, mb, len(trajs), T)
+
+    single = [as_rows(make_micro_batch(trajs, [r], False, 2)) for r in rows]
+    single_logp = sum(x[0] for x in single)
+    single_ent = sum(x[1] for x in single)
+    for packed in (True, False):
+        logp, ent = as_rows(make_micro_batch(trajs, rows, packed, 2))
+        torch.testing.assert_close(logp, single_logp, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ent, single_ent, rtol=1e-4, atol=1e-5)
+    # gradients through a shared prompt equal the sum of per-sequence gradients
+    model.zero_grad()
+    forward_logprobs(model, make_micro_batch(trajs, rows, True, 2), 0.7, False)[0].sum().backward()
+    shared = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for r in rows:
+        forward_logprobs(model, make_micro_batch(trajs, [r], False, 2), 0.7, False)[0].sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(shared[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_plan_keeps_groups_and_budget():
+    from rl.trainer import plan_micro_batches
+
+    trajs = _random_groups([(6, [3, 5, 1, 4]), (4, [2, 7]), (9, [6]), (5, [30])])
+    plan = plan_micro_batches(trajs, list(range(len(trajs))), max_tokens=16)
+    assert sorted(r for b in plan for r in b) == list(range(len(trajs)))
+    for b in plan:
+        groups = {}
+        for r in b:
+            groups.setdefault(trajs[r].group_id, []).append(r)
+        cost = sum(len(trajs[rs[0]].prompt_ids) + sum(len(trajs[r].response_ids) for r in rs) for rs in groups.values())
+        assert cost <= 16 or len(b) == 1  # only a lone oversize sample may exceed the budget
 
 
 # ----------------------------------------------------------------------------- bad input
