@@ -423,6 +423,15 @@ def _info(mask: Tensor, **parts: Tensor) -> dict[str, Tensor]:
     return {k: torch.where(mask, v.detach().to(torch.float32), 0.0) for k, v in parts.items()}
 
 
+def _pg_terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor):
+    """Shared inputs of the policy losses: bool mask, a typed zero, masked advantages, ratio."""
+    mask = _bool(response_mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    adv = torch.where(mask, advantages.to(logprobs.dtype), zero)
+    ratio, log_ratio = _ratio(logprobs, old_logprobs, mask)
+    return mask, zero, adv, ratio, log_ratio
+
+
 @register_policy_loss("clipped")
 def clipped_policy_loss(
     logprobs: Tensor,
@@ -445,10 +454,7 @@ def clipped_policy_loss(
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
-    mask = _bool(response_mask)
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    adv = torch.where(mask, advantages.to(logprobs.dtype), zero)
-    ratio, log_ratio = _ratio(logprobs, old_logprobs, mask)
+    mask, zero, adv, ratio, log_ratio = _pg_terms(logprobs, old_logprobs, advantages, response_mask)
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + high)
@@ -466,25 +472,15 @@ def clipped_policy_loss(
 
 @register_policy_loss("vanilla")
 def vanilla_policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
-    *,
-    clip_ratio: float = 0.2,
-    clip_ratio_high: float | None = None,
-    dual_clip: float | None = None,
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain policy gradient: ``L = -A * rho`` with ``rho = exp(logp - logp_old)``.
 
     On-policy (``rho = 1``) its gradient is exactly ``-A * grad(logp)`` (REINFORCE); off-policy it is
-    the importance-weighted policy gradient. The clip options are accepted only so every policy loss
-    has the same signature; they are ignored.
+    the importance-weighted policy gradient. It declares no clip options, so the trainer
+    passes none.
     """
-    mask = _bool(response_mask)
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    adv = torch.where(mask, advantages.to(logprobs.dtype), zero)
-    ratio, log_ratio = _ratio(logprobs, old_logprobs, mask)
+    mask, zero, adv, ratio, log_ratio = _pg_terms(logprobs, old_logprobs, advantages, response_mask)
     loss = torch.where(mask, -adv * ratio, zero)
     no_clip = torch.zeros_like(mask)
     return loss, _info(mask, clipped=no_clip, dual_clipped=no_clip, ratio=ratio, approx_kl=-log_ratio)

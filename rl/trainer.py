@@ -622,9 +622,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                         adv = gather_rows(advantages, mb).to(logp.device)
                         old = gather_rows(old_logprobs, mb).to(logp.device)
                         # aggregation functions take [B, T]; a micro-batch is one flat row each
-                        pg_mat, info = policy_loss_fn(
-                            logp[None], old[None], adv[None], m[None],
-                            clip_ratio=algo.clip_ratio, clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip,
+                        pg_mat, info = call_with_options(
+                            policy_loss_fn, algo, logprobs=logp[None], old_logprobs=old[None],
+                            advantages=adv[None], response_mask=m[None],
                         )
                         agg = lambda x: _aggregate(x, m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)  # noqa: E731
                         loss = agg(pg_mat[0])

@@ -368,7 +368,7 @@ def test_vanilla_gradient_on_policy_is_minus_advantage():
     lp = torch.randn(3, 4, dtype=F64, requires_grad=True)
     adv = torch.randn(3, 4, dtype=F64)
     mask = torch.rand(3, 4) > 0.3
-    loss, info = A.vanilla_policy_loss(lp, lp.detach(), adv, mask, clip_ratio=0.1, dual_clip=2.0)
+    loss, info = A.vanilla_policy_loss(lp, lp.detach(), adv, mask)
     loss.sum().backward()
     close(lp.grad, torch.where(mask, -adv, torch.zeros((), dtype=F64)), tol=1e-12)
     close(loss, torch.where(mask, -adv, torch.zeros((), dtype=F64)), tol=1e-12)
@@ -376,7 +376,7 @@ def test_vanilla_gradient_on_policy_is_minus_advantage():
 
 
 def test_vanilla_off_policy_is_importance_weighted():
-    loss, _ = _pl("vanilla", [3.0, 0.5], [1.0, -2.0], clip_ratio=0.2)
+    loss, _ = _pl("vanilla", [3.0, 0.5], [1.0, -2.0])
     close(loss, [[-3.0, 1.0]], tol=1e-9)
 
 
@@ -563,11 +563,15 @@ def test_estimator_signatures_keyword_only_options(name):
 
 @pytest.mark.parametrize("name", sorted(A.POLICY_LOSSES))
 def test_policy_loss_signatures_uniform(name):
+    # the same four tensors first; options (only those a loss uses) are keyword-only and
+    # named like the AlgorithmConfig fields the trainer passes by name
+    from rl.config import AlgorithmConfig
+
     params = inspect.signature(A.get_policy_loss(name)).parameters
-    assert list(params) == [
-        "logprobs", "old_logprobs", "advantages", "response_mask", "clip_ratio", "clip_ratio_high", "dual_clip"
-    ]
-    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in list(params)[4:])
+    assert list(params)[:4] == ["logprobs", "old_logprobs", "advantages", "response_mask"]
+    options = list(params)[4:]
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in options)
+    assert all(hasattr(AlgorithmConfig(), k) for k in options)
 
 
 def test_registration_rejects_catch_all_and_duplicates():

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "CorpusFormatError",
@@ -83,36 +83,35 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temp file in the same directory, then ``os.replace``."""
+def _atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[str]], None]) -> None:
+    # temp file in the same directory so os.replace stays a same-filesystem atomic rename:
+    # readers see the old file or the whole new one, never a partial write
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+            write_fn(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files should be world-readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temp file in the same directory, then ``os.replace``."""
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f: IO[str]) -> None:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+    _atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -108,6 +108,17 @@ def _default_index_dir(corpus_path: Path, kind: str, key: str) -> Path:
     return cache_root() / "indexes" / name
 
 
+def _resolve_index_dir(
+    index_dir: str | os.PathLike | None, corpus_path: Path | None, kind: str, params: Mapping[str, Any]
+) -> Path | None:
+    if index_dir is not None:
+        return Path(index_dir)
+    if corpus_path is None:  # in-memory corpus: nothing stable to key a default location on
+        return None
+    key = _params_key({**params, "corpus_sha256": file_sha256(corpus_path)})
+    return _default_index_dir(corpus_path, kind, key)
+
+
 def _publish_dir(tmp: Path, final: Path) -> None:
     """Atomically move a fully written temp dir into place (first writer wins)."""
     try:
@@ -126,11 +137,29 @@ def _read_meta(d: Path) -> dict | None:
         return None
 
 
-def _check_queries(queries: Sequence[str], topk: int) -> None:
+def _prepare_queries(queries: Sequence[str], topk: int, n_docs: int) -> tuple[list[str], int]:
+    """Validated ``(queries, k)``; ``k`` is capped at ``n_docs`` since bm25s rejects a k above the corpus size."""
     if isinstance(queries, str):
         raise TypeError("queries must be a list of strings, not a single string")
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    return list(queries), min(topk, n_docs)
+
+
+def _build_cached_index(d: Path, meta: dict, write_fn: Callable[[Path], None]) -> None:
+    # built in a sibling temp dir and renamed into place so that a reader (or a crashed
+    # writer) never leaves or sees a half-written index at ``d``
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    try:
+        write_fn(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if d.exists():  # stale: its meta.json did not match
+            shutil.rmtree(d, ignore_errors=True)
+        _publish_dir(tmp, d)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -192,13 +221,7 @@ class BM25Retriever:
             "bm25s": getattr(bm25s, "__version__", "?"),
             "field": "contents",
         }
-        self.index_dir: Path | None = None
-        if cache and (index_dir is not None or self.corpus_path is not None):
-            if index_dir is None:
-                key = _params_key({**self.params, "corpus_sha256": file_sha256(self.corpus_path)})
-                self.index_dir = _default_index_dir(self.corpus_path, "bm25", key)
-            else:
-                self.index_dir = Path(index_dir)
+        self.index_dir = _resolve_index_dir(index_dir, self.corpus_path, "bm25", self.params) if cache else None
         self.model = self._load_or_build(show_progress)
 
     # -- index -------------------------------------------------------------
@@ -228,17 +251,7 @@ class BM25Retriever:
         tokens = self._tokenize(self.contents, return_ids=True, show_progress=show_progress)
         model.index(tokens, show_progress=show_progress)
         if d is not None:
-            d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-            try:
-                model.save(str(tmp), show_progress=False)
-                (tmp / "meta.json").write_text(json.dumps(self._expected_meta(), indent=2))
-                if d.exists():  # stale
-                    shutil.rmtree(d, ignore_errors=True)
-                _publish_dir(tmp, d)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            _build_cached_index(d, self._expected_meta(), lambda tmp: model.save(str(tmp), show_progress=False))
         return model
 
     def __len__(self) -> int:
@@ -246,11 +259,9 @@ class BM25Retriever:
 
     # -- search ------------------------------------------------------------
     def search(self, queries: list[str], topk: int = 3) -> list[list[dict]]:
-        _check_queries(queries, topk)
-        queries = list(queries)
+        queries, k = _prepare_queries(queries, topk, len(self.ids))
         if not queries:
             return []
-        k = min(topk, len(self.ids))
         q_tokens = self._tokenize([q or "" for q in queries], return_ids=False)
         docs, scores = self.model.retrieve(q_tokens, k=k, show_progress=False, n_threads=0)
         out: list[list[dict]] = []
@@ -354,13 +365,12 @@ class DenseRetriever:
             "index": "IndexFlatIP",
             "field": "contents",
         }
-        self.index_dir: Path | None = None
-        if cache and model_id is not None and (index_dir is not None or self.corpus_path is not None):
-            if index_dir is None:
-                key = _params_key({**self.params, "corpus_sha256": file_sha256(self.corpus_path)})
-                self.index_dir = _default_index_dir(self.corpus_path, "dense", key)
-            else:
-                self.index_dir = Path(index_dir)
+        # without a model_id the encoder's identity is unknown, so a cached index could not be validated
+        self.index_dir = (
+            _resolve_index_dir(index_dir, self.corpus_path, "dense", self.params)
+            if cache and model_id is not None
+            else None
+        )
         self.index = self._load_or_build(show_progress)
 
     def _encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
@@ -390,28 +400,18 @@ class DenseRetriever:
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
         if d is not None:
-            d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-            try:
-                faiss.write_index(index, str(tmp / "index.faiss"))
-                (tmp / "meta.json").write_text(json.dumps(self._expected_meta(emb.shape[1]), indent=2))
-                if d.exists():
-                    shutil.rmtree(d, ignore_errors=True)
-                _publish_dir(tmp, d)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            _build_cached_index(
+                d, self._expected_meta(emb.shape[1]), lambda tmp: faiss.write_index(index, str(tmp / "index.faiss"))
+            )
         return index
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[dict]]:
-        _check_queries(queries, topk)
-        queries = list(queries)
+        queries, k = _prepare_queries(queries, topk, len(self.ids))
         if not queries:
             return []
-        k = min(topk, len(self.ids))
         with self._lock:
             q = self._encode([self.query_prefix + (x or "") for x in queries])
             scores, idx = self.index.search(q, k)
