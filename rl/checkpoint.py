@@ -92,6 +92,44 @@ def load_rng(directory: Path, rank: int) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def _inner(optimizer):
+    """accelerate wraps optimizers; the state lives in the wrapped one."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def save_training_state(directory: Path, state: dict, *, policy, tokenizer, optimizer, scheduler,
+                        critic=None, critic_optimizer=None) -> None:
+    """Everything but the RNG (which each process saves itself) into a fresh `directory`."""
+    if directory.exists():  # a leftover from a crash mid-save: never merge into it
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    policy.save_pretrained(str(directory / "policy"), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory / "policy"))
+    save_optimizer(_inner(optimizer), directory, "optimizer")
+    (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    if critic is not None:
+        critic.save_pretrained(str(directory / "critic"))
+        save_optimizer(_inner(critic_optimizer), directory, "critic_optimizer")
+    (directory / "trainer_state.json").write_text(json.dumps(state))
+
+
+def load_training_state(directory: Path, rank: int, *, optimizer, scheduler, critic_optimizer=None,
+                        samplers=()) -> dict:
+    """Optimizer, scheduler, sampler positions and this process's RNG; returns trainer_state.
+    (Model weights are loaded with from_pretrained before the optimizer is built.)"""
+    state = json.loads((directory / "trainer_state.json").read_text())
+    load_optimizer(_inner(optimizer), directory, "optimizer")
+    scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+    if critic_optimizer is not None:
+        load_optimizer(_inner(critic_optimizer), directory, "critic_optimizer")
+    if len(samplers) != len(state["samplers"]):
+        raise ValueError(f"{directory}: the checkpoint has {len(state['samplers'])} stages, the recipe {len(samplers)}")
+    for sampler, saved in zip(samplers, state["samplers"]):
+        sampler.load_state_dict(saved)
+    load_rng(directory, rank)
+    return state
+
+
 def temp_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f".tmp-{PREFIX}{step}"
 

@@ -295,7 +295,7 @@ def stage_at(stages, step: int) -> int:
     return len(stages) - 1
 
 
-def load_policy(cfg: TrainConfig, path: str, device_is_cuda: bool):
+def load_policy(cfg: TrainConfig, path: str):
     dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.model.dtype not in dtype:
         raise ValueError(f"model.dtype '{cfg.model.dtype}' is not one of {sorted(dtype)}")
@@ -361,28 +361,36 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     use_critic = algo.name == "ppo"
 
     # --- models ---------------------------------------------------------------------------
+    # on resume the policy (or its adapter) and the critic come from the checkpoint via
+    # from_pretrained, which handles sharded weights and tied embeddings
+    ckpt = checkpoint.find_checkpoint(resume, output_dir) if resume is not None else None
     model_path = resolve_model(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = load_policy(cfg, model_path, accelerator.device.type == "cuda")
+    policy = load_policy(cfg, str(ckpt / "policy") if ckpt and not cfg.model.lora else model_path)
     ref_model = None
     if cfg.model.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
-        policy = get_peft_model(
-            policy,
-            LoraConfig(
-                r=cfg.model.lora_r,
-                lora_alpha=cfg.model.lora_alpha,
-                lora_dropout=cfg.model.lora_dropout,
-                target_modules=list(cfg.model.lora_target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        if ckpt:
+            policy = PeftModel.from_pretrained(policy, str(ckpt / "policy"), is_trainable=True)
+        else:
+            policy = get_peft_model(
+                policy,
+                LoraConfig(
+                    r=cfg.model.lora_r,
+                    lora_alpha=cfg.model.lora_alpha,
+                    lora_dropout=cfg.model.lora_dropout,
+                    target_modules=list(cfg.model.lora_target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
     elif use_kl:  # under LoRA the adapter-disabled base is the reference: no second copy
-        ref_model = load_policy(cfg, model_path, False).to(accelerator.device).eval().requires_grad_(False)
-    critic = ValueModel.from_pretrained(model_path, dtype=torch.float32) if use_critic else None
+        ref_model = load_policy(cfg, model_path).to(accelerator.device).eval().requires_grad_(False)
+    critic = None
+    if use_critic:
+        critic = ValueModel.from_pretrained(str(ckpt / "critic") if ckpt else model_path, dtype=torch.float32)
 
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -440,32 +448,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     # --- resume -----------------------------------------------------------------------------
     start_step = 0
     history: list[dict] = []
-    if resume is not None:
-        ckpt = checkpoint.find_checkpoint(resume, output_dir)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if cfg.model.lora:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(unwrapped, load_file(str(ckpt / "policy" / "adapter_model.safetensors")))
-        else:
-            from safetensors.torch import load_file
-
-            unwrapped.load_state_dict(load_file(str(ckpt / "policy" / "model.safetensors")), strict=False)
-            unwrapped.tie_weights()
-        checkpoint.load_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, ckpt, "optimizer")
-        scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
-        if critic is not None:
-            fresh = ValueModel.from_pretrained(str(ckpt / "critic"), dtype=torch.float32)
-            accelerator.unwrap_model(critic).load_state_dict(fresh.state_dict())
-            checkpoint.load_optimizer(
-                critic_optimizer.optimizer if hasattr(critic_optimizer, "optimizer") else critic_optimizer,
-                ckpt,
-                "critic_optimizer",
-            )
-        for (_, _, sampler), s in zip(stage_data, state["samplers"]):
-            sampler.load_state_dict(s)
-        checkpoint.load_rng(ckpt, rank)
+    if ckpt is not None:
+        state = checkpoint.load_training_state(
+            ckpt, rank, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_optimizer,
+            samplers=[sampler for _, _, sampler in stage_data],
+        )
         start_step = state["step"]
         history = state.get("history", [])
         logger.info("resumed from %s at step %d", ckpt, start_step)
@@ -499,31 +486,19 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     def save(step: int):
         tmp = checkpoint.temp_dir(output_dir, step)
         if is_main:
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            unwrapped.save_pretrained(str(tmp / "policy"), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp / "policy"))
-            checkpoint.save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, tmp, "optimizer")
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-            if critic is not None:
-                accelerator.unwrap_model(critic).save_pretrained(str(tmp / "critic"))
-                checkpoint.save_optimizer(
-                    critic_optimizer.optimizer if hasattr(critic_optimizer, "optimizer") else critic_optimizer,
-                    tmp,
-                    "critic_optimizer",
-                )
             state = {
                 "step": step,
                 "stage": stage_at(stages, max(step - 1, 0)),
                 "samplers": [s.state_dict() for _, _, s in stage_data],
                 "history": history,
             }
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            checkpoint.save_training_state(
+                tmp, state, policy=unwrapped, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                critic=accelerator.unwrap_model(critic) if critic is not None else None,
+                critic_optimizer=critic_optimizer,
+            )
         accelerator.wait_for_everyone()
-        checkpoint.save_rng(tmp, rank)
+        checkpoint.save_rng(tmp, rank)  # every process: sampling RNG differs per rank
         accelerator.wait_for_everyone()
         if is_main:
             checkpoint.finalize(output_dir, step, cfg.save_total_limit)

@@ -109,19 +109,32 @@ def test_two_stage_curriculum_switches_builder_and_kl(tiny_model_dir, tmp_path):
     assert steps[-1]["loss/kl"] != 0.0  # the reference model was loaded for the KL stage
 
 
-def test_resume_continues_exactly(tiny_model_dir, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(tiny_model_dir, full, steps=4, data__eval="")
-    run(tiny_model_dir, part, steps=4, save_steps=2, data__eval="")
-    # drop the part run's final checkpoint, then resume from step 2
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"model__lora": True, "model__lora_r": 4, "algorithm__kl_coef": 0.05},
+     {"algorithm__name": "ppo", "mini_batches_per_step": 2}],
+    ids=["full", "lora", "ppo"],
+)
+def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra):
     import shutil
 
-    shutil.rmtree(part / "checkpoint-4")
-    train(config_from_dict(recipe(tiny_model_dir, part, steps=4, save_steps=2, data__eval="")), resume=str(part / "checkpoint-2"))
-    a, b = final_weights(full), final_weights(part)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(tiny_model_dir, full, steps=4, data__eval="", **extra)
+    run(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra)
+    shutil.rmtree(part / "checkpoint-4")  # keep only the step-2 checkpoint, then resume from it
+    cfg = config_from_dict(recipe(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra))
+    train(cfg, resume="latest")
+    name = "adapter_model.safetensors" if extra.get("model__lora") else "model.safetensors"
+    for sub in ["policy"] + (["critic"] if extra.get("algorithm__name") == "ppo" else []):
+        a = load_file(str(full / "checkpoint-4" / sub / (name if sub == "policy" else "model.safetensors")))
+        b = load_file(str(part / "checkpoint-4" / sub / (name if sub == "policy" else "model.safetensors")))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{sub}: {k}"
+    # the metrics of the resumed steps equal the uninterrupted run's
+    rewards = lambda d: [json.loads(x)["reward/mean"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                         if "reward/mean" in x]
+    assert rewards(full) == rewards(part)[:2] + rewards(part)[-2:]
 
 
 def test_micro_batching_gives_the_full_batch_update(tiny_model_dir, tmp_path):

@@ -147,8 +147,8 @@ def _prepare_queries(queries: Sequence[str], topk: int, n_docs: int) -> tuple[li
 
 
 def _build_cached_index(d: Path, meta: dict, write_fn: Callable[[Path], None]) -> None:
-    # built in a sibling temp dir and renamed into place so that a reader (or a crashed
-    # writer) never leaves or sees a half-written index at ``d``
+    # built in a sibling temp dir and renamed into place, so a concurrent reader never
+    # finds a half-written index at ``d``
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
     try:
