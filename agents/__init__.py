@@ -14,3 +14,5 @@ AGENTS: dict[str, Callable] = {}
 register_agent = registering(AGENTS)
 
 from agents import single_turn  # noqa: E402,F401  (registers "single_turn")
+from agents import multi_turn  # noqa: E402,F401  (the generic multi-turn loop)
+from agents import search  # noqa: E402,F401  (registers "search" and the search_* rewards)

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-COMMON = dict(prompts_per_step=4, group_size=8, max_new_tokens=16, temperature=0.7, lr=3e-5, seed=0)
+COMMON = dict(prompts_per_step=8, group_size=8, max_new_tokens=16, temperature=0.7, lr=1e-5, seed=0)
 DATA = dict(n_train=700, n_test=200, low=1, high=30, seed=0)
 
 

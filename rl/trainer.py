@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
@@ -278,11 +279,21 @@ def gather_for_advantages(accelerator: Accelerator, tensors: list[torch.Tensor])
     return [accelerator.gather(accelerator.pad_across_processes(t.to(accelerator.device), dim=1)).cpu() for t in tensors]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return 0.0, 0.0
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std(unbiased=False).item() if len(values) > 1 else 0.0)
+def info_means(accelerator: Accelerator, trajs: list[Trajectory], prefix: str) -> dict[str, float]:
+    """Means over all processes of the agents' per-sample `info`: numbers and booleans as
+    `<prefix>/<key>`, short strings (finish reasons, terminations) as fractions
+    `<prefix>/<key>/<value>`. Agents add fields; the trainer needs no change."""
+    sums: dict[str, float] = {}
+    for t in trajs:
+        for key, value in t.info.items():
+            if isinstance(value, (bool, int, float)):
+                sums[key] = sums.get(key, 0.0) + float(value)
+            elif isinstance(value, str) and len(value) <= 32:
+                sums[f"{key}/{value}"] = sums.get(f"{key}/{value}", 0.0) + 1.0
+    parts = gather_object([(sums, len(trajs))]) if accelerator.num_processes > 1 else [(sums, len(trajs))]
+    n = max(sum(c for _, c in parts), 1)
+    keys = sorted({k for d, _ in parts for k in d})
+    return {f"{prefix}/{k}": sum(d.get(k, 0.0) for d, _ in parts) / n for k in keys}
 
 
 def stage_at(stages, step: int) -> int:
@@ -331,6 +342,7 @@ def evaluate(accelerator, engine, tokenizer, agent, agent_kwargs, rows, prompt_b
     out = {f"eval/{name}": totals[i].item() / n for i, name in enumerate(names)}
     out["eval/response_length"] = totals[-2].item() / n
     out["eval/samples"] = int(totals[-1].item())
+    out.update(info_means(accelerator, trajs, "eval/info"))
     return out
 
 
@@ -346,11 +358,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     )
     is_main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if resume is None and is_main and output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite_output_dir:
-        raise FileExistsError(
-            f"output_dir {output_dir} is not empty: pass --resume latest to continue it, "
-            "or overwrite_output_dir=true to start over"
-        )
+    if resume is None and is_main and output_dir.exists() and any(output_dir.iterdir()):
+        if not cfg.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {output_dir} is not empty: pass --resume latest to continue it, "
+                "or overwrite_output_dir=true to start over"
+            )
+        # starting over means starting clean (old metrics must not mix with the new run's), but
+        # only a directory that holds a previous run is ever deleted
+        if not ((output_dir / "config.json").is_file() and (output_dir / "metrics.jsonl").is_file()):
+            raise FileExistsError(
+                f"overwrite_output_dir: {output_dir} does not look like a previous run (no config.json and "
+                "metrics.jsonl); refusing to delete it, choose another output_dir"
+            )
+        shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     algo = cfg.algorithm
     estimator = algorithms.get_advantage_estimator(ALGORITHMS[algo.name])
@@ -668,8 +690,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             [sum(rewards), sum(r * r for r in rewards), len(rewards), gen_tokens, tokens_seen, trained_tokens]
             + [sums[k] for k in sorted(sums)]
             + [sum(t.reward_parts.get(rf.name, 0.0) for t in trajs) for rf in reward_fns]
-            + [float(reward_errors[rf.name]) for rf in reward_fns]
-            + [float(sum(t.info.get("finish_reason") == "length" for t in trajs))],
+            + [float(reward_errors[rf.name]) for rf in reward_fns],
             dtype=torch.float64,
         )
         tot = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
@@ -681,8 +702,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             "reward/mean": mean_r,
             "reward/std": math.sqrt(max(tot[1] / n - mean_r**2, 0.0)),
             "response_length/mean": tot[3] / n,
-            "response_length/truncated_frac": tot[-1] / n,
         }
+        metrics.update(info_means(accelerator, trajs, "info"))
         metrics.update({f"loss/{k}": tot[6 + i] / seen for i, k in enumerate(sorted(sums))})
         base = 6 + len(sums)
         for i, rf in enumerate(reward_fns):

@@ -62,7 +62,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     "algo",
     [
         {"algorithm__name": "reinforce", "algorithm__baseline": "batch", "algorithm__policy_loss": "vanilla"},
-        {"algorithm__name": "rloo"},
+        {"algorithm__name": "rloo", "report_to": ["tensorboard"], "eval_steps": 1},
         {"algorithm__name": "grpo", "algorithm__kl_coef": 0.05, "algorithm__loss_agg_mode": "seq-mean-token-mean"},
         {"algorithm__name": "ppo", "algorithm__kl_coef": 0.05, "algorithm__kl_in_reward": True, "ppo_epochs": 2,
          "mini_batches_per_step": 2},
@@ -80,6 +80,10 @@ def test_two_step_smoke_each_algorithm(tiny_model_dir, tmp_path, algo):
     assert "eval/reward" in result["eval_before"] and "eval/reward" in result["eval_after"]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert any("loss/pg_loss" in json.loads(line) for line in lines)
+    if "report_to" in algo:  # accelerate's tracker wrote TensorBoard events
+        assert list(tmp_path.rglob("events.out.tfevents.*"))
+    if algo.get("eval_steps"):  # periodic held-out eval between the before/after ones
+        assert [h["step"] for h in result["history"] if "eval/reward" in h] == [0, 1, 2]
     if "ppo" in algo.values():
         assert (tmp_path / "checkpoint-2" / "critic" / "value_head.safetensors").is_file()
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
@@ -283,6 +287,15 @@ def test_output_dir_is_never_silently_overwritten(tiny_model_dir, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         run(tiny_model_dir, tmp_path)
+    with pytest.raises(FileExistsError, match="does not look like a previous run"):
+        run(tiny_model_dir, tmp_path, overwrite_output_dir=True)
+    assert (tmp_path / "keep.txt").exists()
+    # a previous run is replaced whole: its metrics do not leak into the new run's file
+    out = tmp_path / "run"
+    run(tiny_model_dir, out, steps=1, data__eval="")
+    run(tiny_model_dir, out, steps=2, data__eval="", overwrite_output_dir=True)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and not (out / "checkpoint-1").exists()
 
 
 # ----------------------------------------------------------------------------- distributed

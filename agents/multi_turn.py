@@ -1,0 +1,277 @@
+"""Generic token-in-token-out multi-turn agent loop.
+
+`run_episodes` alternates engine turns and environment replies for a batch of
+samples. Each turn, ONE `engine.generate` call continues every sample still
+running (its prompt ids + everything so far); the engine's token ids and
+log-probs are appended as they are (loss mask 1). The environment answers with
+TEXT, which is tokenised on its own (`tokenizer(text, add_special_tokens=False,
+split_special_tokens=True)`), truncated to `max_obs_tokens` and appended with
+loss mask 0 and log-prob 0.0. Decoded model text is only *read* (to parse the
+action); it is never re-tokenised, so the ids the trainer sees are exactly the
+ids the engine sampled and the ids the policy attended to during the rollout.
+
+Episode structure:
+    turn 0 .. max_turns-1   generate with `params`; the environment acts on the turn
+                            (search, answer, corrective message, ...)
+    final turn (optional)   when `final_turn_params` is given, samples still running
+                            after `max_turns` turns get `final_message` (env text, e.g.
+                            "searching is no longer possible") and one more generation;
+                            the environment only judges it (`Turn.last` is True).
+Termination reasons (`info["termination"]`): `answered` (the environment said done),
+`eos` (the turn ended with an end-of-sequence token and no terminal action),
+`max_turns` (no turns left), `length_cap` (the response reached `max_response_tokens`).
+
+Token exactness (tests/test_multi_turn.py checks all of this with hypothesis, on the
+tiny ChatML tokenizer and on a locally built Llama-3-style tokenizer/template):
+
+* Always, by construction: `response_ids` is the in-order concatenation of the
+  engine's ids (mask 1, their log-probs) and the environment pieces' ids (mask 0,
+  log-prob 0.0), so training sees exactly the rollout's tokens.
+* Always (text level): `decode(prompt_ids + response_ids)` equals the chat template's
+  rendering of the prompt messages plus one assistant message whose content is
+  `decode(response_ids)` (rendered with `continue_final_message=True`; when the episode
+  ended with the eos token, the closed rendering starts with it). Exception: templates
+  that `trim` message content (Llama-3) drop leading/trailing whitespace of the
+  assistant content, so the equality holds only when that content has none.
+* NOT always (token level): `tokenizer(rendered_text)` can differ from
+  `prompt_ids + response_ids`, for two reasons that no agent loop can remove without
+  re-tokenising (and so changing) what the policy sampled:
+    1. the engine may sample a non-canonical segmentation of its own text (`"P" "aris"`
+       where the tokenizer would write `"Paris"`);
+    2. BPE merges across a boundary between a model piece and an environment piece:
+       a pre-tokenizer pre-token can straddle the boundary. Llama-3's split regex
+       makes `">\\n\\n"` one pre-token, so the model's `</search>` followed by the
+       environment's `\\n\\n<information>` re-tokenises to a `">\\n\\n"` token that
+       neither side produced; with GPT-2's regex (SmolLM2) the environment's trailing
+       `"\\n\\n"` is one pre-token on its own but splits into `"\\n" "\\n"` before the
+       model's next `<`, which differs whenever the vocabulary has a `"\\n\\n"` token.
+  When neither happens (canonical engine ids, and pre-tokenising the whole text gives
+  the same pre-tokens as pre-tokenising each piece alone), the token sequences are
+  equal; the tests check equality on well-formed search episodes with the tiny ChatML
+  tokenizer (its vocabulary has no `"\\n\\n"` merge) and exhibit case 2 with the
+  Llama-3-style tokenizer.
+* Environment text is tokenised with `split_special_tokens=True`: a retrieved passage
+  that contains `"<|im_end|>"` is shown to the policy as plain text, never as a real
+  end-of-turn token. (Re-tokenising the rendered text would turn it into the special
+  token: one more place where text-level and token-level equality part.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from rl.engines import Generation, RolloutEngine, SamplingParams
+
+__all__ = ["Turn", "StepResult", "Episode", "run_episodes", "tokenize_env_text"]
+
+
+@dataclass
+class Turn:
+    """One engine turn of one sample, as the environment sees it."""
+
+    sample: int  # index into prompts_ids
+    turn: int  # 0-based model turn of this sample (the final answer-only turn is `max_turns`)
+    text: str  # decode(this turn's engine ids, skip_special_tokens=True): read it, never re-tokenise it
+    generation: Generation
+    last: bool  # nothing will follow this turn (final turn, eos, cap, or no turns left): do not run tools
+    final: bool = False  # this is the final answer-only turn
+
+
+@dataclass
+class StepResult:
+    """The environment's reply to one turn."""
+
+    observation: str | None = None  # text appended after the turn (mask 0); truncated to max_obs_tokens
+    observation_suffix: str = ""  # appended after the (possibly truncated) observation, never truncated
+    done: bool = False  # the episode ends here
+    reason: str = "answered"  # termination reason when done
+    action: str | None = None  # action name, counted in info["actions"]
+    valid: bool = True  # counted in info["valid_actions"] / info["invalid_actions"]
+
+
+@dataclass
+class Episode:
+    response_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    info: dict[str, Any]
+    # (source, start, end) per piece, in order: source is "model" or "env"
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def __iter__(self):  # `ids, mask, logprobs, info = episode`
+        return iter((self.response_ids, self.loss_mask, self.logprobs, self.info))
+
+
+def tokenize_env_text(tokenizer, text: str) -> list[int]:
+    """Ids of environment text, tokenised on its own; special-token strings stay plain text."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+class _State:
+    __slots__ = ("ids", "mask", "logprobs", "segments", "info")
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.segments: list[tuple[str, int, int]] = []
+        self.info: dict[str, Any] = {
+            "turns": 0,
+            "actions": Counter(),
+            "valid_actions": 0,
+            "invalid_actions": 0,
+            "termination": None,
+            "finish_reason": None,
+            "obs_truncated": 0,
+            "model_tokens": 0,
+            "env_tokens": 0,
+        }
+
+    def add(self, source: str, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
+        if not ids:
+            return
+        start = len(self.ids)
+        self.ids.extend(ids)
+        if source == "model":
+            self.mask.extend([1] * len(ids))
+            self.logprobs.extend(float(x) for x in logprobs)
+            self.info["model_tokens"] += len(ids)
+        else:
+            self.mask.extend([0] * len(ids))
+            self.logprobs.extend([0.0] * len(ids))
+            self.info["env_tokens"] += len(ids)
+        self.segments.append((source, start, len(self.ids)))
+
+
+def run_episodes(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    env_steps: Callable[[list[Turn]], list[StepResult]],
+    *,
+    params: SamplingParams,
+    max_turns: int,
+    max_obs_tokens: int | None = None,
+    final_turn_params: SamplingParams | None = None,
+    final_message: str | Callable[[int], str | None] | None = None,
+    max_response_tokens: int | None = None,
+    stop_on_eos: bool = True,
+) -> list[Episode]:
+    """Run all samples to termination; returns one `Episode` per prompt, in order.
+
+    `env_steps(turns)` is called once per turn with the `Turn`s of every sample that
+    generated in it (so tools can batch, e.g. one retrieval call per turn) and returns
+    one `StepResult` per turn, in order. `max_obs_tokens` truncates each observation
+    (not its suffix); `max_response_tokens` caps the whole response (model + env
+    tokens): a turn is given at most the remaining budget and an environment reply
+    that would fill it ends the episode (`length_cap`) without being appended.
+    `stop_on_eos`: a turn that ends with the eos token and no terminal action ends the
+    episode (`eos`) instead of receiving an environment reply.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if max_response_tokens is not None and max_response_tokens < 1:
+        raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
+    states = [_State() for _ in prompts_ids]
+    active = list(range(len(prompts_ids)))
+    n_turns = max_turns + (1 if final_turn_params is not None else 0)
+
+    def finish(i: int, reason: str) -> None:
+        states[i].info["termination"] = reason
+
+    for turn in range(n_turns):
+        if not active:
+            break
+        final = turn == max_turns
+        p = final_turn_params if final else params
+        budget = {i: (max_response_tokens - len(states[i].ids)) if max_response_tokens else None for i in active}
+        call_params = p
+        if max_response_tokens:
+            call_params = dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, max(budget.values())))
+        gens = engine.generate([prompts_ids[i] + states[i].ids for i in active], call_params)
+        if len(gens) != len(active):
+            raise RuntimeError(f"engine returned {len(gens)} generations for {len(active)} prompts")
+
+        turns: list[Turn] = []
+        capped: dict[int, bool] = {}
+        for i, gen in zip(active, gens):
+            if len(gen.logprobs) != len(gen.token_ids):
+                raise ValueError(
+                    f"engine generation has {len(gen.token_ids)} token ids but {len(gen.logprobs)} log-probs"
+                )
+            ids, logprobs = list(gen.token_ids), list(gen.logprobs)
+            b = budget[i]
+            if b is not None and len(ids) >= b:  # this sample's share of a batch-wide max_new_tokens
+                if len(ids) > b:
+                    ids, logprobs = ids[:b], logprobs[:b]
+                    gen = Generation(ids, logprobs, "length", None)
+                capped[i] = True
+            st = states[i]
+            st.add("model", ids, logprobs)
+            st.info["turns"] += 1
+            st.info["finish_reason"] = gen.finish_reason
+            last = (
+                final
+                or capped.get(i, False)
+                or (stop_on_eos and gen.finish_reason == "eos")
+                or (turn == max_turns - 1 and final_turn_params is None)
+            )
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            turns.append(Turn(sample=i, turn=turn, text=text, generation=gen, last=last, final=final))
+
+        results = env_steps(turns)
+        if len(results) != len(turns):
+            raise RuntimeError(f"env_steps returned {len(results)} results for {len(turns)} turns")
+
+        next_active = []
+        for t, res in zip(turns, results):
+            i, st = t.sample, states[t.sample]
+            if res.action is not None:
+                st.info["actions"][res.action] += 1
+            st.info["valid_actions" if res.valid else "invalid_actions"] += 1
+            if res.done:
+                finish(i, res.reason)
+                continue
+            if t.last:
+                if capped.get(i, False):
+                    finish(i, "length_cap")
+                elif stop_on_eos and t.generation.finish_reason == "eos":
+                    finish(i, "eos")
+                else:
+                    finish(i, "max_turns")
+                continue
+            env_ids: list[int] = []
+            if res.observation:
+                obs = tokenize_env_text(tokenizer, res.observation)
+                if max_obs_tokens is not None and len(obs) > max_obs_tokens:
+                    obs = obs[:max_obs_tokens]
+                    st.info["obs_truncated"] += 1
+                    env_ids = obs + tokenize_env_text(tokenizer, res.observation_suffix)
+                else:  # untruncated: tokenised as one piece of text
+                    env_ids = tokenize_env_text(tokenizer, res.observation + res.observation_suffix)
+            elif res.observation_suffix:
+                env_ids = tokenize_env_text(tokenizer, res.observation_suffix)
+            pieces = [env_ids]
+            if turn + 1 == max_turns and final_message is not None:  # the next turn is the final one
+                msg = final_message(i) if callable(final_message) else final_message
+                pieces.append(tokenize_env_text(tokenizer, msg or ""))
+            if max_response_tokens and len(st.ids) + sum(map(len, pieces)) >= max_response_tokens:
+                finish(i, "length_cap")  # no room left for the policy to read it and reply
+                continue
+            for piece in pieces:
+                st.add("env", piece, None)
+            next_active.append(i)
+        active = next_active
+
+    episodes = []
+    for st in states:
+        st.info["actions"] = dict(st.info["actions"])
+        if st.info["termination"] is None:  # defensive: every path above sets it
+            st.info["termination"] = "max_turns"
+        episodes.append(Episode(st.ids, st.mask, st.logprobs, st.info, st.segments))
+    return episodes
