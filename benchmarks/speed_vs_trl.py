@@ -64,12 +64,29 @@ def run_ours(steps: int, packing: bool = True) -> dict:
     )
     result = train(cfg)
     steps_ = [h for h in result["history"] if "reward/mean" in h]
+    n, prompt_len = COMMON["prompts_per_step"] * COMMON["group_size"], mean_prompt_len()
     return {
         "step_times": [h["time/step"] for h in steps_],
         "generated_tokens": [h["tokens/generated"] for h in steps_],
-        "trained_tokens": [h["tokens/trained"] for h in steps_],
+        # the same definition as TRL's side: every sample's prompt + completion (packing
+        # computes each prompt once per group, which is where part of the speed comes from)
+        "trained_tokens": [h["tokens/generated"] + prompt_len * n for h in steps_],
+        "packed_tokens": [h["tokens/trained"] for h in steps_],
         "rewards": [h["reward/mean"] for h in steps_],
     }
+
+
+def mean_prompt_len() -> float:
+    from transformers import AutoTokenizer
+
+    from envs.arithmetic import make_dataset
+    from rl.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    msgs = make_dataset(**DATA)["train"]["messages"][:200]
+    return statistics.mean(
+        len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)) for m in msgs
+    )
 
 
 def run_trl(steps: int) -> dict:
@@ -86,10 +103,7 @@ def run_trl(steps: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     train_ds = make_dataset(**DATA)["train"]
     ds = datasets.Dataset.from_dict({"prompt": train_ds["messages"], "answer": train_ds["answer"]})
-    prompt_len = statistics.mean(
-        len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
-        for m in train_ds["messages"][:200]
-    )
+    prompt_len = mean_prompt_len()
     eos = tok.eos_token_id
 
     def final_number(prompts, completions, completion_ids, answer, **_):
