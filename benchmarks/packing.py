@@ -67,7 +67,7 @@ def main() -> None:
     tp = {k: real / statistics.median(v) for k, v in times.items()}
     print(f"batch {args.batch}, real tokens {real}, padded tokens {padded_tokens} "
           f"({padded_tokens / real:.2f}x), forward+backward, median of {args.repeats}")
-    print(f"| path | s/step | real tokens/s |\n|---|---|---|")
+    print("| path | s/step | real tokens/s |\n|---|---|---|")
     print(f"| padded | {statistics.median(times[False]):.2f} | {tp[False]:.0f} |")
     print(f"| packed | {statistics.median(times[True]):.2f} | {tp[True]:.0f} |")
     print(f"packed / padded throughput: {tp[True] / tp[False]:.2f}x")

@@ -26,7 +26,7 @@ from rl.models import (
     model_dir,
     resolve_model,
 )
-from tiny import SPECIAL_TOKENS, make_tiny_llama, make_tiny_tokenizer, save_tiny_checkpoint
+from tiny import SPECIAL_TOKENS, make_tiny_llama, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "smollm2-135m"
