@@ -250,14 +250,12 @@ def gather_rows(full: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batch_forward(model, trajs, micro_batches, packed, pad_id, T, temperature=1.0, values=False, row_tokens=256) -> torch.Tensor:
+def batch_forward(model, micro_batches: list[MicroBatch], B: int, T: int, temperature=1.0, values=False) -> torch.Tensor:
     """[B, T] log-probs (or critic values) for a whole rollout batch, no gradients."""
-    out = None
-    for rows in micro_batches:
-        mb = make_micro_batch(trajs, rows, packed, pad_id, row_tokens)
+    out = torch.zeros(B, T)
+    for mb in micro_batches:
         flat = forward_values(model, mb) if values else forward_logprobs(model, mb, temperature, False)[0]
-        part = scatter_rows(flat.float().cpu(), mb, len(trajs), T)
-        out = part if out is None else out + part
+        out += scatter_rows(flat.float().cpu(), mb, B, T)
     return out
 
 
@@ -563,20 +561,25 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         resp = to_response_tensors(trajs)
         B, T = resp.response_ids.shape
         mask = resp.response_mask
-        micro_plan = plan_micro_batches(trajs, list(range(B)), cfg.micro_batch_tokens, cfg.packing)
         pad_id = tokenizer.pad_token_id
+        # laid out once (packing builds a W x W mask per row) and reused by every no-grad pass
+        needs_passes = cfg.old_logprobs == "recompute" or kl_coef > 0 or critic is not None
+        whole_batch = [
+            make_micro_batch(trajs, rows_k, cfg.packing, pad_id, cfg.pack_row_tokens)
+            for rows_k in plan_micro_batches(trajs, list(range(B)), cfg.micro_batch_tokens, cfg.packing)
+        ] if needs_passes else []
         if cfg.old_logprobs == "recompute":
-            old_logprobs = batch_forward(unwrapped, trajs, micro_plan, cfg.packing, pad_id, T, temperature, row_tokens=cfg.pack_row_tokens) * mask
+            old_logprobs = batch_forward(unwrapped, whole_batch, B, T, temperature) * mask
         else:
             old_logprobs = resp.rollout_logprobs * mask
         ref_logprobs = None
         if kl_coef > 0:
             with unwrapped.disable_adapter() if cfg.model.lora else nullcontext():
                 ref = unwrapped if cfg.model.lora else ref_model
-                ref_logprobs = batch_forward(ref, trajs, micro_plan, cfg.packing, pad_id, T, temperature, row_tokens=cfg.pack_row_tokens) * mask
+                ref_logprobs = batch_forward(ref, whole_batch, B, T, temperature) * mask
         old_values = None
         if critic is not None:
-            old_values = batch_forward(accelerator.unwrap_model(critic), trajs, micro_plan, cfg.packing, pad_id, T, values=True, row_tokens=cfg.pack_row_tokens) * mask
+            old_values = batch_forward(accelerator.unwrap_model(critic), whole_batch, B, T, values=True) * mask
 
         token_rewards = outcome_token_rewards(trajs, T)
         if kl_coef > 0 and algo.kl_in_reward:
@@ -607,10 +610,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             for mini in minis:
                 counts = torch.tensor([mask[mini].sum().item(), float(len(mini))], device=accelerator.device)
                 num_tokens, num_seqs = accelerator.reduce(counts, reduction="sum").tolist()
-                micro = plan_micro_batches(trajs, mini, cfg.micro_batch_tokens, cfg.packing)
+                micro = [  # built once, used by the policy pass and the critic pass
+                    make_micro_batch(trajs, rows_k, cfg.packing, pad_id, cfg.pack_row_tokens)
+                    for rows_k in plan_micro_batches(trajs, mini, cfg.micro_batch_tokens, cfg.packing)
+                ]
                 bad = torch.zeros(1, device=accelerator.device)
-                for k, rows_k in enumerate(micro):
-                    mb = make_micro_batch(trajs, rows_k, cfg.packing, pad_id, cfg.pack_row_tokens)
+                for k, mb in enumerate(micro):
                     last = k == len(micro) - 1
                     sync = nullcontext() if last else accelerator.no_sync(policy)
                     with sync:
@@ -648,8 +653,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                         if ref_logprobs is not None:
                             sums["kl"] += (kl_fn(logp, gather_rows(ref_logprobs, mb).to(logp.device)) * m).sum().item()
                 if critic is not None:
-                    for k, rows_k in enumerate(micro):
-                        mb = make_micro_batch(trajs, rows_k, cfg.packing, pad_id, cfg.pack_row_tokens)
+                    for k, mb in enumerate(micro):
                         with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(critic):
                             v = forward_values(critic, mb)
                             m = gather_rows(mask, mb).to(v.device)
