@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo demo-arithmetic test test-fast clean
 
 # torch is pinned and installed first: an unpinned torch resolves to a CUDA build with
 # gigabytes of CUDA packages; 2.13.0 is the CPU wheel the machines here provide.
@@ -17,9 +17,26 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: fetch SmolLM2-135M, evaluate it, train it with GRPO, evaluate again,
-# print the before/after table and write outputs/arithmetic_grpo/reward_curve.png.
+# The main job (Search-R1++ on CPU): fetch SmolLM2-135M and the offline Wikipedia corpus,
+# build the QA benchmark, warm-start the agent by SFT on oracle search episodes, train it
+# with REINFORCE + F1+ (recipes/search_r1pp_cpu.yaml), then evaluate the untrained, the
+# warm-started and the RL-trained agent on held-out questions and print the leaderboard.
+# Outputs: outputs/search_leaderboard/leaderboard.md, outputs/search_r1pp_cpu/reward_curve.png.
+LEADERBOARD_QUESTIONS ?= 64
 demo: setup
+	$(BIN)/python -m rl.models fetch smollm2-135m
+	$(BIN)/python -m envs.search.corpus fetch-wiki
+	$(BIN)/python -m envs.search.qa_data generate --out data/wiki10k_qa --seed 0 --no-check
+	$(BIN)/python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml --overwrite \
+		--data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 128
+	$(BIN)/python -m sft.train recipes/search_sft_warmstart.yaml
+	$(BIN)/python -m rl.train recipes/search_r1pp_cpu.yaml
+	$(BIN)/python -m eval.run --recipe recipes/search_r1pp_cpu.yaml --overwrite \
+		--out outputs/search_leaderboard --data test=data/wiki10k_qa/test.jsonl --limit $(LEADERBOARD_QUESTIONS) \
+		--model untrained=smollm2-135m --model sft=outputs/search_sft/final --model sft+rl=outputs/search_r1pp_cpu
+
+# The arithmetic GRPO demo (the trainer's learning check; ~9 min).
+demo-arithmetic: setup
 	$(BIN)/python -m rl.models fetch smollm2-135m
 	$(BIN)/python -m rl.train recipes/arithmetic_grpo.yaml
 	cat outputs/arithmetic_grpo/eval_results.md

@@ -43,7 +43,11 @@ def write_training_report(output_dir: Path, history: list[dict], before: dict, a
     plot_reward_curve(history, output_dir / "reward_curve.png", title=output_dir.name)
     (output_dir / "eval_results.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
     keys = [k for k in after if k.startswith("eval/") and k != "eval/samples"] or [k for k in before if k.startswith("eval/")]
-    rows = [[k.removeprefix("eval/"), before.get(k, float("nan")), after.get(k, float("nan"))] for k in keys]
+    if before:
+        header = ["metric", "before", "after"]
+        rows = [[k.removeprefix("eval/"), before.get(k, float("nan")), after.get(k, float("nan"))] for k in keys]
+    else:  # eval_before_training: false (e.g. an outside leaderboard measures "before")
+        header, rows = ["metric", "after"], [[k.removeprefix("eval/"), after.get(k, float("nan"))] for k in keys]
     (output_dir / "eval_results.md").write_text(
-        f"# Held-out evaluation: {output_dir.name}\n\n" + markdown_table(["metric", "before", "after"], rows) + "\n"
+        f"# Held-out evaluation: {output_dir.name}\n\n" + markdown_table(header, rows) + "\n"
     )

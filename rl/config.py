@@ -246,16 +246,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> TrainConfig:
+def build_dataclass(cls, data: dict, source: str = "<dict>"):
+    """`cls` from a nested mapping, strictly: errors name `source`, the key path and the nearest valid key."""
     try:
-        cfg = _build(TrainConfig, data, "")
+        return _build(cls, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    validate(cfg, source)
-    return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+def read_recipe_mapping(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file's mapping with dotted `key.path=value` overrides applied (shared by RL and SFT recipes)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
@@ -268,7 +268,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
-    return config_from_dict(data, str(path))
+    return data
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> TrainConfig:
+    cfg = build_dataclass(TrainConfig, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return config_from_dict(read_recipe_mapping(path, overrides), str(path))
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -277,16 +277,26 @@ def gather_for_advantages(accelerator: Accelerator, tensors: list[torch.Tensor])
     return [accelerator.gather(accelerator.pad_across_processes(t.to(accelerator.device), dim=1)).cpu() for t in tensors]
 
 
+MAX_INFO_CATEGORIES = 8
+
+
 def info_means(accelerator: Accelerator, trajs: list[Trajectory], prefix: str) -> dict[str, float]:
     """Means over all processes of the agents' per-sample `info`: numbers and booleans as
-    `<prefix>/<key>`, short strings (finish reasons, terminations) as fractions
+    `<prefix>/<key>`, short strings with at most `MAX_INFO_CATEGORIES` values (finish reasons, terminations) as fractions
     `<prefix>/<key>/<value>`. Agents add fields; the trainer needs no change."""
+    # free text (e.g. a search agent's answers) would explode into one metric per distinct value
+    distinct: dict[str, set] = {}
+    for t in trajs:
+        for key, value in t.info.items():
+            if isinstance(value, str):
+                distinct.setdefault(key, set()).add(value)
+    categorical = {k for k, v in distinct.items() if len(v) <= MAX_INFO_CATEGORIES and max(map(len, v)) <= 32}
     sums: dict[str, float] = {}
     for t in trajs:
         for key, value in t.info.items():
             if isinstance(value, (bool, int, float)):
                 sums[key] = sums.get(key, 0.0) + float(value)
-            elif isinstance(value, str) and len(value) <= 32:
+            elif key in categorical:
                 sums[f"{key}/{value}"] = sums.get(f"{key}/{value}", 0.0) + 1.0
     parts = gather_object([(sums, len(trajs))]) if accelerator.num_processes > 1 else [(sums, len(trajs))]
     n = max(sum(c for _, c in parts), 1)

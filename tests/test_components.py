@@ -33,8 +33,32 @@ def traj(text="", reason="eos", ids=(1, 2, 3), mask=None, row=None):
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_parses(path):
+    if "training" in yaml.safe_load(path.read_text()):  # an SFT recipe (sft.config)
+        from sft.config import load_recipe
+
+        rec = load_recipe(path)
+        assert rec.training.max_steps > 0 or rec.training.epochs > 0
+        return
     cfg = load_config(path)
     assert cfg.total_steps >= 1 and cfg.rewards
+
+
+def test_info_means_numbers_and_few_valued_strings_only():
+    from accelerate import Accelerator
+
+    from rl.trainer import MAX_INFO_CATEGORIES, info_means
+
+    n = 2 * MAX_INFO_CATEGORIES
+    trajs = [
+        Trajectory([0], [1], [1], [0.0], 0, {}, info={"searches": i % 3, "answered": i % 2 == 0,
+                   "termination": "eos" if i < 4 else "answered", "answer": f"free text {i}"})
+        for i in range(n)
+    ]  # fmt: skip
+    m = info_means(Accelerator(cpu=True), trajs, "info")
+    assert m["info/searches"] == pytest.approx(sum(i % 3 for i in range(n)) / n)
+    assert m["info/answered"] == 0.5
+    assert m["info/termination/eos"] == 4 / n and m["info/termination/answered"] == (n - 4) / n
+    assert not any(k.startswith("info/answer/") for k in m)  # free text is not exploded into metrics
 
 
 def test_overrides_are_typed_and_strict(tmp_path):

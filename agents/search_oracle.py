@@ -1,0 +1,238 @@
+"""Oracle trajectories for the search agent: warm-start (SFT) data that the RL loop could have produced.
+
+A scripted policy plays the search agent: it searches with a query derived from the
+question (the quoted description or the article title; two hops for
+bridge questions), reads what came back, and answers with the gold answer. It plays
+through the very same code path as RL rollouts — `agents.search.search_agent` with an
+`OracleEngine` in place of the model — so the prompt, the `<information>` blocks, the
+corrective/final messages, truncation and token ids are rendered exactly as in
+training, and the loss mask marks environment tokens 0 exactly as there.
+
+Each output row is in the `tokenized` SFT format (`sft.data`): `input_ids` (prompt +
+response) and `completion_mask` (0 on the prompt and on environment tokens, 1 on the
+oracle's actions), plus `id`, `question`, `golden_answers`, `grounded` (the gold
+answer appeared in a retrieved passage before the oracle answered), `searches` and
+`text` (the decoded conversation, for reading). Ungrounded episodes are dropped by
+default (`--keep-ungrounded` keeps them): a warm-start should teach answering from
+the evidence, not from memory the model does not have.
+
+    python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml \
+        --data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 200
+
+`--recipe` takes the agent settings (template, topk, max_obs_tokens, retriever, ...)
+from an RL recipe's `rollout.agent_kwargs`, so the warm-start data matches the RL run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from agents.search import FINAL_TURN_TEXT, search_agent
+from eval.qa_metrics import extract_information_blocks, normalize_answer
+from rl.engines import Generation, SamplingParams
+
+__all__ = ["oracle_queries", "OracleEngine", "generate_oracle_trajectories", "main"]
+
+_QUOTED = re.compile(r'"(.+)"')
+
+
+def oracle_queries(row: dict) -> list[str]:
+    """The queries a careful searcher would issue for a wiki10k_qa row, in order.
+
+    Rows without `metadata.qtype` (e.g. NQ/HotpotQA files) fall back to the question.
+    """
+    meta = row.get("metadata") or {}
+    qtype, titles, question = meta.get("qtype"), list(meta.get("titles") or []), row["question"]
+    quoted = [m.group(1) for m in _QUOTED.finditer(question)]
+    if qtype == "desc2title" and quoted:
+        return [quoted[-1]]
+    if qtype == "title2desc" and titles:
+        return [titles[0]]
+    if qtype == "cloze" and titles:
+        # the article's title: short, and BM25 ranks the article first on it
+        return [titles[0]]
+    if qtype == "bridge" and titles and quoted:
+        return [titles[0], quoted[-1]]
+    return [question]
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    n = normalize_answer(needle)
+    return bool(n) and f" {n} " in f" {normalize_answer(haystack)} "
+
+
+class OracleEngine:
+    """A `RolloutEngine` that plays the oracle: next query, or the answer once the evidence is in.
+
+    It recognises each sample by its prompt ids (a prefix of the context it is asked to
+    continue) and reads the response so far to know which step it is at. Its action
+    text is tokenised canonically; log-probs are 0 (there is no sampling distribution).
+    """
+
+    def __init__(self, tokenizer, prompts: list[list[int]], rows: list[dict], answer_column: str = "golden_answers"):
+        self.tokenizer = tokenizer
+        self.by_prompt = {tuple(p): r for p, r in zip(prompts, rows)}
+        self.lengths = sorted({len(p) for p in prompts})
+        self.answer_column = answer_column
+        self.grounded: dict[str, bool] = {}
+
+    def _row(self, context: list[int]) -> tuple[dict, list[int]]:
+        for n in self.lengths:
+            row = self.by_prompt.get(tuple(context[:n]))
+            if row is not None:
+                return row, context[n:]
+        raise KeyError("OracleEngine: a context does not start with any known prompt")
+
+    def next_action(self, row: dict, response_text: str) -> str:
+        golds = row[self.answer_column]
+        queries = oracle_queries(row)
+        done = response_text.count("</search>")
+        evidence = " ".join(extract_information_blocks(response_text))  # never the oracle's own queries
+        found = any(_contains(evidence, g) for g in golds)
+        final = FINAL_TURN_TEXT.strip() in response_text
+        if found or done >= len(queries) or final:
+            self.grounded[row.get("id", row["question"])] = found
+            return f"<answer> {golds[0]} </answer>"
+        return f"<search> {queries[done]} </search>"
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        out = []
+        for context in prompts:
+            row, response = self._row(context)
+            text = self.next_action(row, self.tokenizer.decode(response, skip_special_tokens=True))
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: params.max_new_tokens]
+            stop = "</answer>" if text.startswith("<answer>") else "</search>"
+            out.append(Generation(list(ids), [0.0] * len(ids), "stop", stop))
+        return out
+
+    def update_weights(self, model) -> None:  # nothing to sync: the oracle has no weights
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+def generate_oracle_trajectories(
+    tokenizer,
+    rows: list[dict],
+    agent_kwargs: dict[str, Any],
+    *,
+    max_new_tokens: int = 128,
+    keep_ungrounded: bool = False,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, int]]:
+    """Oracle episodes for `rows` through `search_agent`; returns (SFT rows, counts)."""
+    from agents.single_turn import render_prompt
+    from envs.search.qa_data import make_prompt
+
+    template = agent_kwargs.get("template", "fast")
+    if template is None:
+        raise ValueError("the oracle builds prompts from the question column: set agent_kwargs.template (fast|slow)")
+    out, counts = [], {"episodes": 0, "grounded": 0, "answered": 0, "kept": 0}
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    for batch in tqdm(batches, desc="oracle episodes", disable=not progress):
+        prompts = [
+            render_prompt(tokenizer, [{"role": "user", "content": make_prompt(r["question"], template)}])
+            for r in batch
+        ]
+        engine = OracleEngine(tokenizer, prompts, batch)
+        trajs = search_agent(
+            engine,
+            tokenizer,
+            batch,
+            prompt_builder=None,
+            params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+            group_size=1,
+            **agent_kwargs,
+        )
+        for row, tr in zip(batch, trajs):
+            grounded = engine.grounded.get(row.get("id", row["question"]), False)
+            counts["episodes"] += 1
+            counts["grounded"] += grounded
+            counts["answered"] += bool(tr.info.get("answered"))
+            if not tr.info.get("answered") or not (grounded or keep_ungrounded):
+                continue
+            counts["kept"] += 1
+            out.append(
+                {
+                    "id": row.get("id"),
+                    "question": row["question"],
+                    "golden_answers": list(row["golden_answers"]),
+                    "input_ids": list(tr.prompt_ids) + list(tr.response_ids),
+                    "completion_mask": [0] * len(tr.prompt_ids) + list(tr.loss_mask),
+                    "grounded": grounded,
+                    "searches": tr.info["searches"],
+                    "text": tokenizer.decode(list(tr.prompt_ids) + list(tr.response_ids)),
+                }
+            )
+    return out, counts
+
+
+def _agent_kwargs_from_recipe(path: str) -> tuple[dict, int, str]:
+    from rl.config import load_config
+
+    cfg = load_config(path)
+    if cfg.rollout.agent != "search":
+        raise ValueError(f"{path}: rollout.agent is {cfg.rollout.agent!r}, not 'search'")
+    return dict(cfg.rollout.agent_kwargs), cfg.rollout.max_new_tokens, cfg.model.name_or_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agents.search_oracle", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True, help="RL recipe whose rollout.agent_kwargs and model to match")
+    ap.add_argument("--data", required=True, help="QA file (FlashRAG jsonl or Search-R1 parquet)")
+    ap.add_argument("--out", required=True, help="output jsonl (tokenized SFT rows)")
+    ap.add_argument("--n", type=int, default=None, help="number of questions to play (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the question subsample")
+    ap.add_argument("--keep-ungrounded", action="store_true", help="keep episodes whose evidence lacked the answer")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from envs.search.qa_data import load_qa
+    from rl.models import resolve_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    agent_kwargs, max_new_tokens, model = _agent_kwargs_from_recipe(args.recipe)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    rows = list(load_qa(args.data))  # validates every row (errors name the file and line)
+    if args.data.endswith(".jsonl"):  # load_qa keeps the standard columns; the oracle also reads `metadata`
+        with open(args.data) as f:
+            raw = [json.loads(line) for line in f if line.strip()]
+        for row, r in zip(rows, raw):
+            if isinstance(r.get("metadata"), dict):
+                row["metadata"] = r["metadata"]
+    if args.n is not None and args.n < len(rows):
+        rows = random.Random(args.seed).sample(rows, args.n)
+    sft_rows, counts = generate_oracle_trajectories(
+        tokenizer, rows, agent_kwargs, max_new_tokens=max_new_tokens, keep_ungrounded=args.keep_ungrounded
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
+        for r in sft_rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    print(json.dumps({**counts, "out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""Recipe -> TRL `SFTConfig` + `SFTTrainer` -> `<output_dir>/final/`.
+
+Output layout of `<output_dir>/`::
+
+    config.json          the resolved recipe
+    metrics.jsonl        one JSON object per log event: step, loss, lr, grad_norm, entropy,
+                         mean_token_accuracy, eval_loss, ... (besides TRL's own trackers)
+    checkpoint-<step>/   transformers/TRL checkpoints (weights or LoRA adapter, optimizer,
+                         scheduler, RNG, trainer_state.json), every training.save_steps
+    latest               the name of the newest checkpoint (as in RL runs)
+    final/               the trained model with LoRA merged + tokenizer, safetensors, written
+                         as .tmp-final/ and renamed: `AutoModelForCausalLM.from_pretrained`
+                         and RL recipes (`model.name_or_path: <output_dir>/final`) load it
+
+Loss masks: the datasets reach TRL already tokenized, with `input_ids` and `labels`
+(see `sft.data`), so TRL's pre-tokenized path uses our labels as they are. TRL's own
+`assistant_only_loss=True` needs `{% generation %}` markers in the chat template;
+TRL 1.16 can patch only the templates it knows, and SmolLM2's ChatML template is not
+one of them (`get_training_chat_template` raises), hence `sft.data.tokenize_conversation`.
+
+Packing (`training.packing: true`): TRL packs examples best-fit-decreasing into rows of
+`data.max_length` tokens and switches to padding-free batches: one flattened row per
+batch, `position_ids` restarting at 0 at every example and no `attention_mask`. From
+those position ids transformers (`masking_utils.find_packed_sequence_indices`) builds a
+block-diagonal causal mask for `sdpa` and `eager` attention, and flash-attention
+kernels get the same boundaries as `cu_seq_lens`: packed examples never attend to each
+other, on CPU (sdpa/eager) as on GPU (tests/test_sft.py::test_packing_keeps_examples_separate
+checks sdpa and eager logits against unpacked forwards). On sdpa/eager that mask is a
+dense L x L tensor per packed row (memory grows with max_length^2); flash_attention_2
+avoids it. A model whose attention does not build its mask through transformers'
+masking utilities (custom remote code) would see the whole row: do not pack for those.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from sft.config import SFTRecipe, recipe_to_dict
+
+__all__ = [
+    "build_peft_config",
+    "build_sft_config",
+    "build_trainer",
+    "find_resume_checkpoint",
+    "load_model",
+    "load_tokenizer",
+    "prepare_output_dir",
+    "resolve_dtype",
+    "save_final",
+    "train",
+]
+
+logger = logging.getLogger("sft.trainer")
+
+_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Weights' dtype; `auto` = float32 master weights (bf16 compute comes from mixed precision)."""
+    return _DTYPES[name]
+
+
+def _mixed_precision(mode: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments."""
+    if mode == "auto":
+        return (torch.cuda.is_available() and torch.cuda.is_bf16_supported(), False)
+    return (mode == "bf16", mode == "fp16")
+
+
+# ----------------------------------------------------------------------------- output dir and resume
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [
+        p for p in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(_CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))
+
+
+def find_resume_checkpoint(spec: str, output_dir: str | Path) -> Path:
+    """`spec` = "latest" (the newest complete checkpoint in output_dir) or a checkpoint dir."""
+    output_dir = Path(output_dir)
+    if spec == "latest":
+        complete = [p for p in _checkpoints(output_dir) if (p / "trainer_state.json").is_file()]
+        if not complete:
+            raise FileNotFoundError(f"--resume latest: no complete {_CHECKPOINT_PREFIX}* directory in {output_dir}")
+        return complete[-1]
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {spec}: not a checkpoint (no trainer_state.json)")
+    return path
+
+
+def prepare_output_dir(recipe: SFTRecipe, resuming: bool) -> None:
+    """Refuse a non-empty output_dir unless resuming or overwrite_output_dir (main process only).
+    Overwriting deletes the directory, but only one that holds a previous run."""
+    out = Path(recipe.output_dir)
+    if resuming or not out.exists() or not any(out.iterdir()):
+        return
+    if not recipe.overwrite_output_dir:
+        raise FileExistsError(
+            f"output_dir {out} is not empty: pass --resume latest to continue it, "
+            "or overwrite_output_dir=true to start over"
+        )
+    if not ((out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
+        raise FileExistsError(
+            f"overwrite_output_dir: {out} does not look like a previous run (no config.json and "
+            "metrics.jsonl); refusing to delete it, choose another output_dir"
+        )
+    shutil.rmtree(out)
+
+
+# ----------------------------------------------------------------------------- model, args, callbacks
+
+
+def load_tokenizer(model_path: str):
+    # VLMs will take an AutoProcessor here (and AutoModelForImageTextToText in load_model).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(recipe: SFTRecipe, model_path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=resolve_dtype(recipe.model.dtype), attn_implementation=recipe.model.attn_implementation
+    )
+
+
+def build_peft_config(recipe: SFTRecipe):
+    if not recipe.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    modules = list(recipe.lora.target_modules)
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules="all-linear" if modules == ["all-linear"] else modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_sft_config(recipe: SFTRecipe, has_eval: bool):
+    from trl import SFTConfig
+
+    t, d = recipe.training, recipe.data
+    bf16, fp16 = _mixed_precision(t.mixed_precision)
+    return SFTConfig(
+        output_dir=recipe.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps if has_eval and t.eval_steps else None,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit or None,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=list(t.report_to) or "none",
+        # without a GPU, accelerate forms a gloo (MULTI_CPU) group under `accelerate launch`
+        # only when told it is on CPU; otherwise each process would train alone
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # text models use every trainable parameter (VLMs may not)
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.model.gradient_checkpointing else None,
+        max_length=d.max_length,
+        packing=t.packing,
+        packing_strategy="bfd",  # keeps examples whole and separate (padding-free + position_ids)
+        # the rows arrive as input_ids + labels: TRL's pre-tokenized path, labels used as given
+        assistant_only_loss=False,
+        completion_only_loss=False,
+    )
+
+
+def _run_files_callback(output_dir: Path):
+    from transformers import TrainerCallback
+
+    class RunFiles(TrainerCallback):
+        """metrics.jsonl (one object per log event) and the `latest` checkpoint pointer."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step}
+            for key, value in logs.items():
+                record["lr" if key == "learning_rate" else key] = value
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                (output_dir / "latest").write_text(f"{_CHECKPOINT_PREFIX}{state.global_step}\n")
+
+    return RunFiles()
+
+
+def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
+    """(trainer, tokenizer, model_path): data is validated and tokenized before the model loads."""
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from rl.models import resolve_model
+    from sft.data import build_datasets
+
+    set_seed(recipe.training.seed)
+    model_path = resolve_model(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(model_path)
+    train_ds, eval_ds = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    model = load_model(recipe, model_path)
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(recipe, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(recipe),
+        callbacks=[_run_files_callback(Path(recipe.output_dir)), *(extra_callbacks or [])],
+    )
+    return trainer, tokenizer, model_path
+
+
+# ----------------------------------------------------------------------------- final model
+
+
+def save_final(trainer, recipe: SFTRecipe, tokenizer, model_path: str) -> Path:
+    """Write `<output_dir>/final/` (full model, LoRA merged, + tokenizer) atomically.
+
+    Every process calls this (gathering sharded FSDP/ZeRO-3 weights is collective); the
+    main process writes `.tmp-final/` and renames it over `final/`. Under LoRA the
+    adapter is saved, then merged into a freshly loaded base on the main process."""
+    out = Path(recipe.output_dir)
+    final, tmp, adapter = out / "final", out / ".tmp-final", out / ".tmp-final-adapter"
+    acc = trainer.accelerator
+    is_main = acc.is_main_process
+    if is_main:
+        for leftover in (tmp, adapter):  # from a crash mid-save: never merge into it
+            shutil.rmtree(leftover, ignore_errors=True)
+    acc.wait_for_everyone()
+    if recipe.lora.enabled:
+        trainer.save_model(str(adapter))
+        if is_main:
+            from peft import PeftModel
+
+            base = load_model(recipe, model_path)
+            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+            trained = acc.unwrap_model(trainer.model)
+            trained_base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+            merged.generation_config = copy.deepcopy(trained_base.generation_config)
+            merged.config.pad_token_id = tokenizer.pad_token_id
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(adapter)
+    else:
+        trainer.save_model(str(tmp))
+    if is_main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe is in config.json
+        if final.exists():
+            old = out / ".old-final"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    acc.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(recipe: SFTRecipe, resume: str | None = None) -> dict:
+    """Run SFT; returns global_step, train_loss, eval metrics, final_dir and log_history."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # see use_cpu in build_sft_config
+    out = Path(recipe.output_dir)
+    ckpt = find_resume_checkpoint(resume, out) if resume is not None else None
+    if state.is_main_process:
+        prepare_output_dir(recipe, resuming=ckpt is not None)
+    state.wait_for_everyone()
+
+    trainer, tokenizer, model_path = build_trainer(recipe)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2))
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    eval_metrics: dict = {}
+    if trainer.eval_dataset is not None:
+        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+        done = [e for e in last if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+        eval_metrics = done[0] if done else trainer.evaluate()
+    final = save_final(trainer, recipe, tokenizer, model_path)
+    if state.is_main_process:
+        logger.info("final model: %s", final)
+    return {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval": eval_metrics,
+        "final_dir": str(final),
+        "log_history": list(trainer.state.log_history),
+    }
