@@ -16,8 +16,8 @@ answer appeared in a retrieved passage before the oracle answered), `searches` a
 default (`--keep-ungrounded` keeps them): a warm-start should teach answering from
 the evidence, not from memory the model does not have.
 
-    python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml \
-        --data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 200
+    python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m \
+        --data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 128
 
 `--recipe` takes the agent settings (template, topk, max_obs_tokens, retriever, ...)
 from an RL recipe's `rollout.agent_kwargs`, so the warm-start data matches the RL run.
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output jsonl (tokenized SFT rows)")
     ap.add_argument("--n", type=int, default=None, help="number of questions to play (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the question subsample")
+    ap.add_argument("--tokenizer", default=None, help="model whose tokenizer renders the episodes (default: the "
+                    "recipe's model; give the warm-start's base model when the recipe starts from the SFT output)")
     ap.add_argument("--keep-ungrounded", action="store_true", help="keep episodes whose evidence lacked the answer")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     agent_kwargs, max_new_tokens, model = _agent_kwargs_from_recipe(args.recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or model))
     rows = list(load_qa(args.data))  # validates every row (errors name the file and line)
     if args.data.endswith(".jsonl"):  # load_qa keeps the standard columns; the oracle also reads `metadata`
         with open(args.data) as f:

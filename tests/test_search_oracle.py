@@ -102,17 +102,19 @@ def test_cli_keeps_metadata_and_refuses_overwrite(tiny_model_dir, tmp_path, caps
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"model: {{name_or_path: {tiny_model_dir}}}\n"
+        f"model: {{name_or_path: {tmp_path / 'sft_output_not_trained_yet'}}}\n"
         f"data: {{train: {data}}}\n"
         "rollout:\n  agent: search\n  max_new_tokens: 32\n"
         f"  agent_kwargs: {{retriever: {corpus}, topk: 1, max_turns: 2, max_obs_tokens: 64, template: fast}}\n"
         "rewards: [{name: search_em}]\n"
     )
     out = tmp_path / "o.jsonl"
-    assert main(["--recipe", str(recipe), "--data", str(data), "--out", str(out)]) == 0
+    # the recipe's model (an SFT output) does not exist yet: the tokenizer comes from --tokenizer
+    args = ["--recipe", str(recipe), "--data", str(data), "--out", str(out), "--tokenizer", tiny_model_dir]
+    assert main(args) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     # row b used its metadata: the query was the quoted description, not the question
     assert "<search> largest city of Germany </search>" in rows[1]["text"]
-    assert main(["--recipe", str(recipe), "--data", str(data), "--out", str(out)]) == 2
+    assert main(args) == 2
     assert "exists" in capsys.readouterr().err
