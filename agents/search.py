@@ -62,6 +62,8 @@ __all__ = [
     "get_cached_retriever",
     "SearchEnv",
     "search_agent",
+    "search_prompt_ids",
+    "load_search_recipe",
     "search_em",
     "search_f1",
     "search_f1_plus",
@@ -217,6 +219,20 @@ def _with_stops(params: SamplingParams, max_new_tokens: int | None = None) -> Sa
     return dataclasses.replace(params, stop=stops, max_new_tokens=max_new_tokens or params.max_new_tokens)
 
 
+def search_prompt_ids(tokenizer, row: dict, template: str | None, prompt_builder=None, question_column="question"):
+    """The rendered prompt of one row: the template's user message, or the recipe's prompt builder."""
+    if template is None:
+        messages = prompt_builder(row)
+    else:
+        if question_column not in row:
+            raise KeyError(
+                f"search agent: template {template!r} builds the prompt from column '{question_column}', "
+                f"which the row lacks (columns: {sorted(row)}); set template: null to use the prompt builder"
+            )
+        messages = [{"role": "user", "content": make_prompt(row[question_column], template)}]
+    return render_prompt(tokenizer, messages)
+
+
 @register_agent("search")
 def search_agent(
     engine: RolloutEngine,
@@ -245,18 +261,7 @@ def search_agent(
     if template is not None and template not in PROMPT_TEMPLATES:
         raise ValueError(f"search agent: unknown template {template!r}; choose from {sorted(PROMPT_TEMPLATES)} or null")
     ret = get_cached_retriever(retriever, retriever_kind, **(retriever_kwargs or {}))
-    prompts = []
-    for row in rows:
-        if template is None:
-            messages = prompt_builder(row)
-        else:
-            if question_column not in row:
-                raise KeyError(
-                    f"search agent: template {template!r} builds the prompt from column '{question_column}', "
-                    f"which the row lacks (columns: {sorted(row)}); set template: null to use the prompt builder"
-                )
-            messages = [{"role": "user", "content": make_prompt(row[question_column], template)}]
-        prompts.append(render_prompt(tokenizer, messages))
+    prompts = [search_prompt_ids(tokenizer, row, template, prompt_builder, question_column) for row in rows]
     flat = [p for p in prompts for _ in range(group_size)]
     env = SearchEnv(ret, len(flat), topk=topk, invalid_action_text=invalid_action_text)
     episodes = run_episodes(
@@ -288,6 +293,16 @@ def search_agent(
             )
         )
     return trajs
+
+
+def load_search_recipe(path: str):
+    """An RL recipe whose agent is `search` (its `rollout.agent_kwargs` are the agent's settings)."""
+    from rl.config import load_config
+
+    cfg = load_config(path)
+    if cfg.rollout.agent != "search":
+        raise ValueError(f"{path}: rollout.agent is {cfg.rollout.agent!r}, not 'search'")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- rewards

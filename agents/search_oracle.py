@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
@@ -36,7 +35,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from agents.search import FINAL_TURN_TEXT, search_agent
+from agents.search import FINAL_TURN_TEXT, load_search_recipe, search_agent, search_prompt_ids
+from envs.search.corpus import atomic_write_text
 from eval.qa_metrics import extract_information_blocks, normalize_answer
 from rl.engines import Generation, SamplingParams
 
@@ -135,19 +135,13 @@ def generate_oracle_trajectories(
     progress: bool = True,
 ) -> tuple[list[dict], dict[str, int]]:
     """Oracle episodes for `rows` through `search_agent`; returns (SFT rows, counts)."""
-    from agents.single_turn import render_prompt
-    from envs.search.qa_data import make_prompt
-
     template = agent_kwargs.get("template", "fast")
     if template is None:
         raise ValueError("the oracle builds prompts from the question column: set agent_kwargs.template (fast|slow)")
     out, counts = [], {"episodes": 0, "grounded": 0, "answered": 0, "kept": 0}
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="oracle episodes", disable=not progress):
-        prompts = [
-            render_prompt(tokenizer, [{"role": "user", "content": make_prompt(r["question"], template)}])
-            for r in batch
-        ]
+        prompts = [search_prompt_ids(tokenizer, r, template) for r in batch]  # what search_agent will render
         engine = OracleEngine(tokenizer, prompts, batch)
         trajs = search_agent(
             engine,
@@ -181,15 +175,6 @@ def generate_oracle_trajectories(
     return out, counts
 
 
-def _agent_kwargs_from_recipe(path: str) -> tuple[dict, int, str]:
-    from rl.config import load_config
-
-    cfg = load_config(path)
-    if cfg.rollout.agent != "search":
-        raise ValueError(f"{path}: rollout.agent is {cfg.rollout.agent!r}, not 'search'")
-    return dict(cfg.rollout.agent_kwargs), cfg.rollout.max_new_tokens, cfg.model.name_or_path
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agents.search_oracle", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", required=True, help="RL recipe whose rollout.agent_kwargs and model to match")
@@ -212,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    agent_kwargs, max_new_tokens, model = _agent_kwargs_from_recipe(args.recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or model))
+    cfg = load_search_recipe(args.recipe)
+    agent_kwargs, max_new_tokens = dict(cfg.rollout.agent_kwargs), cfg.rollout.max_new_tokens
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or cfg.model.name_or_path))
     rows = list(load_qa(args.data))  # validates every row (errors name the file and line)
     if args.data.endswith(".jsonl"):  # load_qa keeps the standard columns; the oracle also reads `metadata`
         with open(args.data) as f:
@@ -226,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     sft_rows, counts = generate_oracle_trajectories(
         tokenizer, rows, agent_kwargs, max_new_tokens=max_new_tokens, keep_ungrounded=args.keep_ungrounded
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        for r in sft_rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_rows))
     print(json.dumps({**counts, "out": str(out)}))
     return 0
 

@@ -53,6 +53,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from envs.search.corpus import atomic_write_text
+
 __all__ = [
     "METRICS",
     "ModelSpecError",
@@ -506,13 +508,6 @@ def leaderboard_markdown(results: Sequence[dict]) -> str:
     return markdown_table(["model", "dataset", *METRICS.values()], rows)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # temp file in the same dir + os.replace: a reader never sees a half-written file
-    from envs.search.corpus import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def _json_safe(v: Any) -> Any:
     """NaN -> None: strict JSON readers reject NaN."""
     if isinstance(v, float) and math.isnan(v):
@@ -533,7 +528,7 @@ def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str,
         for name, d in res["datasets"].items():
             rel = f"predictions/{_slug(res['label'])}__{_slug(name)}.jsonl"
             lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in d["predictions"])
-            _atomic_write(out / rel, lines)
+            atomic_write_text(out / rel, lines)
             entry["datasets"][name] = {**d["metrics"], "predictions": rel}
         models[res["label"]] = entry
     summary = {
@@ -543,8 +538,8 @@ def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str,
         "metrics": list(METRICS),
         "results": models,
     }
-    _atomic_write(out / "leaderboard.json", json.dumps(_json_safe(summary), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out / "leaderboard.md", f"# Search agent leaderboard\n\n{table}\n")
+    atomic_write_text(out / "leaderboard.json", json.dumps(_json_safe(summary), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "leaderboard.md", f"# Search agent leaderboard\n\n{table}\n")
     return table
 
 
@@ -614,11 +609,9 @@ _RECIPE_AGENT_KEYS = ("retriever", "retriever_kind", "topk", "template", "max_tu
 
 def recipe_defaults(path: str) -> dict[str, Any]:
     """The search-agent settings of an RL recipe, as `eval.run` argument defaults: evaluate as you trained."""
-    from rl.config import load_config
+    from agents.search import load_search_recipe
 
-    cfg = load_config(path)
-    if cfg.rollout.agent != "search":
-        raise ValueError(f"{path}: rollout.agent is {cfg.rollout.agent!r}; eval.run evaluates the search agent")
+    cfg = load_search_recipe(path)
     kw = cfg.rollout.agent_kwargs
     out = {k: kw[k] for k in _RECIPE_AGENT_KEYS if k in kw and kw[k] is not None}
     out["max_new_tokens"] = cfg.rollout.max_new_tokens

@@ -22,10 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-# The strict parser is shared with RL recipes (private helpers there; a public
-# `build_dataclass` / `read_recipe_mapping` pair in rl.config would make this cleaner).
+# The strict recipe parser is the RL recipes' own: same errors, same overrides.
 from rl.config import ConfigError, build_dataclass, read_recipe_mapping
 
 __all__ = [
