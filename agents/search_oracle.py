@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from agents.search import FINAL_TURN_TEXT, load_search_recipe, search_agent, search_prompt_ids
 from envs.search.corpus import atomic_write_text
+from envs.search.qa_data import row_metadata
 from eval.qa_metrics import extract_information_blocks, normalize_answer
 from rl.engines import Generation, SamplingParams
 
@@ -50,7 +51,7 @@ def oracle_queries(row: dict) -> list[str]:
 
     Rows without `metadata.qtype` (e.g. NQ/HotpotQA files) fall back to the question.
     """
-    meta = row.get("metadata") or {}
+    meta = row_metadata(row)
     qtype, titles, question = meta.get("qtype"), list(meta.get("titles") or []), row["question"]
     quoted = [m.group(1) for m in _QUOTED.finditer(question)]
     if qtype == "desc2title" and quoted:
@@ -201,12 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     agent_kwargs, max_new_tokens = dict(cfg.rollout.agent_kwargs), cfg.rollout.max_new_tokens
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or cfg.model.name_or_path))
     rows = list(load_qa(args.data))  # validates every row (errors name the file and line)
-    if args.data.endswith(".jsonl"):  # load_qa keeps the standard columns; the oracle also reads `metadata`
-        with open(args.data) as f:
-            raw = [json.loads(line) for line in f if line.strip()]
-        for row, r in zip(rows, raw):
-            if isinstance(r.get("metadata"), dict):
-                row["metadata"] = r["metadata"]
     if args.n is not None and args.n < len(rows):
         rows = random.Random(args.seed).sample(rows, args.n)
     sft_rows, counts = generate_oracle_trajectories(

@@ -57,7 +57,10 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # registered engine name (rl.engines)
+    engine: str = "hf"  # registered engine name (rl.engines): hf | vllm | vllm_server
+    # passed to the engine's constructor, e.g. {base_url: http://127.0.0.1:8000} for vllm_server,
+    # {kv_cache_gb: 2, max_model_len: 4096} for vllm (see rl/engines_vllm.py)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
     agent: str = "single_turn"  # registered agent loop (agents) or "module:function"
     agent_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the agent (env settings, turns, ...)
     group_size: int = 4  # samples per prompt (G)
@@ -102,6 +105,9 @@ class AlgorithmConfig:
     value_loss_coef: float = 0.5
     value_clip: float | None = 0.5
     critic_lr: float = 1e-5
+    # > 0: the critic is the policy's first `critic_layers` transformer layers + a value
+    # head (cheaper per step: its cost scales with its depth); 0: the full backbone
+    critic_layers: int = 0
 
 
 @dataclass
@@ -300,6 +306,8 @@ def validate(cfg: TrainConfig, source: str) -> None:
         fail(f"algorithm.loss_agg_mode '{algo.loss_agg_mode}' is not one of {sorted(algorithms.LOSS_AGGREGATIONS)}")
     if algo.kl_estimator not in algorithms.KL_ESTIMATORS:
         fail(f"algorithm.kl_estimator '{algo.kl_estimator}' is not one of {sorted(algorithms.KL_ESTIMATORS)}")
+    if algo.critic_layers < 0:
+        fail(f"algorithm.critic_layers must be >= 0 (0 = the full backbone), got {algo.critic_layers}")
     if cfg.old_logprobs not in ("rollout", "recompute"):
         fail(f"old_logprobs must be 'rollout' or 'recompute', got '{cfg.old_logprobs}'")
     if not cfg.rewards:

@@ -25,8 +25,18 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.v_head.bias)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "ValueModel":
-        model = cls(AutoModel.from_pretrained(path, **kwargs))
+    def from_pretrained(cls, path: str, num_layers: int = 0, **kwargs) -> "ValueModel":
+        """`num_layers` > 0 keeps only the backbone's first `num_layers` transformer layers.
+
+        A truncated critic is the cheap option for PPO: its cost per token scales with
+        its depth, and the lower layers of the pretrained policy are a good start for a
+        value estimate. The truncated config is what `save_pretrained` writes, so a
+        checkpointed critic reloads with the same depth (pass 0 then).
+        """
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        if num_layers > 0:
+            _truncate_layers(backbone, num_layers, path)
+        model = cls(backbone)
         head = Path(path) / HEAD_FILE
         if head.is_file():
             model.v_head.load_state_dict(load_file(str(head)))
@@ -44,3 +54,19 @@ class ValueModel(torch.nn.Module):
         if keep is not None:
             hidden = hidden[:, keep]
         return self.v_head(hidden).squeeze(-1).float()
+
+
+def _truncate_layers(backbone: torch.nn.Module, num_layers: int, path: str) -> None:
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"algorithm.critic_layers={num_layers}: the backbone of {path} ({type(backbone).__name__}) "
+            "has no `layers` list to truncate; use critic_layers: 0 (the full model)"
+        )
+    if num_layers > len(layers):
+        raise ValueError(f"algorithm.critic_layers={num_layers}, but {path} has only {len(layers)} layers")
+    backbone.layers = layers[:num_layers]
+    config = backbone.config
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention types (sliding/full)
+        config.layer_types = config.layer_types[:num_layers]

@@ -1,7 +1,10 @@
 """Rollout engines: token ids in, token ids + log-probs + finish reasons out.
 
 The protocol is deliberately small so a vLLM engine (in-process or server) plugs in
-without trainer changes: `generate`, `update_weights`, `sleep`, `wake`.
+without trainer changes: `generate`, `update_weights`, `sleep`, `wake`. One optional
+capability: `session()`, a context manager inside which consecutive `generate` calls may
+reuse the KV cache of the previous call's sequences (prefix caching); the multi-turn loop
+opens one when the engine has it, and callers that do not know it lose nothing.
 
 Log-probs are those of the distribution the token was sampled from (after
 temperature / top-k / top-p), which is what importance ratios need. The trainer
@@ -11,8 +14,9 @@ top_k = 0 the two agree up to float rounding (tests/test_engines.py checks it).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -78,6 +82,16 @@ class HFEngine:
 
     It samples with the live training module, so `update_weights` has nothing to
     copy: the next call already uses the new weights.
+
+    Optional capability, `session()`: inside `with engine.session():`, each generate
+    call keeps the key/value cache of the sequences it ended with (prompt + generated
+    tokens), and the next call reuses it for every prompt that starts with one of
+    those sequences, so only the new tokens (the environment's reply, the last sampled
+    token) are prefilled: what a multi-turn loop needs, whose turn t+1 prompts extend
+    turn t's outputs (`agents.multi_turn.run_episodes` opens one per rollout). See
+    `_PrefixCache` for why the reuse is exact. Memory: inside a session the engine holds
+    the KV cache of every sequence of the previous call (all its batches), not only of
+    the batch being generated.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64):
@@ -86,15 +100,31 @@ class HFEngine:
         self.batch_size = batch_size
         self.eos_ids = set(_eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._prefix: _PrefixCache | None = None  # set inside `session()`
+        self._stop_criteria: dict[tuple[str, ...], Any] = {}
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0}  # over the engine's life (benchmarks read them)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model
+        if self._prefix is not None:  # keys/values of the old weights are stale
+            self._prefix.clear()
 
-    def sleep(self) -> None:  # nothing to release: the HF engine owns no memory of its own
-        pass
+    def sleep(self) -> None:  # the HF engine owns no memory of its own, apart from a session's cache
+        if self._prefix is not None:
+            self._prefix.clear()
 
     def wake(self) -> None:
         pass
+
+    @contextlib.contextmanager
+    def session(self):
+        """Reuse the KV cache of one generate call's outputs in the next call (prefix reuse)."""
+        outer, self._prefix = self._prefix, _PrefixCache()
+        try:
+            yield self
+        finally:
+            self._prefix.clear()
+            self._prefix = outer
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
@@ -106,21 +136,16 @@ class HFEngine:
             # a bar only when there is more than one batch (evaluation, big groups)
             for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
                 out.extend(self._generate_batch(prompts[start : start + self.batch_size], params))
+            if self._prefix is not None:
+                self._prefix.commit()
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("HFEngine.generate: empty prompt (every prompt needs at least one token)")
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention_mask[i, width - len(p) :] = 1
+    def _generate_kwargs(self, params: SamplingParams) -> dict:
         greedy = params.temperature <= 0
+        from transformers import StoppingCriteriaList
+
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
@@ -135,10 +160,45 @@ class HFEngine:
         else:  # neutralise sampling defaults a checkpoint's generation_config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([self._stop_criterion(tuple(params.stop))])
+        return kwargs
+
+    def _stop_criterion(self, stops: tuple[str, ...]):
+        """transformers' StopStringCriteria, built once per stop-string set: building it walks the whole
+        vocabulary (~0.5-1.5 s for SmolLM2 on 2 CPU cores), which `stop_strings=` would redo every call,
+        i.e. every turn of a multi-turn rollout. It keeps no state between calls."""
+        from transformers import StopStringCriteria
+
+        if stops not in self._stop_criteria:
+            self._stop_criteria[stops] = StopStringCriteria(self.tokenizer, list(stops))
+        return self._stop_criteria[stops]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("HFEngine.generate: empty prompt (every prompt needs at least one token)")
+        device = next(self.model.parameters()).device
+        # Layout of row j: [pad | cached c_j tokens] [pad | s_j new prompt tokens] [generated ...]
+        # with C = max c_j columns of cache and S = max s_j columns of new input. Without a
+        # session (or with nothing to reuse) C = 0: plain left padding.
+        plan = self._prefix.plan(prompts) if self._prefix is not None else [(None, 0)] * len(prompts)
+        cached = [c for _, c in plan]
+        C = max(cached)
+        S = max(len(p) - c for p, c in zip(prompts, cached))
+        input_ids = torch.full((len(prompts), C + S), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), C + S), dtype=torch.long)
+        for j, (p, c) in enumerate(zip(prompts, cached)):
+            p_t = torch.tensor(p)
+            input_ids[j, C - c : C], attention_mask[j, C - c : C] = p_t[:c], 1
+            input_ids[j, C + S - (len(p) - c) :], attention_mask[j, C + S - (len(p) - c) :] = p_t[c:], 1
+        kwargs = self._generate_kwargs(params)
+        if C > 0:
+            kwargs["past_key_values"] = self._prefix.gather(plan, C, device)
+        self.stats["prefill_tokens"] += sum(len(p) - c for p, c in zip(prompts, cached))
+        self.stats["reused_tokens"] += sum(cached)
         res = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
         )
+        width = C + S
         new_tokens = res.sequences[:, width:].cpu()
         # log-softmax of the processed scores = log-probs of the distribution sampled from
         scores = torch.stack(res.scores, dim=1).float().cpu()  # [B, new, V]
@@ -157,7 +217,113 @@ class HFEngine:
                 if found is not None:
                     n, reason, stop_string = found[0], "stop", found[1]
             gens.append(Generation(ids[:n], logprobs[i, :n].tolist(), reason, stop_string))
+        if self._prefix is not None:
+            self._prefix.add(res.past_key_values, prompts, cached, C, S, [g.token_ids for g in gens])
         return gens
+
+
+class _PrefixCache:
+    """Keys/values of the sequences one generate call ended with, for the next call.
+
+    After a call, row j of the batch's cache holds the keys/values of prompt_j +
+    generated_j[:-1] (the last sampled token was never fed) at known columns; the
+    other columns (padding, tokens generated after a stop string or eos) are ignored.
+    `plan` matches each new prompt to the held sequence with the longest common prefix
+    (token ids compared exactly; at least one prompt token is always left to prefill),
+    and `gather` copies those keys/values into a fresh cache, right-aligned in C
+    columns with zero-filled, masked padding on their left.
+
+    Why this is exact: a token's keys/values depend only on the tokens before it and
+    on its position; reused tokens have identical predecessors (same ids, same order)
+    and the same positions (generate derives positions from the attention mask's
+    cumulative sum, which counts only real tokens, so padding before, between or after
+    them does not shift them); padding columns are masked out of every attention.
+    What differs from re-prefilling is float rounding only (keys/values computed in a
+    decode step instead of a prefill batch, as batch composition already changes it),
+    and the log-probs returned are still those of the distribution each token was
+    sampled from. Reuse is limited to models whose cache layers are all full
+    `DynamicLayer`s (no sliding windows, no recurrent state); for others the session
+    simply re-prefills. Only the latest call's sequences are held (a multi-turn loop's
+    next prompts extend exactly those), so memory is one batch's cache.
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[list, int, torch.Tensor, list[int]]] = []  # (store, row, cols, ids)
+        self.pending: list[tuple[list, int, torch.Tensor, list[int]]] = []
+        self._matrix: torch.Tensor | None = None  # held ids, padded with -1: [n_entries, max_len]
+
+    def clear(self) -> None:
+        self.entries, self.pending, self._matrix = [], [], None
+
+    def commit(self) -> None:
+        """The sequences of the call that just ended replace those held before."""
+        self.entries, self.pending = self.pending, []
+        self._matrix = None
+        if self.entries:
+            width = max(len(e[3]) for e in self.entries)
+            m = torch.full((len(self.entries), width), -1, dtype=torch.long)
+            for k, e in enumerate(self.entries):
+                m[k, : len(e[3])] = torch.tensor(e[3], dtype=torch.long)
+            self._matrix = m
+
+    def plan(self, prompts: list[list[int]]) -> list[tuple[int | None, int]]:
+        """(entry index or None, number of reusable leading tokens) per prompt."""
+        if self._matrix is None:
+            return [(None, 0)] * len(prompts)
+        out = []
+        width = self._matrix.shape[1]
+        for p in prompts:
+            m = min(len(p) - 1, width)  # leave at least one token to prefill: its logits start the generation
+            if m <= 0:
+                out.append((None, 0))
+                continue
+            eq = self._matrix[:, :m] == torch.tensor(p[:m], dtype=torch.long)
+            # common prefix length per entry: index of the first mismatch (m if none); the -1 padding mismatches
+            lcp = torch.where(eq.all(dim=1), m, (~eq).int().argmax(dim=1))
+            best = int(lcp.argmax())
+            out.append((best, int(lcp[best])) if int(lcp[best]) > 0 else (None, 0))
+        return out
+
+    def gather(self, plan: list[tuple[int | None, int]], C: int, device) -> Any:
+        """A DynamicCache of C columns: row j's reused keys/values right-aligned, zeros (masked) before them."""
+        from transformers import DynamicCache
+
+        by_store: dict[int, tuple[list, list, list, list, list]] = {}  # id(store) -> store, dst rows/cols, src rows/cols
+        for j, (e, c) in enumerate(plan):
+            if e is None or c == 0:
+                continue
+            store, row, cols, _ = self.entries[e]
+            g = by_store.setdefault(id(store), (store, [], [], [], []))
+            g[1].append(torch.full((c,), j, dtype=torch.long))
+            g[2].append(torch.arange(C - c, C))
+            g[3].append(torch.full((c,), row, dtype=torch.long))
+            g[4].append(cols[:c])
+        groups = [(s, *(torch.cat(x).to(device) for x in rest)) for s, *rest in by_store.values()]
+        n_layers = len(groups[0][0])
+        layers = []
+        for layer in range(n_layers):
+            kv = []
+            for which in (0, 1):  # keys, values: [B, H, W, D]
+                ref = groups[0][0][layer][which]
+                out = ref.new_zeros((len(plan), C, ref.shape[1], ref.shape[3]))
+                for store, dr, dc, sr, sc in groups:
+                    out[dr, dc] = store[layer][which][sr, :, sc, :]  # [n, H, D]
+                kv.append(out.transpose(1, 2).contiguous())
+            layers.append(tuple(kv))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def add(self, cache: Any, prompts: list[list[int]], cached: list[int], C: int, S: int, gen_ids: list[list[int]]):
+        """Hold this batch's sequences (prompt + generation minus its last token) for the next call."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return  # sliding windows, recurrent state, unknown cache type: re-prefill instead
+        store = [(layer.keys, layer.values) for layer in layers]
+        for j, (p, c, g) in enumerate(zip(prompts, cached, gen_ids)):
+            s, n = len(p) - c, max(len(g) - 1, 0)
+            cols = torch.cat([torch.arange(C - c, C), torch.arange(C + S - s, C + S), torch.arange(C + S, C + S + n)])
+            self.pending.append((store, j, cols, list(p) + list(g[:n])))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -175,7 +341,24 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def build_engine(name: str, model, tokenizer, batch_size: int) -> RolloutEngine:
+@register_engine("vllm")
+def _vllm_colocate(model, tokenizer, batch_size: int = 64, **kwargs) -> RolloutEngine:
+    """vLLM in the trainer process (rl/engines_vllm.py); vllm is imported only when chosen."""
+    from rl.engines_vllm import VLLMColocateEngine
+
+    return VLLMColocateEngine(model, tokenizer, batch_size=batch_size, **kwargs)
+
+
+@register_engine("vllm_server")
+def _vllm_server(model, tokenizer, batch_size: int = 64, **kwargs) -> RolloutEngine:
+    """A `vllm serve` server over HTTP (rl/engines_vllm.py); needs httpx only, not vllm."""
+    from rl.engines_vllm import VLLMServerEngine
+
+    return VLLMServerEngine(model, tokenizer, batch_size=batch_size, **kwargs)
+
+
+def build_engine(name: str, model, tokenizer, batch_size: int, **kwargs) -> RolloutEngine:
+    """`kwargs` (e.g. a recipe's `rollout.engine_kwargs`) go to the engine's constructor."""
     if name not in ENGINES:
         raise KeyError(f"unknown rollout engine '{name}'; available: {sorted(ENGINES)}")
-    return ENGINES[name](model, tokenizer, batch_size=batch_size)
+    return ENGINES[name](model, tokenizer, batch_size=batch_size, **kwargs)

@@ -338,7 +338,14 @@ def evaluate(accelerator, engine, tokenizer, agent, agent_kwargs, rows, prompt_b
         stop=list(cfg.rollout.stop),
     )
     mine = rows[accelerator.process_index :: accelerator.num_processes]
-    trajs = agent(engine, tokenizer, mine, prompt_builder=prompt_builder, params=params, group_size=1, **agent_kwargs)
+    size = max(1, cfg.rollout.generation_batch_size)
+    trajs = []
+    # chunks of one generation batch each, so a long eval shows its progress
+    for start in tqdm(range(0, len(mine), size), desc=f"eval ({len(rows)} prompts)", leave=False,
+                      disable=not accelerator.is_main_process, dynamic_ncols=True):
+        chunk = mine[start : start + size]
+        trajs += agent(engine, tokenizer, chunk, prompt_builder=prompt_builder, params=params, group_size=1,
+                       **agent_kwargs)
     score_trajectories(trajs, reward_fns, cfg.reward_fallback)
     names = ["reward"] + [rf.name for rf in reward_fns]
     sums = torch.tensor(
@@ -420,7 +427,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         ref_model = load_policy(cfg, model_path).to(accelerator.device).eval().requires_grad_(False)
     critic = None
     if use_critic:
-        critic = ValueModel.from_pretrained(str(ckpt / "critic") if ckpt else model_path, dtype=torch.float32)
+        critic = (  # a checkpointed critic is already truncated: its config says how deep it is
+            ValueModel.from_pretrained(str(ckpt / "critic"), dtype=torch.float32)
+            if ckpt
+            else ValueModel.from_pretrained(model_path, num_layers=algo.critic_layers, dtype=torch.float32)
+        )
 
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -437,7 +448,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.adam_betas))
         critic, critic_optimizer = accelerator.prepare(critic, critic_optimizer)
     unwrapped = accelerator.unwrap_model(policy)
-    engine = build_engine(cfg.rollout.engine, unwrapped, tokenizer, cfg.rollout.generation_batch_size)
+    engine = build_engine(cfg.rollout.engine, unwrapped, tokenizer, cfg.rollout.generation_batch_size,
+                          **cfg.rollout.engine_kwargs)
 
     # --- data, rewards, agent ---------------------------------------------------------------
     agent = lookup(agents.AGENTS, cfg.rollout.agent, "agent")
@@ -765,6 +777,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         metrics_file.close()
     if cfg.report_to:
         accelerator.end_training()
+    if hasattr(engine, "close"):  # a vLLM engine holds its own memory and workers
+        engine.close()
     return {"eval_before": eval_before, "eval_after": eval_after or last_eval, "history": history}
 
 

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning of text LLMs on TRL's SFTTrainer.
+"""Supervised fine-tuning of text LLMs and vision-language models on TRL's SFTTrainer.
 
     python -m sft.data smoke data/sft_smoke.jsonl       # a small chat dataset
     python -m sft.train recipes/sft_smoke.yaml [key.path=value ...] [--resume latest|DIR]
     accelerate launch -m sft.train recipe.yaml          # DDP / FSDP / DeepSpeed
+    python -m sft.scale recipe.yaml --sizes 32,64,128 --out DIR   # the same recipe at several data sizes
+    python -m sft.srt check traces.jsonl                # validate structured reasoning traces
 
 Modules:
 
@@ -22,9 +24,31 @@ Modules:
   merged) + tokenizer in safetensors, loadable by `AutoModelForCausalLM` and by RL
   recipes (`model.name_or_path: <output_dir>/final`).
 * `sft.train`: the CLI.
+* `sft.scale`: the data-scale runner: trains the recipe once per size with
+  `data.max_train_rows=n` (seeded, nested subsets drawn after the held-out rows) into
+  `DIR/n<size>/`, evaluates each final model (`heldout_loss`, or a
+  `package.module:function` evaluator `f(model_dir, recipe) -> {metric: value}`) and
+  writes one table, `DIR/results.md` + `results.json` (+ `results.png`), atomically.
+* `sft.srt`: MathSpatial-style structured reasoning traces
+  (`{"reasoning": [{"op": Correlate|Constrain|Infer, "step"}], "final_answer"}`): a
+  validator that names every problem by its JSON path, the one-line JSON text format
+  (`render_trace` / `parse_trace`, which never raises), the `srt_format` and
+  `srt_answer` RL rewards, and `build_sft_row` (question + trace -> `messages` row).
+  CLI: `python -m sft.srt check|build|synth`.
 
-Vision-language models are not supported yet: rows with `images` are validated (every
-path must exist) and then refused. The hooks are `sft.trainer.load_tokenizer` /
-`load_model` (an AutoProcessor and an image-text model) and `sft.data.build_datasets`
-(keep the messages and images for TRL's vision collator instead of tokenizing).
+* `sft.vlm`: vision-language models (Qwen2-VL / Qwen2.5-VL style), chosen automatically
+  when the checkpoint has a vision tower. Rows are `messages` + `images` (paths;
+  content a string or `{type: text|image}` parts, images in user turns); the model
+  loads with `AutoModelForImageTextToText`, the processor with `load_processor`, which
+  works without torchvision (PIL image processor; an image-only variant of the Qwen2-VL
+  processor, because transformers 5.19 otherwise insists on a torchvision video
+  processor). Rows are validated up front like text rows (image files readable, image
+  parts match the images, no row longer than `data.max_length`), then TRL's
+  `DataCollatorForVisionLanguageModeling` renders, loads images and masks labels per
+  batch with `assistant_only_loss` (TRL's training variant of the Qwen2-VL template);
+  `AssistantTurnLabels` trims the template's newline after `<|im_end|>`, so the trained
+  tokens are exactly the replies + end-of-turn token, as on the text path. `final/`
+  holds the model + processor (safetensors), reloadable by `load_processor` +
+  `AutoModelForImageTextToText`. No packing for VLMs (TRL 1.16 packs text only).
+  Example: easy-vqa (`envs.vqa`, `recipes/vqa_sft_cpu.yaml`).
 """

@@ -6,13 +6,13 @@ valid key; float fields accept YAML 1.1 strings such as `1e-5`; command-line
 overrides use dotted paths (`training.lr=1e-4 data.max_length=512`).
 
     model:    {name_or_path, dtype, attn_implementation, gradient_checkpointing}
-    data:     {train, train_split, eval, eval_split, eval_size, format, messages_column,
-               max_length, end_of_turn}
+    data:     {train, train_split, eval, eval_split, eval_size, max_train_rows, format,
+               messages_column, max_length, end_of_turn}
     lora:     {enabled, r, alpha, dropout, target_modules}
     training: {epochs, max_steps, per_device_batch_size, gradient_accumulation_steps, lr,
                warmup_ratio, lr_scheduler, weight_decay, max_grad_norm, packing,
                logging_steps, eval_steps, save_steps, save_total_limit, seed, report_to,
-               mixed_precision}
+               mixed_precision, num_threads, dataloader_workers}
     output_dir, overwrite_output_dir
 """
 
@@ -65,6 +65,10 @@ class SFTDataConfig:
     eval: str = ""  # empty: no eval set, unless eval_size > 0 (then split off from train)
     eval_split: str = "test"
     eval_size: int = 0  # rows of eval (0 = all of data.eval); without data.eval, rows held out of train
+    # > 0: train on a seeded subset of exactly this many rows (after eval_size rows are
+    # held out), nested across sizes: the 32-row subset is inside the 64-row one (the
+    # data-scale runner, `sft.scale`, relies on it). 0 = all rows.
+    max_train_rows: int = 0
     # messages: chat rows (loss on assistant turns only); tokenized: input_ids + completion_mask
     format: str = "messages"
     messages_column: str = "messages"
@@ -103,6 +107,12 @@ class SFTTrainingConfig:
     seed: int = 0
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, none on CPU | bf16 | fp16 | no
+    # CPU knobs. num_threads > 0: torch intra-op threads (1 is fastest for tiny models and on
+    # a shared CPU, where 2 spinning threads wait on each other); 0 = torch's default.
+    # dataloader_workers > 0: collate in worker processes, overlapping the VLM collator's
+    # image loading with the model's step.
+    num_threads: int = 0
+    dataloader_workers: int = 0
 
 
 @dataclass
@@ -147,6 +157,8 @@ def validate_recipe(recipe: SFTRecipe, source: str) -> None:
         fail("data.max_length must be >= 1 (or null for no truncation)")
     if d.eval_size < 0:
         fail("data.eval_size must be >= 0")
+    if d.max_train_rows < 0:
+        fail("data.max_train_rows must be >= 0 (0 = all rows)")
     if lo.enabled and (lo.r < 1 or lo.alpha < 1 or not lo.target_modules):
         fail("lora: r and alpha must be >= 1 and target_modules non-empty")
     if not 0.0 <= lo.dropout < 1.0:
@@ -165,6 +177,8 @@ def validate_recipe(recipe: SFTRecipe, source: str) -> None:
         fail("training.eval_steps, save_steps and save_total_limit must be >= 0")
     if t.mixed_precision not in MIXED_PRECISION:
         fail(f"training.mixed_precision '{t.mixed_precision}' is not one of {list(MIXED_PRECISION)}")
+    if t.num_threads < 0 or t.dataloader_workers < 0:
+        fail("training.num_threads and training.dataloader_workers must be >= 0")
     if t.packing and d.max_length is None:
         fail("training.packing needs data.max_length (the packed row width)")
     if not recipe.output_dir:

@@ -5,7 +5,9 @@ Two row formats (`data.format`):
 * ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...], "images": [...]?}``
   with roles system/user/assistant/tool, at least one assistant turn and no empty
   assistant content. Loss is on the assistant replies only: see
-  `tokenize_conversation`.
+  `tokenize_conversation`. Rows with ``images`` need a vision-language model: with its
+  processor, `build_datasets` keeps messages + images for TRL's vision collator
+  (`sft.vlm`).
 * ``tokenized``: ``{"input_ids": [...], "completion_mask": [...]}`` (same length, 0/1,
   at least one 1): agent trajectories as the RL rollouts produce them
   (`prompt_ids + response_ids`, mask `0 * prompt + loss_mask`), where environment
@@ -47,9 +49,11 @@ __all__ = [
     "RawRows",
     "SFTDataError",
     "build_datasets",
+    "format_problems",
     "labels_from_completion_mask",
     "load_rows",
     "tokenize_conversation",
+    "train_subset_indices",
     "validate_rows",
     "write_smoke_dataset",
 ]
@@ -250,15 +254,20 @@ def validate_rows(raw: RawRows, fmt: str, *, messages_column: str = "messages", 
             raise ValueError(f"unknown data format {fmt!r}")
         if problem:
             problems.append((i, problem))
-    if not problems:
-        return
+    if problems:
+        raise SFTDataError(format_problems(raw, problems, f"{fmt} format", total))
+
+
+def format_problems(raw: RawRows, problems: list[tuple[int, str]], what: str, total: int | None = None) -> str:
+    """One message for all bad rows: the row itself when there is one, else the first few."""
     if len(problems) == 1:
         i, problem = problems[0]
-        raise SFTDataError(f"{raw.source}: {raw.where(i)}: {problem}")
+        return f"{raw.source}: {raw.where(i)}: {problem}"
+    total = len(raw.rows) if total is None else total
     listed = [f"  {raw.where(i)}: {p}" for i, p in problems[:_MAX_LISTED]]
     if len(problems) > _MAX_LISTED:
         listed.append(f"  ... and {len(problems) - _MAX_LISTED} more")
-    raise SFTDataError(f"{raw.source}: {len(problems)} of {total} rows are invalid ({fmt} format):\n" + "\n".join(listed))
+    return f"{raw.source}: {len(problems)} of {total} rows are invalid ({what}):\n" + "\n".join(listed)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -417,25 +426,34 @@ def _has_images(raw: RawRows) -> bool:
 def build_datasets(data_cfg, tokenizer, seed: int = 0):
     """(train, eval or None) as `datasets.Dataset`s with exactly `input_ids` and `labels`,
     TRL's pre-tokenized format: the SFTTrainer uses `labels` as given (truncating to
-    max_length, or packing). All rows are validated before any is tokenized."""
+    max_length, or packing). All rows are validated before any is tokenized.
+
+    With a vision-language processor as `tokenizer` the columns are `messages` (every
+    content a list of parts) and `images` (absolute paths) instead: TRL's vision collator
+    tokenizes, loads the images and masks the labels per batch (`sft.vlm.vlm_columns`)."""
     import datasets
 
     fmt = data_cfg.format
     raws = [load_rows(data_cfg.train, data_cfg.train_split)]
     if data_cfg.eval:
         raws.append(load_rows(data_cfg.eval, data_cfg.eval_split))
+    from sft.vlm import is_processor, text_tokenizer, vlm_columns
+
+    vlm = is_processor(tokenizer)  # a vision-language model's processor (see sft.vlm)
     for raw in raws:
-        validate_rows(raw, fmt, messages_column=data_cfg.messages_column, vocab_size=len(tokenizer))
-    if fmt == "messages":
+        validate_rows(raw, fmt, messages_column=data_cfg.messages_column, vocab_size=len(text_tokenizer(tokenizer)))
+    if fmt == "messages" and not vlm:
         for raw in raws:
             if _has_images(raw):
-                raise NotImplementedError(
-                    f"{raw.source}: rows carry images; SFT of vision-language models is not implemented yet "
-                    "(text models only)"
+                raise SFTDataError(
+                    f"{raw.source}: rows carry images, but the model is a text model (it has a tokenizer, no "
+                    "image processor): train a vision-language model (Qwen2-VL / Qwen2.5-VL style) on them"
                 )
     built = []
     for raw in raws:
-        if fmt == "messages":
+        if vlm:  # messages + images, rendered and masked per batch by TRL's vision collator
+            columns = vlm_columns(raw, tokenizer, data_cfg)
+        elif fmt == "messages":
             columns = _tokenize_messages(raw, tokenizer, data_cfg.messages_column, data_cfg.end_of_turn or None)
         else:
             columns = _tokenized_labels(raw)
@@ -452,7 +470,26 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
                 )
             split = train.train_test_split(test_size=data_cfg.eval_size, seed=seed)
             train, evals = split["train"], split["test"]
+    max_rows = getattr(data_cfg, "max_train_rows", 0)
+    if max_rows:  # after the held-out split, so every size is evaluated on the same rows
+        if max_rows > len(train):
+            # an error, not a silent cap: a data-scale point must train on the size it names
+            held_out = not data_cfg.eval and data_cfg.eval_size
+            raise SFTDataError(
+                f"{data_cfg.train}: data.max_train_rows={max_rows} but only {len(train)} training rows are "
+                "available" + (f" (after holding out data.eval_size={data_cfg.eval_size})" if held_out else "")
+            )
+        train = train.select(train_subset_indices(len(train), max_rows, seed))
     return train, evals
+
+
+def train_subset_indices(total: int, size: int, seed: int) -> list[int]:
+    """`size` of `range(total)`, seeded and nested: the first `size` of one fixed seeded
+    permutation, so a smaller subset is always inside a larger one (same total and seed).
+    Returned sorted, in the rows' own order; the trainer shuffles anyway."""
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:size])
 
 
 # ----------------------------------------------------------------------------- smoke data + CLI

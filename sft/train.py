@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(recipe, resume=args.resume)
-    except (SFTDataError, FileExistsError, FileNotFoundError) as e:
+    except (SFTDataError, ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from accelerate import PartialState

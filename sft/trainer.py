@@ -11,12 +11,20 @@ Output layout of `<output_dir>/`::
     final/               the trained model with LoRA merged + tokenizer, safetensors, written
                          as .tmp-final/ and renamed: `AutoModelForCausalLM.from_pretrained`
                          and RL recipes (`model.name_or_path: <output_dir>/final`) load it
+                         (VLMs: model + processor; `AutoModelForImageTextToText` and
+                         `sft.vlm.load_processor` load them)
 
 Loss masks: the datasets reach TRL already tokenized, with `input_ids` and `labels`
 (see `sft.data`), so TRL's pre-tokenized path uses our labels as they are. TRL's own
 `assistant_only_loss=True` needs `{% generation %}` markers in the chat template;
 TRL 1.16 can patch only the templates it knows, and SmolLM2's ChatML template is not
 one of them (`get_training_chat_template` raises), hence `sft.data.tokenize_conversation`.
+
+Vision-language models (checkpoints with a vision tower, see `sft.vlm`): the processor
+replaces the tokenizer, the datasets keep `messages` + `images`, and TRL's vision collator
+with `assistant_only_loss=True` builds input ids, pixel values and assistant-only labels
+per batch (TRL patches the Qwen2-VL template with generation markers); the collator is
+wrapped in `sft.vlm.AssistantTurnLabels` so the trained positions match the text path.
 
 Packing (`training.packing: true`): TRL packs examples best-fit-decreasing into rows of
 `data.max_length` tokens and switches to padding-free batches: one flattened row per
@@ -41,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from sft.config import SFTRecipe, recipe_to_dict
+from sft.config import ConfigError, SFTRecipe, recipe_to_dict
 
 __all__ = [
     "build_peft_config",
@@ -122,9 +130,13 @@ def prepare_output_dir(recipe: SFTRecipe, resuming: bool) -> None:
 
 
 def load_tokenizer(model_path: str):
-    # VLMs will take an AutoProcessor here (and AutoModelForImageTextToText in load_model).
+    """The tokenizer; for a vision-language model its processor (`sft.vlm.load_processor`)."""
     from transformers import AutoTokenizer
 
+    from sft.vlm import is_vision_language_model, load_processor
+
+    if is_vision_language_model(model_path):
+        return load_processor(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -132,8 +144,13 @@ def load_tokenizer(model_path: str):
 
 
 def load_model(recipe: SFTRecipe, model_path: str):
+    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model."""
     from transformers import AutoModelForCausalLM
 
+    from sft.vlm import is_vision_language_model, load_vlm
+
+    if is_vision_language_model(model_path):
+        return load_vlm(model_path, resolve_dtype(recipe.model.dtype), recipe.model.attn_implementation)
     return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=resolve_dtype(recipe.model.dtype), attn_implementation=recipe.model.attn_implementation
     )
@@ -154,7 +171,9 @@ def build_peft_config(recipe: SFTRecipe):
     )
 
 
-def build_sft_config(recipe: SFTRecipe, has_eval: bool):
+def build_sft_config(recipe: SFTRecipe, has_eval: bool, vlm: bool = False):
+    """`vlm`: rows are messages + images for TRL's vision collator, which masks the labels to
+    the assistant turns itself (`assistant_only_loss`, see `sft.vlm`)."""
     from trl import SFTConfig
 
     t, d = recipe.training, recipe.data
@@ -184,7 +203,10 @@ def build_sft_config(recipe: SFTRecipe, has_eval: bool):
         # only when told it is on CPU; otherwise each process would train alone
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,  # text models use every trainable parameter (VLMs may not)
+        dataloader_num_workers=t.dataloader_workers,
+        # text models use every trainable parameter; a VLM's vision tower gets no gradient from a
+        # batch without images, so DDP must look for unused parameters (TRL turns it on for None)
+        ddp_find_unused_parameters=None if vlm else False,
         bf16=bf16,
         fp16=fp16,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
@@ -192,8 +214,9 @@ def build_sft_config(recipe: SFTRecipe, has_eval: bool):
         max_length=d.max_length,
         packing=t.packing,
         packing_strategy="bfd",  # keeps examples whole and separate (padding-free + position_ids)
-        # the rows arrive as input_ids + labels: TRL's pre-tokenized path, labels used as given
-        assistant_only_loss=False,
+        # text: the rows arrive as input_ids + labels: TRL's pre-tokenized path, labels used as given.
+        # VLM: TRL's vision collator renders each batch and keeps the assistant tokens only.
+        assistant_only_loss=vlm,
         completion_only_loss=False,
     )
 
@@ -228,20 +251,36 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
     from rl.models import resolve_model
     from sft.data import build_datasets
 
+    from sft.vlm import AssistantTurnLabels, is_processor, text_tokenizer
+
     set_seed(recipe.training.seed)
+    if recipe.training.num_threads:
+        torch.set_num_threads(recipe.training.num_threads)
     model_path = resolve_model(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)  # a processor for vision-language models
+    vlm = is_processor(tokenizer)
+    if vlm and recipe.training.packing:
+        raise ConfigError(
+            f"training.packing: not supported for vision-language models ({model_path}); TRL 1.16 packs text only"
+        )
     train_ds, eval_ds = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     model = load_model(recipe, model_path)
     trainer = SFTTrainer(
         model=model,
-        args=build_sft_config(recipe, has_eval=eval_ds is not None),
+        args=build_sft_config(recipe, has_eval=eval_ds is not None, vlm=vlm),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=build_peft_config(recipe),
         callbacks=[_run_files_callback(Path(recipe.output_dir)), *(extra_callbacks or [])],
     )
+    if vlm:  # train the reply + end-of-turn token, not the template's glue after it (as the text path)
+        tok = text_tokenizer(tokenizer)
+        eot = recipe.data.end_of_turn or tok.eos_token
+        eot_id = tok.convert_tokens_to_ids(eot)
+        if eot_id is None or eot_id == tok.unk_token_id:
+            raise ConfigError(f"data.end_of_turn: {eot!r} is not a single token of the tokenizer of {model_path}")
+        trainer.data_collator = AssistantTurnLabels(trainer.data_collator, eot_id)
     return trainer, tokenizer, model_path
 
 
@@ -272,7 +311,7 @@ def save_final(trainer, recipe: SFTRecipe, tokenizer, model_path: str) -> Path:
             trained = acc.unwrap_model(trainer.model)
             trained_base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
             merged.generation_config = copy.deepcopy(trained_base.generation_config)
-            merged.config.pad_token_id = tokenizer.pad_token_id
+            merged.config.get_text_config().pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             shutil.rmtree(adapter)

@@ -246,3 +246,26 @@ def test_checkpoints_are_renamed_into_place_and_pruned(tmp_path):
     assert checkpoint.find_checkpoint("latest", tmp_path).name == "checkpoint-6"
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         checkpoint.find_checkpoint(str(tmp_path / "nope"), tmp_path)
+
+
+def test_truncated_critic_keeps_the_first_layers_and_reloads(tiny_model_dir, tmp_path):
+    from rl.critic import ValueModel
+
+    full = ValueModel.from_pretrained(tiny_model_dir)
+    critic = ValueModel.from_pretrained(tiny_model_dir, num_layers=1)
+    assert len(critic.backbone.layers) == 1 and critic.backbone.config.num_hidden_layers == 1
+    # the kept layer is the pretrained first layer, not a fresh one
+    for a, b in zip(full.backbone.layers[0].parameters(), critic.backbone.layers[0].parameters()):
+        assert torch.equal(a, b)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.nn.init.normal_(critic.v_head.weight)  # zero-initialised: make the values depend on the backbone
+    assert critic(ids).shape == (1, 4) and critic(ids).abs().sum() > 0
+    critic.save_pretrained(str(tmp_path / "critic"))
+    again = ValueModel.from_pretrained(str(tmp_path / "critic"))
+    assert len(again.backbone.layers) == 1
+    torch.testing.assert_close(again(ids), critic(ids))
+    with pytest.raises(ValueError, match="critic_layers=9, but .* has only 2 layers"):
+        ValueModel.from_pretrained(tiny_model_dir, num_layers=9)
+    with pytest.raises(ConfigError, match="critic_layers must be >= 0"):
+        config_from_dict({"data": {"train": "x"}, "rewards": [{"name": "numeric_exact"}],
+                          "algorithm": {"name": "ppo", "critic_layers": -1}})

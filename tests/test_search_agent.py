@@ -303,7 +303,14 @@ def test_rewards():
 # ----------------------------------------------------------------------------- trainer
 
 
-def test_one_trainer_step_with_the_search_agent(tiny_model_dir, corpus_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, algorithm, first_reward, extra",
+    [("search_r1pp_cpu", "reinforce", "search_f1_plus", []),
+     ("search_r1_cpu", "ppo", "search_em", ["algorithm.critic_layers=1"]),  # the tiny model has 2 layers
+     ("search_grpo_cpu", "grpo", "search_f1_plus", [])],
+)
+def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, tmp_path, monkeypatch, recipe,
+                                                   algorithm, first_reward, extra):
     from rl.config import load_config
     from rl.trainer import train
 
@@ -320,7 +327,7 @@ def test_one_trainer_step_with_the_search_agent(tiny_model_dir, corpus_path, tmp
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "run"
     cfg = load_config(
-        REPO / "recipes" / "search_r1pp_cpu.yaml",
+        REPO / "recipes" / f"{recipe}.yaml",
         [
             f"model.name_or_path={tiny_model_dir}",
             f"data.train={data}",
@@ -331,19 +338,24 @@ def test_one_trainer_step_with_the_search_agent(tiny_model_dir, corpus_path, tmp
             "rollout.group_size=2",
             "rollout.max_new_tokens=8",
             "prompts_per_step=2",
-            "steps=1",
+            "steps=2",
             "eval_before_training=false",
             "save_steps=0",
             f"output_dir={out}",
+            *extra,
         ],
     )
-    assert cfg.rollout.agent == "search" and cfg.rewards[0].name == "search_f1_plus"
+    assert cfg.rollout.agent == "search" and cfg.rewards[0].name == first_reward
+    assert cfg.algorithm.name == algorithm
     result = train(cfg)
-    (m,) = [h for h in result["history"] if "reward/mean" in h]
-    assert m["tokens/generated"] > 0 and "reward/search_f1_plus" in m and "reward/search_em" in m
-    assert m["reward_errors/search_f1_plus"] == 0 and m["reward_errors/search_em"] == 0
-    assert len(seen) == 4 and len({t.group_id for t in seen}) == 2
-    assert m["tokens/generated"] == sum(sum(t.loss_mask) for t in seen)
+    steps = [h for h in result["history"] if "reward/mean" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    for m in steps:
+        assert m["tokens/generated"] > 0 and f"reward/{first_reward}" in m
+        assert all(m[f"reward_errors/{r.name}"] == 0 for r in cfg.rewards)
+        assert m["nan_skipped_steps"] == 0
+    assert len(seen) == 8 and len({t.group_id for t in seen}) == 4
+    assert [m["tokens/generated"] for m in steps] == [sum(sum(t.loss_mask) for t in seen[i:i + 4]) for i in (0, 4)]
     # the random tiny model writes no valid action: corrective messages (mask 0), then the final turn
     assert all(t.info["turns"] >= 1 and t.info["termination"] in ("answered", "eos", "max_turns") for t in seen)
     assert any(0 in t.loss_mask for t in seen)

@@ -551,8 +551,9 @@ def test_load_search_r1_parquet_both_layouts(tmp_path):
     full = tmp_path / "full.parquet"
     pq.write_table(pa.Table.from_pylist(_search_r1_rows(True)), full)
     ds = load_search_r1_parquet(full)
-    assert ds.column_names == ["id", "question", "golden_answers", "data_source"]
-    assert ds[0] == {"id": "test_0", "question": "who wrote hamlet?", "golden_answers": ["William Shakespeare", "Shakespeare"], "data_source": "nq"}
+    assert ds.column_names == ["id", "question", "golden_answers", "data_source", "metadata"]
+    assert ds[0] == {"id": "test_0", "question": "who wrote hamlet?", "golden_answers": ["William Shakespeare", "Shakespeare"],
+                     "data_source": "nq", "metadata": '{"split": "test", "index": 0}'}
 
     # minimal layout (only the Search-R1 columns): question parsed from the prompt, id from extra_info
     minimal = tmp_path / "minimal.parquet"
@@ -560,7 +561,8 @@ def test_load_search_r1_parquet_both_layouts(tmp_path):
 
     datasets.Dataset.from_list(_search_r1_rows(False)).to_parquet(str(minimal))
     ds2 = load_qa(minimal)
-    assert ds2[1] == {"id": "nq_test_1", "question": "capital of france?", "golden_answers": ["Paris"], "data_source": "nq"}
+    assert ds2[1] == {"id": "nq_test_1", "question": "capital of france?", "golden_answers": ["Paris"], "data_source": "nq",
+                      "metadata": '{"split": "test", "index": 1}'}
     assert len(load_search_r1_parquet([full, minimal])) == 4
 
 
@@ -594,7 +596,7 @@ def test_load_search_r1_parquet_errors(tmp_path, mutate, fragment):
 
 
 def test_load_flashrag_jsonl(tmp_path):
-    from envs.search.qa_data import QADataError, load_flashrag_jsonl
+    from envs.search.qa_data import QADataError, load_flashrag_jsonl, row_metadata
 
     d = tmp_path / "hotpotqa"
     d.mkdir()
@@ -606,12 +608,16 @@ def test_load_flashrag_jsonl(tmp_path):
         + "\n"
     )
     ds = load_flashrag_jsonl(p)
-    assert ds[0] == {"id": "h1", "question": "Q1?", "golden_answers": ["A", "B"], "data_source": "hotpotqa"}
+    assert ds[0] == {"id": "h1", "question": "Q1?", "golden_answers": ["A", "B"], "data_source": "hotpotqa",
+                     "metadata": '{"x": 1}'}
+    assert row_metadata(ds[0]) == {"x": 1} and row_metadata(ds[1]) == {}  # kept, not dropped
+    assert row_metadata({"metadata": {"y": 2}}) == {"y": 2}  # rows from datasets' own json loader
     assert ds[1]["golden_answers"] == ["only"] and ds[1]["question"] == "Q2?" and ds[1]["id"] == "hotpotqa_2"
     assert load_flashrag_jsonl(p, data_source="hq")[0]["data_source"] == "hq"
     for line, frag in [
         ('{"golden_answers": ["a"]}', "missing field 'question'"),
         ('{"question": "q"}', "missing field 'golden_answers'"),
+        ('{"question": "q", "golden_answers": ["a"], "metadata": [1]}', "'metadata' must be a JSON object"),
         ('{"question": "q", "golden_answers": [1.5, {"a": 1}]}', "contains a dict"),
         ("{oops", "invalid JSON"),
     ]:

@@ -22,6 +22,7 @@ from sft.data import (
     validate_rows,
     write_smoke_dataset,
 )
+from tiny import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = "<|im_end|>"
@@ -42,7 +43,7 @@ def chat(question: str, answer: str, *more: tuple[str, str], system: str | None 
     return {"messages": msgs}
 
 
-def trained_runs(ids: list[int], labels: list[int]) -> list[tuple[int, int]]:
+def trained_runs(labels: list[int]) -> list[tuple[int, int]]:
     """[start, end) of each maximal run of positions with a label."""
     runs, start = [], None
     for i, lab in enumerate([*labels, IGNORE_INDEX]):
@@ -95,13 +96,7 @@ def recipe(model_dir: str, out: Path, train: Path, **overrides) -> dict:
         },
         "output_dir": str(out),
     }
-    for key, value in overrides.items():
-        node = base
-        *path, last = key.split("__")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return base
+    return with_overrides(base, **overrides)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -136,7 +131,7 @@ def test_labels_are_exactly_the_assistant_replies(tiny_tokenizer, system, user1,
     assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ids, labels))
     # the sequence is the chat template's rendering of the whole conversation
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
-    runs = trained_runs(ids, labels)
+    runs = trained_runs(labels)
     # the trained positions are the two replies and their end-of-turn token, nothing else
     assert [tok.decode(ids[a:b]) for a, b in runs] == [reply1 + EOT, reply2 + EOT]
     assert [ids[b - 1] for _, b in runs] == [tok.convert_tokens_to_ids(EOT)] * 2
@@ -156,7 +151,7 @@ def test_labels_with_default_system_prompt_and_tool_turn(tiny_tokenizer):
     ]
     enc = tokenize_conversation(tok, msgs)
     ids, labels = enc["input_ids"], enc["labels"]
-    runs = trained_runs(ids, labels)
+    runs = trained_runs(labels)
     assert [tok.decode(ids[a:b]) for a, b in runs] == [
         "<search> 2 plus 3 </search>" + EOT,
         "<answer> 5 </answer>" + EOT,

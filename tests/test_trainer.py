@@ -16,6 +16,7 @@ from rl import algorithms
 from rl.config import ConfigError, config_from_dict, load_config
 from rl.trainer import forward_logprobs, make_micro_batch, train
 from rl.trajectory import Trajectory
+from tiny import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,13 +41,7 @@ def recipe(model_dir: str, out: Path, **overrides) -> dict:
         "output_dir": str(out),
         "seed": 3,
     }
-    for key, value in overrides.items():
-        node = base
-        *path, last = key.split("__")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return base
+    return with_overrides(base, **overrides)
 
 
 def run(model_dir, out, **overrides):
@@ -116,8 +111,8 @@ def test_two_stage_curriculum_switches_builder_and_kl(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [{}, {"model__lora": True, "model__lora_r": 4, "algorithm__kl_coef": 0.05},
-     {"algorithm__name": "ppo", "mini_batches_per_step": 2}],
-    ids=["full", "lora", "ppo"],
+     {"algorithm__name": "ppo", "mini_batches_per_step": 2, "algorithm__critic_layers": 1}],
+    ids=["full", "lora", "ppo_truncated_critic"],
 )
 def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra):
     import shutil
@@ -135,6 +130,9 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{sub}: {k}"
+    if extra.get("algorithm__critic_layers"):  # the checkpointed critic keeps its depth
+        critic_config = json.loads((part / "checkpoint-4" / "critic" / "config.json").read_text())
+        assert critic_config["num_hidden_layers"] == extra["algorithm__critic_layers"]
     # the metrics of the resumed steps equal the uninterrupted run's
     rewards = lambda d: [json.loads(x)["reward/mean"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
                          if "reward/mean" in x]

