@@ -315,6 +315,7 @@ def write_search_r1_parquet(
     )
     recs = []
     for i, r in enumerate(rows):
+        meta = row_metadata(r)
         recs.append(
             {
                 "id": r["id"],
@@ -325,8 +326,8 @@ def write_search_r1_parquet(
                 "ability": "fact-reasoning",
                 "reward_model": {"style": "rule", "ground_truth": {"target": list(r["golden_answers"])}},
                 "extra_info": {"split": split, "index": i},
-                "qtype": row_metadata(r).get("qtype", ""),
-                "metadata": json.dumps(row_metadata(r), ensure_ascii=False),
+                "qtype": meta.get("qtype", ""),
+                "metadata": json.dumps(meta, ensure_ascii=False),
             }
         )
     table = pa.Table.from_pylist(recs, schema=schema)
