@@ -775,10 +775,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             logger.info("eval after training: %s", _fmt(eval_after))
     if metrics_file:
         metrics_file.close()
-    if cfg.report_to:
-        accelerator.end_training()
     if hasattr(engine, "close"):  # a vLLM engine holds its own memory and workers
         engine.close()
+    # Every rank waits for the main one's report, then the process group is torn down: a rank that exits
+    # while gloo's threads still run aborts with "terminate called without an active exception" (seen in CI).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # finishes trackers; destroys the process group only when one exists
     return {"eval_before": eval_before, "eval_after": eval_after or last_eval, "history": history}
 
 
