@@ -12,6 +12,10 @@ the spread, and minutes of training per seed.
 Needs the oracle episodes and the QA data (`make demo` writes both):
     python benchmarks/search_seeds.py                          # seeds 0 1, 128 test questions
     python benchmarks/search_seeds.py --rl-recipe recipes/search_grpo_cpu.yaml --out outputs/bench_search_grpo
+    python benchmarks/search_seeds.py --rl-alone-steps 12    # + RL from the untrained model, no warm-start
+With --rl-alone-steps N, each seed also trains RL alone (the same RL recipe from the
+untrained model, N steps): choose N so its minutes match the warm-start's SFT + RL
+minutes, and the table compares SFT -> RL with RL alone at (about) equal CPU time.
 Re-running resumes: finished training runs (their `final/` or `checkpoint-*`) are kept.
 """
 
@@ -48,6 +52,8 @@ def main() -> None:
     ap.add_argument("--test", default="data/wiki10k_qa/test.jsonl")
     ap.add_argument("--limit", type=int, default=128, help="test questions")
     ap.add_argument("--out", default="outputs/bench_search")
+    ap.add_argument("--rl-alone-steps", type=int, default=0,
+                    help="also train RL from the untrained model for this many steps (0: not)")
     ap.add_argument("rl_overrides", nargs="*", help="extra RL recipe overrides (key=value)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -67,11 +73,20 @@ def main() -> None:
             minutes[f"rl/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
                                              f"model.name_or_path={sft_dir / 'final'}", f"output_dir={rl_dir}",
                                              "overwrite_output_dir=true", *args.rl_overrides])
+        alone_dir = out / f"seed{seed}" / "rl_alone"
+        if args.rl_alone_steps and not list(alone_dir.glob("checkpoint-*")):
+            minutes[f"rlalone/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
+                                                  f"model.name_or_path={args.base_model}", f"output_dir={alone_dir}",
+                                                  "overwrite_output_dir=true", *args.rl_overrides,
+                                                  f"steps={args.rl_alone_steps}"])
         minutes_path.write_text(json.dumps(minutes, indent=2))
 
+    stages = ("sft", "rl") + (("rlalone",) if args.rl_alone_steps else ())
     models = [f"untrained={args.base_model}"]
     for seed in args.seeds:
         models += [f"sft_seed{seed}={out / f'seed{seed}' / 'sft' / 'final'}", f"rl_seed{seed}={out / f'seed{seed}' / 'rl'}"]
+        if args.rl_alone_steps:
+            models.append(f"rlalone_seed{seed}={out / f'seed{seed}' / 'rl_alone'}")
     run([py, "-m", "eval.run", "--recipe", args.rl_recipe, "--data", f"test={args.test}", "--limit", str(args.limit),
          "--out", str(out / "leaderboard"), "--overwrite", *[x for m in models for x in ("--model", m)]])
     board = json.loads((out / "leaderboard" / "leaderboard.json").read_text())["results"]
@@ -88,7 +103,7 @@ def main() -> None:
     for m in METRICS:
         lines.append(f"| untrained | {m} | {untrained[m]:.3f} | {untrained[m]:.3f} | - | - | - |")
     sft_means = {}
-    for stage in ("sft", "rl"):
+    for stage in stages:
         for m in METRICS:
             vals = [score[f"{stage}_seed{s}"][m] for s in args.seeds]
             mean, spread = sum(vals) / len(vals), max(vals) - min(vals)
@@ -98,11 +113,12 @@ def main() -> None:
             sign = -1.0 if m == "invalid_action_rate" else 1.0
             vs_base = "yes" if sign * (mean - untrained[m]) > spread else "NO"
             vs_sft = "-" if stage == "sft" else ("yes" if sign * (mean - sft_means[m]) > spread else "NO")
-            label = "SFT warm-start" if stage == "sft" else "SFT + RL"
+            label = {"sft": "SFT warm-start", "rl": "SFT + RL", "rlalone": f"RL alone ({args.rl_alone_steps} steps)"}[stage]
             lines.append(f"| {label} | {m} | {', '.join(f'{v:.3f}' for v in vals)} | {mean:.3f} | {spread:.3f} | "
                          f"{vs_base} | {vs_sft} |")
     lines += ["", "Training minutes per seed: " + ", ".join(
         f"seed {s}: SFT {minutes.get(f'sft/seed{s}', float('nan')):.1f} + RL {minutes.get(f'rl/seed{s}', float('nan')):.1f}"
+        + (f"; RL alone {minutes.get(f'rlalone/seed{s}', float('nan')):.1f}" if args.rl_alone_steps else "")
         for s in args.seeds)]
     table = "\n".join(lines)
     print("\n" + table)

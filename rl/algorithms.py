@@ -20,6 +20,7 @@ Conventions
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -54,6 +55,12 @@ __all__ = [
     "get_value_loss",
     "value_loss",
     "entropy_from_logits",
+    "ROLLOUT_CORRECTIONS",
+    "register_rollout_correction",
+    "get_rollout_correction",
+    "token_truncated_is",
+    "sequence_truncated_is",
+    "rollout_mismatch",
     "LOSS_AGGREGATIONS",
     "register_loss_aggregation",
     "get_loss_aggregation",
@@ -538,6 +545,86 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     probs = torch.softmax(z, dim=-1)
     finite = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
     return torch.logsumexp(z, dim=-1) - (probs * finite).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout correction: the engine's sampler and the trainer's forward are different kernels
+# (vLLM vs torch, other dtypes, batch shapes), so the engine's log-probs mu are not exactly
+# the trainer's pi_old. Truncated importance sampling (TIS, Yao et al. 2025, "Your efficient RL
+# framework secretly brings you off-policy RL training") weighs each token's policy loss by
+# min(pi_old / mu, cap), detached. The PPO ratio is then taken against the trainer's own pi_old.
+# --------------------------------------------------------------------------------------------
+
+ROLLOUT_CORRECTIONS: dict[str, Callable[..., Tensor]] = {}
+register_rollout_correction = _registrar(ROLLOUT_CORRECTIONS, "rollout correction", 3)
+
+
+def get_rollout_correction(name: str) -> Callable[..., Tensor]:
+    return _lookup(ROLLOUT_CORRECTIONS, "rollout correction", name)
+
+
+def _check_cap(cap: float) -> None:
+    if not cap >= 1.0:  # also rejects NaN
+        raise ValueError(f"rollout correction cap must be >= 1 (got {cap})")
+
+
+def _log_is(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> Tensor:
+    zero = torch.zeros((), dtype=torch.float32, device=old_logprobs.device)
+    return torch.where(mask, old_logprobs.float() - rollout_logprobs.float(), zero)
+
+
+@register_rollout_correction("token")
+def token_truncated_is(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, *, cap: float = 2.0
+) -> Tensor:
+    """Per-token weights ``min(exp(logp_old - logp_rollout), cap)``; 0 at masked positions.
+
+    Taken in log space (``min(d, log cap)`` then exp), so a huge mismatch cannot overflow.
+    """
+    _check_cap(cap)
+    mask = _bool(response_mask)
+    d = _log_is(old_logprobs, rollout_logprobs, mask)
+    w = torch.exp(d.clamp(max=math.log(cap)))
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)).detach()
+
+
+@register_rollout_correction("sequence")
+def sequence_truncated_is(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, *, cap: float = 2.0
+) -> Tensor:
+    """One weight per sequence, ``min(prod_t pi_old / mu, cap)``, on each of its policy tokens.
+
+    Environment tokens (mask 0) are not sampled by the policy and take no part in the product.
+    """
+    _check_cap(cap)
+    mask = _bool(response_mask)
+    seq = _log_is(old_logprobs, rollout_logprobs, mask).sum(-1, keepdim=True)
+    w = torch.exp(seq.clamp(max=math.log(cap))).expand_as(mask)
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)).detach()
+
+
+def rollout_mismatch(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> dict[str, Tensor]:
+    """How far the engine's log-probs are from the trainer's, over the policy tokens.
+
+    Returns sums and maxima (so data-parallel ranks combine them exactly): ``abs_diff_sum``
+    (``sum |logp_old - logp_rollout|``), ``abs_diff_max``, ``log_ratio_max`` (largest token
+    ``log(pi_old / mu)``), ``seq_log_ratio_max`` (largest sequence ``sum_t log(pi_old / mu)``),
+    ``k3_sum`` (``sum_t k3(pi_old || mu)``, a KL estimate per token) and ``tokens``. Maxima are
+    ``-inf`` when there are no policy tokens.
+    """
+    mask = _bool(response_mask)
+    d = _log_is(old_logprobs, rollout_logprobs, mask)
+    neg_inf = torch.tensor(float("-inf"), device=d.device)
+    has = mask.any(-1)
+    return {
+        "abs_diff_sum": d.abs().sum(),
+        "abs_diff_max": torch.where(mask, d.abs(), neg_inf).max() if mask.any() else neg_inf,
+        "log_ratio_max": torch.where(mask, d, neg_inf).max() if mask.any() else neg_inf,
+        "seq_log_ratio_max": torch.where(has, d.sum(-1), neg_inf).max() if has.any() else neg_inf,
+        # k3 of KL(mu || pi_old) estimated on mu's samples: exp(-r) - 1 + r with r = log(mu / pi_old)
+        "k3_sum": torch.where(mask, torch.expm1(d.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)) - d, 0.0).sum(),
+        "tokens": mask.sum().to(torch.float32),
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,6 +108,11 @@ class AlgorithmConfig:
     # > 0: the critic is the policy's first `critic_layers` transformer layers + a value
     # head (cheaper per step: its cost scales with its depth); 0: the full backbone
     critic_layers: int = 0
+    # rollout correction (truncated importance sampling between the engine's log-probs and the
+    # trainer's): none | token | sequence (rl.algorithms.ROLLOUT_CORRECTIONS). Anything but none
+    # makes the trainer recompute pi_old with its own forward (as old_logprobs: recompute does).
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0  # the truncation: weights are min(pi_old / mu, cap)
 
 
 @dataclass
@@ -151,7 +156,8 @@ class TrainConfig:
     micro_batch_tokens: int = 4096  # packed tokens per forward/backward
     packing: bool = True  # packed rows sharing each prompt across its samples; False = one padded row per sample
     pack_row_tokens: int = 256  # packed row width: attention costs O(width^2) without a varlen kernel
-    old_logprobs: str = "rollout"  # rollout (engine log-probs) | recompute (extra forward)
+    # rollout (engine log-probs) | recompute (extra forward; also reports the engine/trainer mismatch)
+    old_logprobs: str = "rollout"
 
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -308,6 +314,11 @@ def validate(cfg: TrainConfig, source: str) -> None:
         fail(f"algorithm.kl_estimator '{algo.kl_estimator}' is not one of {sorted(algorithms.KL_ESTIMATORS)}")
     if algo.critic_layers < 0:
         fail(f"algorithm.critic_layers must be >= 0 (0 = the full backbone), got {algo.critic_layers}")
+    if algo.rollout_correction != "none" and algo.rollout_correction not in algorithms.ROLLOUT_CORRECTIONS:
+        fail(f"algorithm.rollout_correction '{algo.rollout_correction}' is not one of "
+             f"{['none', *sorted(algorithms.ROLLOUT_CORRECTIONS)]}")
+    if not algo.rollout_correction_cap >= 1.0:
+        fail(f"algorithm.rollout_correction_cap must be >= 1, got {algo.rollout_correction_cap}")
     if cfg.old_logprobs not in ("rollout", "recompute"):
         fail(f"old_logprobs must be 'rollout' or 'recompute', got '{cfg.old_logprobs}'")
     if not cfg.rewards:

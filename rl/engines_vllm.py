@@ -404,8 +404,22 @@ class VLLMServerEngine:
     with token ids in (`prompt` as a list of ids), `return_token_ids` and `logprobs=0`
     out; all requests of a `generate` call are in flight together (up to
     `max_concurrency`), so the server batches them: the multi-turn loop's one call per
-    turn with every active sample becomes concurrent requests. Requests time out
-    (`timeout` s) and are retried `max_retries` times on connection errors, 429 and 5xx.
+    turn with every active sample becomes concurrent requests.
+
+    Failures are bounded, never a hang: an attempt waits at most min(`timeout`, 10) s to
+    connect and `timeout` s for each read, so a server that accepts the connection but
+    never answers times out; attempts are retried `max_retries` times on connection errors
+    (a server killed mid-request, or restarting), timeouts, 429 and 5xx, after
+    `retry_backoff` s doubled each retry; then a RuntimeError names the server URL, the
+    endpoint and the number of attempts. A silent server thus fails a request after
+    (max_retries + 1) x timeout + retry_backoff x (2 ** max_retries - 1) s, a dead one
+    after the backoff alone. `timeout` bounds each read, not the request: it must exceed
+    the longest generation the server may need (the whole response comes at once).
+    Construction checks the server (`GET /v1/models`, with the same retries): when nothing
+    listens it fails with the command that starts one, and a `model_name` the server does
+    not serve is refused. An answer that is not a vLLM's (no `token_ids` in its
+    completions: a vLLM too old for `return_token_ids`, or another OpenAI-compatible
+    server) fails `generate` with a clear error instead of returning empty samples.
 
     Weight sync (`weight_sync`):
     * "none": the server's weights are never changed (evaluation, or an external sync);
@@ -429,6 +443,7 @@ class VLLMServerEngine:
         model_name: str | None = None,
         timeout: float = 600.0,
         max_retries: int = 3,
+        retry_backoff: float = 0.5,
         max_concurrency: int | None = None,
         weight_sync: str = "none",
         sync_dir: str | None = None,
@@ -437,11 +452,17 @@ class VLLMServerEngine:
 
         if weight_sync not in ("none", "disk"):
             raise ValueError(f"vllm_server: weight_sync must be 'none' or 'disk', got {weight_sync!r}")
+        if timeout <= 0 or max_retries < 0 or retry_backoff < 0:
+            raise ValueError(
+                f"vllm_server: need timeout > 0, max_retries >= 0, retry_backoff >= 0 "
+                f"(got {timeout}, {max_retries}, {retry_backoff})"
+            )
         self.tokenizer = tokenizer
         self.eos_ids = _eos_ids(model, tokenizer) if model is not None else sorted({tokenizer.eos_token_id})
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
         self.max_concurrency = max_concurrency or max(1, batch_size)
         self.weight_sync = weight_sync
         self._tmp = None
@@ -450,38 +471,100 @@ class VLLMServerEngine:
             sync_dir = self._tmp.name
         self.sync_dir = sync_dir
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        # every phase is bounded: connect, each read (a server that never answers), write, pool wait
         self.client = httpx.Client(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=10.0), limits=limits
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), limits=limits
         )
-        self.model_name = model_name or self._served_model()
         self.stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "retries": 0, "weight_syncs": 0}
+        try:
+            self.model_name = self._check_server(model_name, model)
+        except BaseException:
+            self.close()
+            raise
 
     # -- HTTP -------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs) -> Any:
         import httpx
 
-        delay = 0.5
+        url = f"{self.base_url}{path}"
+        delay = self.retry_backoff
         for attempt in range(self.max_retries + 1):
             try:
                 r = self.client.request(method, path, **kwargs)
                 if r.status_code == 429 or r.status_code >= 500:
                     raise httpx.HTTPStatusError(f"{r.status_code}: {r.text[:300]}", request=r.request, response=r)
                 if r.status_code >= 400:  # a bad request does not get better by retrying
-                    raise RuntimeError(f"vLLM server {path} -> {r.status_code}: {r.text[:500]}")
-                return r.json() if r.content else None
+                    raise RuntimeError(f"vLLM server {method} {url} -> {r.status_code}: {r.text[:500]}")
+                if not r.content:
+                    return None
+                try:
+                    return r.json()
+                except ValueError as e:
+                    raise RuntimeError(
+                        f"vLLM server {method} {url} answered {r.status_code} with non-JSON "
+                        f"({r.headers.get('content-type')}): {r.text[:200]!r}; is {self.base_url} a vLLM server?"
+                    ) from e
             except (httpx.TransportError, httpx.HTTPStatusError) as e:
                 if attempt == self.max_retries:
+                    what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                    if isinstance(e, httpx.TimeoutException):
+                        what += f" (no answer within timeout={self.timeout:g} s)"
                     raise RuntimeError(
-                        f"vLLM server {self.base_url}{path} failed after {attempt + 1} attempts: {e}"
+                        f"vLLM server {method} {url} failed after {attempt + 1} attempts: {what}"
                     ) from e
                 self.stats["retries"] += 1
+                logger.warning("vLLM server %s %s: %s: %s; retry %d/%d in %.1f s", method, url,
+                               type(e).__name__, e, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
                 delay *= 2
 
-    def _served_model(self) -> str:
-        models = self._request("GET", "/v1/models")
-        return models["data"][0]["id"]
+    def _start_hint(self, model: torch.nn.Module | None) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.base_url)
+        path = (_model_dir(model) if model is not None else None) or "MODEL_DIR"
+        env = "VLLM_SERVER_DEV_MODE=1 " if self.weight_sync == "disk" else ""
+        return (
+            f"{env}python -m vllm.entrypoints.openai.api_server --model {path} --host {u.hostname} "
+            f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs"
+        )
+
+    def _check_server(self, model_name: str | None, model: torch.nn.Module | None) -> str:
+        """`GET /v1/models` once at construction: a clear error now rather than at the first rollout."""
+        import httpx
+
+        try:
+            models = self._request("GET", "/v1/models")
+        except RuntimeError as e:
+            cause = e.__cause__
+            if isinstance(cause, httpx.ConnectError):
+                raise RuntimeError(
+                    f"rollout.engine 'vllm_server': nothing answers at {self.base_url} ({e}). Is the vLLM server "
+                    f"running? Start it with\n  {self._start_hint(model)}\n(or `vllm serve` with the same options), "
+                    "wait until GET /health answers 200, and set rollout.engine_kwargs.base_url to its address"
+                ) from e
+            if isinstance(cause, httpx.TimeoutException):
+                raise RuntimeError(
+                    f"rollout.engine 'vllm_server': the server at {self.base_url} accepted the connection but did "
+                    f"not answer ({e}); is it a vLLM server, and is it overloaded or stuck?"
+                ) from e
+            raise RuntimeError(f"rollout.engine 'vllm_server': {self.base_url} is not a usable vLLM server: {e}") from e
+        try:
+            served = [m["id"] for m in models["data"]]
+        except (TypeError, KeyError) as e:
+            raise RuntimeError(
+                f"rollout.engine 'vllm_server': GET {self.base_url}/v1/models did not answer an OpenAI model "
+                f"list ({str(models)[:200]}); is {self.base_url} a vLLM server?"
+            ) from e
+        if not served:
+            raise RuntimeError(f"rollout.engine 'vllm_server': the server at {self.base_url} serves no model")
+        if model_name is not None and model_name not in served:
+            raise ValueError(
+                f"rollout.engine 'vllm_server': model_name {model_name!r} is not served at {self.base_url} "
+                f"(it serves {served})"
+            )
+        return model_name or served[0]
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -506,17 +589,30 @@ class VLLMServerEngine:
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams) -> list[Generation]:
         res = self._request("POST", "/v1/completions", json=self._body(prompt, n, params))
-        choices = sorted(res["choices"], key=lambda c: c["index"])
+        url = f"{self.base_url}/v1/completions"
+        try:
+            choices = sorted(res["choices"], key=lambda c: c["index"])
+        except (TypeError, KeyError) as e:
+            raise RuntimeError(f"vLLM server {url} answered without indexed `choices`: {str(res)[:300]}") from e
         if len(choices) != n:
-            raise RuntimeError(f"vLLM server returned {len(choices)} choices for n={n}")
+            raise RuntimeError(f"vLLM server {url} returned {len(choices)} choices for n={n}")
         gens = []
         for c in choices:
-            ids = list(c.get("token_ids") or [])
-            lp = (c.get("logprobs") or {}).get("token_logprobs") or []
-            if len(lp) != len(ids):
+            if c.get("token_ids") is None:  # silently empty samples otherwise
                 raise RuntimeError(
-                    f"vLLM server returned {len(ids)} token ids and {len(lp)} log-probs "
-                    "(a vLLM with `return_token_ids` is needed)"
+                    f"vLLM server {url} answered without `token_ids` in its choices (keys: {sorted(c)}): "
+                    "an incompatible server, e.g. a vLLM too old for `return_token_ids` (this engine is tested "
+                    "with vLLM 0.32) or another OpenAI-compatible server; the engine needs the sampled token ids"
+                )
+            ids = list(c["token_ids"])
+            lp = (c.get("logprobs") or {}).get("token_logprobs")
+            if lp is None and not ids:  # an empty completion may come without log-probs
+                lp = []
+            if lp is None or len(lp) != len(ids) or any(x is None for x in lp):
+                raise RuntimeError(
+                    f"vLLM server {url} returned {len(ids)} token ids and "
+                    f"{'no' if lp is None else len(lp)} log-probs (`logprobs.token_logprobs`): an incompatible "
+                    "server (a vLLM with `return_token_ids` and `logprobs` in /v1/completions is needed)"
                 )
             reason, stop_string = map_finish(c.get("finish_reason"), c.get("stop_reason"))
             gens.append(Generation(ids, [float(x) for x in lp], reason, stop_string))
@@ -527,8 +623,11 @@ class VLLMServerEngine:
             return []
         groups = group_prompts(prompts)
         workers = min(self.max_concurrency, len(groups))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        try:
             results = list(pool.map(lambda g: self._complete(g[0], g[1], params), groups))
+        finally:  # on a failure, requests not yet sent are dropped (those in flight end within their timeouts)
+            pool.shutdown(wait=True, cancel_futures=True)
         gens = [g for r in results for g in r]
         self.stats["requests"] += len(groups)
         self.stats["samples"] += len(gens)
@@ -573,67 +672,3 @@ class VLLMServerEngine:
         self.client.close()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def _bench(argv: list[str] | None = None) -> None:
-    """HF engine vs vLLM colocate engine, side by side in one process, same prompts and params.
-
-    python -m rl.engines_vllm [--model smollm2-135m] [--batch 32] [--new-tokens 64] [--rounds 2]
-    """
-    import argparse
-    import statistics
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rl.engines import HFEngine
-    from rl.models import resolve_model
-
-    ap = argparse.ArgumentParser(prog="python -m rl.engines_vllm", description=_bench.__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    args = ap.parse_args(argv)
-
-    path = str(resolve_model(args.model))
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    questions = ["What is 12 + 7?", "Name a primary colour.", "What is the capital of France?",
-                 "Write a haiku about rain.", "Explain what a prime number is.", "Who wrote Hamlet?",
-                 "Give me a synonym for happy.", "How many legs does a spider have?"]
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=False))
-               for i in range(args.batch)]
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
-    hf_engine = HFEngine(model, tok, batch_size=args.batch)
-    t0 = time.perf_counter()
-    v_engine = VLLMColocateEngine(model, tok, batch_size=args.batch, kv_cache_gb=0.5, max_model_len=2048)
-    start = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    v_engine.update_weights(model)
-    sync = time.perf_counter() - t0
-    v_engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up both
-    hf_engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))
-    rates: dict[str, list[float]] = {"hf": [], "vllm": []}
-    for r in range(args.rounds):  # interleaved: the machine is shared, load drifts
-        for name, eng in (("hf", hf_engine), ("vllm", v_engine)):
-            t0 = time.perf_counter()
-            gens = eng.generate(prompts, params)
-            dt = time.perf_counter() - t0
-            n = sum(len(g.token_ids) for g in gens)
-            rates[name].append(n / dt)
-            print(f"round {r} {name:5s}: {n} tokens in {dt:.1f} s = {n / dt:.1f} tok/s", flush=True)
-    hf_rate, v_rate = statistics.median(rates["hf"]), statistics.median(rates["vllm"])
-    print(f"\nmodel {args.model}, batch {args.batch}, max_new_tokens {args.new_tokens}, "
-          f"temperature {args.temperature}, torch threads {torch.get_num_threads()}")
-    print(f"vLLM engine start: {start:.1f} s (LLM(): {v_engine.start_seconds:.1f} s); weight sync: {sync:.2f} s")
-    print(f"median tok/s: HF {hf_rate:.1f}, vLLM {v_rate:.1f}, vLLM/HF = {v_rate / hf_rate:.2f}x")
-    v_engine.close()
-
-
-if __name__ == "__main__":
-    _bench()

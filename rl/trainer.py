@@ -304,6 +304,34 @@ def info_means(accelerator: Accelerator, trajs: list[Trajectory], prefix: str) -
     return {f"{prefix}/{k}": sum(d.get(k, 0.0) for d, _ in parts) / n for k in keys}
 
 
+def rollout_mismatch_metrics(accelerator: Accelerator, old_logprobs, rollout_logprobs, mask) -> dict[str, float]:
+    """Engine vs trainer log-probs over every process's policy tokens (`rollout/*` metrics)."""
+    parts = algorithms.rollout_mismatch(old_logprobs, rollout_logprobs, mask)
+    sums = accelerator.reduce(torch.stack([parts["abs_diff_sum"], parts["k3_sum"], parts["tokens"]])
+                              .double().to(accelerator.device), reduction="sum").cpu()
+    maxes = torch.stack([parts["abs_diff_max"], parts["log_ratio_max"], parts["seq_log_ratio_max"]]).double()
+    maxes = accelerator.gather(maxes.to(accelerator.device)[None]).cpu().amax(0)
+    n = max(sums[2].item(), 1.0)
+    return {
+        "rollout/logp_abs_diff": sums[0].item() / n,
+        "rollout/logp_abs_diff_max": maxes[0].item(),
+        "rollout/kl_k3": sums[1].item() / n,
+        # largest pi_old / mu of a token and of a whole sequence (exp of a log, so it may be inf)
+        "rollout/token_ratio_max": math.exp(min(maxes[1].item(), 700.0)),
+        "rollout/seq_ratio_max": math.exp(min(maxes[2].item(), 700.0)),
+    }
+
+
+def is_weight_metrics(accelerator: Accelerator, weights, mask, cap: float) -> dict[str, float]:
+    """Mean truncated IS weight and the fraction of policy tokens whose weight hit the cap."""
+    m = mask > 0  # exp(log(cap)) may round just below cap, hence the tolerance
+    local = torch.tensor([weights[m].sum().item(), (weights[m] >= cap * (1 - 1e-6)).sum().item(), m.sum().item()],
+                         dtype=torch.float64)
+    tot = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    n = max(tot[2].item(), 1.0)
+    return {"rollout/is_weight_mean": tot[0].item() / n, "rollout/is_truncated_frac": tot[1].item() / n}
+
+
 def stage_at(stages, step: int) -> int:
     """Index of the stage that global step `step` (0-based) belongs to."""
     end = 0
@@ -585,13 +613,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         mask = resp.response_mask
         pad_id = tokenizer.pad_token_id
         # laid out once (packing builds a W x W mask per row) and reused by every no-grad pass
-        needs_passes = cfg.old_logprobs == "recompute" or kl_coef > 0 or critic is not None
+        recompute = cfg.old_logprobs == "recompute" or algo.rollout_correction != "none"
+        needs_passes = recompute or kl_coef > 0 or critic is not None
         whole_batch = [
             make_micro_batch(trajs, rows_k, cfg.packing, pad_id, cfg.pack_row_tokens)
             for rows_k in plan_micro_batches(trajs, list(range(B)), cfg.micro_batch_tokens, cfg.packing)
         ] if needs_passes else []
-        if cfg.old_logprobs == "recompute":
+        is_weights, mismatch = None, {}
+        if recompute:
             old_logprobs = batch_forward(unwrapped, whole_batch, B, T, temperature) * mask
+            mismatch = rollout_mismatch_metrics(accelerator, old_logprobs, resp.rollout_logprobs, mask)
+            if algo.rollout_correction != "none":
+                is_weights = algorithms.get_rollout_correction(algo.rollout_correction)(
+                    old_logprobs, resp.rollout_logprobs, mask, cap=algo.rollout_correction_cap
+                )
+                mismatch.update(is_weight_metrics(accelerator, is_weights, mask, algo.rollout_correction_cap))
         else:
             old_logprobs = resp.rollout_logprobs * mask
         ref_logprobs = None
@@ -651,6 +687,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                             advantages=adv[None], response_mask=m[None],
                         )
                         agg = lambda x: _aggregate(x, m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)  # noqa: E731
+                        if is_weights is not None:  # truncated importance sampling, engine -> trainer
+                            pg_mat = pg_mat * gather_rows(is_weights, mb).to(pg_mat.device)[None]
                         loss = agg(pg_mat[0])
                         if algo.entropy_coef:
                             loss = loss - algo.entropy_coef * agg(entropy)
@@ -730,6 +768,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             "response_length/mean": tot[3] / n,
         }
         metrics.update(info_means(accelerator, trajs, "info"))
+        metrics.update(mismatch)
         metrics.update({f"loss/{k}": tot[6 + i] / seen for i, k in enumerate(sorted(sums))})
         base = 6 + len(sums)
         for i, rf in enumerate(reward_fns):

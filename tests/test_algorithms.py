@@ -590,3 +590,79 @@ def test_registration_rejects_catch_all_and_duplicates():
     with pytest.raises(ValueError):
         A.register_kl_estimator("k1")(lambda a, b: a)
     assert "bad" not in A.ADVANTAGE_ESTIMATORS and "bad2" not in A.ADVANTAGE_ESTIMATORS
+
+
+# ----------------------------------------------------------------------------- rollout correction
+
+
+@st.composite
+def logprob_pairs(draw, max_b=3, max_t=8):
+    """(trainer log-probs, engine log-probs, mask) with garbage at masked positions."""
+    b, t = draw(st.integers(1, max_b)), draw(st.integers(1, max_t))
+    lp = st.floats(-30, 0, allow_nan=False, width=32)
+    mask = torch.tensor(draw(st.lists(st.booleans(), min_size=b * t, max_size=b * t))).view(b, t)
+    old = torch.tensor(draw(st.lists(lp, min_size=b * t, max_size=b * t))).view(b, t)
+    rollout = torch.tensor(draw(st.lists(lp, min_size=b * t, max_size=b * t))).view(b, t)
+    rollout = torch.where(mask, rollout, torch.tensor(float("nan")))  # never read
+    return old, rollout, mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(logprob_pairs(), st.sampled_from(["token", "sequence"]), st.floats(1, 10))
+def test_rollout_correction_weights_properties(pair, level, cap):
+    old, rollout, mask = pair
+    w = A.get_rollout_correction(level)(old, rollout, mask, cap=cap)
+    assert w.shape == old.shape and not w.requires_grad
+    assert (w[~mask] == 0).all()
+    assert torch.isfinite(w).all() and (w[mask] > 0).all() and (w[mask] <= cap * (1 + 1e-6)).all()
+    if level == "token":  # untruncated weights are exactly the ratio
+        ratio = torch.exp(old.double() - rollout.double())
+        below = mask & (ratio < cap * 0.999)
+        close(w[below].double(), ratio[below], tol=1e-4 * ratio[below].abs().max().item() if below.any() else 0)
+    else:  # one weight per sequence, the product of its token ratios, capped
+        for i in range(len(w)):
+            if mask[i].any():
+                assert torch.allclose(w[i][mask[i]], w[i][mask[i]][0].expand(int(mask[i].sum())))
+                log_prod = (old[i][mask[i]].double() - rollout[i][mask[i]].double()).sum()
+                expect = math.exp(min(log_prod.item(), math.log(cap)))
+                assert math.isclose(w[i][mask[i]][0].item(), expect, rel_tol=1e-4)
+
+
+@given(logprob_pairs(), st.sampled_from(["token", "sequence"]))
+@settings(max_examples=30, deadline=None)
+def test_rollout_correction_is_one_when_engine_and_trainer_agree(pair, level):
+    old, _, mask = pair
+    w = A.get_rollout_correction(level)(old, old.clone(), mask, cap=2.0)
+    assert (w[mask] == 1).all() and (w[~mask] == 0).all()
+    m = A.rollout_mismatch(old, old.clone(), mask)
+    assert m["abs_diff_sum"].item() == 0 and m["k3_sum"].item() == 0 and m["tokens"].item() == mask.sum()
+
+
+def test_rollout_correction_caps_huge_mismatch_without_overflow():
+    old = torch.tensor([[0.0, -0.1, 0.0]])
+    rollout = torch.tensor([[-500.0, -0.1, -1e-3]])  # the engine thought token 0 nearly impossible
+    mask = torch.tensor([[True, True, True]])
+    tok = A.token_truncated_is(old, rollout, mask, cap=3.0)
+    close(tok, torch.tensor([[3.0, 1.0, math.exp(1e-3)]]), tol=1e-6)
+    seq = A.sequence_truncated_is(old, rollout, mask, cap=3.0)
+    close(seq, torch.full((1, 3), 3.0), tol=1e-6)
+    m = A.rollout_mismatch(old, rollout, mask)
+    assert math.isclose(m["abs_diff_max"].item(), 500.0) and math.isclose(m["log_ratio_max"].item(), 500.0)
+    assert torch.isfinite(m["k3_sum"]) and m["k3_sum"].item() > 0
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        A.token_truncated_is(old, rollout, mask, cap=0.5)
+    with pytest.raises(KeyError, match="valid names"):
+        A.get_rollout_correction("tokens")
+
+
+def test_rollout_correction_weights_the_policy_gradient():
+    """With weight w on a token, the loss gradient is w times the uncorrected one (w detached)."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logp.detach().clone()
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    w = A.token_truncated_is(old, torch.tensor([[-1.5, -1.0]]), mask, cap=2.0)  # [1.65, 0.37]
+    loss, _ = A.vanilla_policy_loss(logp, old, adv, mask)
+    (g_plain,) = torch.autograd.grad(loss.sum(), logp, retain_graph=True)
+    (g_weighted,) = torch.autograd.grad((loss * w).sum(), logp)
+    close(g_weighted, g_plain * w, tol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,56 @@ def test_two_step_smoke_each_algorithm(tiny_model_dir, tmp_path, algo):
     before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     after = final_weights(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no weight"
+
+
+SKEW = 0.3
+
+
+@pytest.fixture(scope="module")
+def skewed_engine() -> str:
+    """An HF engine that reports every log-prob SKEW lower than it sampled with: a stand-in for a
+    rollout engine whose kernels disagree with the trainer's (pi_old / mu = exp(SKEW) per token)."""
+    import dataclasses
+
+    from rl.engines import ENGINES, HFEngine, register_engine
+
+    name = "test_skewed_hf"
+    if name not in ENGINES:
+
+        @register_engine(name)
+        class SkewedHF(HFEngine):
+            def generate(self, prompts, params):
+                return [dataclasses.replace(g, logprobs=[x - SKEW for x in g.logprobs])
+                        for g in super().generate(prompts, params)]
+
+    return name
+
+
+def test_rollout_correction_reports_mismatch_and_weighs_the_loss(tiny_model_dir, tmp_path, skewed_engine):
+    common = dict(steps=1, algorithm__name="reinforce", algorithm__baseline="none", eval_before_training=False,
+                  data__eval="")
+    # the HF engine samples with the trainer's own module: engine and trainer agree to float precision
+    agree = run(tiny_model_dir, tmp_path / "agree", algorithm__rollout_correction="token", **common)["history"][0]
+    assert agree["rollout/logp_abs_diff"] < 1e-4 and abs(agree["rollout/is_weight_mean"] - 1) < 1e-4
+    assert agree["rollout/is_truncated_frac"] == 0
+
+    skew_engine = dict(rollout__engine=skewed_engine, **common)
+    plain = run(tiny_model_dir, tmp_path / "plain", old_logprobs="recompute", **skew_engine)["history"][0]
+    token = run(tiny_model_dir, tmp_path / "token", algorithm__rollout_correction="token",
+                algorithm__rollout_correction_cap=2.0, **skew_engine)["history"][0]
+    capped = run(tiny_model_dir, tmp_path / "capped", algorithm__rollout_correction="sequence",
+                 algorithm__rollout_correction_cap=1.1, **skew_engine)["history"][0]
+    for h in (plain, token, capped):  # the mismatch is measured with or without a correction
+        assert abs(h["rollout/logp_abs_diff"] - SKEW) < 1e-4
+        assert abs(h["rollout/token_ratio_max"] - math.exp(SKEW)) < 1e-3
+    assert "rollout/is_weight_mean" not in plain
+    assert abs(token["rollout/is_weight_mean"] - math.exp(SKEW)) < 1e-3 and token["rollout/is_truncated_frac"] == 0
+    # every sequence has >= 1 policy token, so its ratio exp(SKEW * n) >= exp(0.3) exceeds the cap
+    assert abs(capped["rollout/is_weight_mean"] - 1.1) < 1e-5 and capped["rollout/is_truncated_frac"] == 1
+    # same seed, same samples at step 1: the policy loss is exactly the weight times the plain one
+    assert plain["loss/pg_loss"] != 0
+    assert math.isclose(token["loss/pg_loss"], math.exp(SKEW) * plain["loss/pg_loss"], rel_tol=1e-4)
+    assert math.isclose(capped["loss/pg_loss"], 1.1 * plain["loss/pg_loss"], rel_tol=1e-4)
 
 
 def test_lora_smoke_trains_only_the_adapter(tiny_model_dir, tmp_path):
@@ -234,6 +285,11 @@ def test_bad_values_are_clear_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="steps: expected int"):
         load_config(path, ["algorithm.name=grpo", "steps=ten"])
+    with pytest.raises(ConfigError, match=r"algorithm.rollout_correction 'tis' is not one of \['none', 'sequence'"):
+        load_config(path, ["algorithm.name=grpo", "algorithm.rollout_correction=tis"])
+    with pytest.raises(ConfigError, match="algorithm.rollout_correction_cap must be >= 1"):
+        load_config(path, ["algorithm.name=grpo", "algorithm.rollout_correction=token",
+                           "algorithm.rollout_correction_cap=0.5"])
 
 
 def test_missing_dataset_column_is_named(tiny_model_dir, tmp_path):

@@ -275,12 +275,16 @@ def test_two_step_training_run_with_the_vllm_engine(vdir, tmp_path, engine, monk
     monkeypatch.setattr(engines_vllm.VLLMColocateEngine, "__init__", spy)
 
     cfg = recipe(vdir, tmp_path, rollout__engine="vllm",
-                 rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512})
+                 rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512},
+                 algorithm__rollout_correction="token")
     n_threads = torch.get_num_threads()
     result = train(config_from_dict(cfg))
     steps = [h for h in result["history"] if "reward/mean" in h]
     assert [h["step"] for h in steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["grad_norm"])) for h in steps)
+    for h in steps:  # vLLM's log-probs vs the trainer's recomputed ones: measured, small, corrected
+        assert 0 <= h["rollout/logp_abs_diff"] < 1e-3 and h["rollout/token_ratio_max"] < 1.01
+        assert abs(h["rollout/is_weight_mean"] - 1) < 1e-3
     assert "eval/reward" in result["eval_before"] and "eval/reward" in result["eval_after"]
     assert torch.get_num_threads() == n_threads  # starting vLLM did not take the trainer's threads
     (eng,) = built  # the trainer sampled every rollout and eval from vLLM, synced after each step

@@ -1,0 +1,93 @@
+"""A stand-in for vLLM's OpenAI-compatible server, for the server engine's failure tests.
+
+    python tests/fake_vllm_server.py --port PORT [--delay S] [--mode ok|hang|no_token_ids]
+
+Answers `GET /v1/models`, `GET /health` and `POST /v1/completions` in vLLM 0.32's shape
+(choices with `index`, `text`, `token_ids`, `logprobs.token_logprobs`, `finish_reason`,
+`stop_reason`), after sleeping `--delay` seconds. Completions are deterministic:
+`max_tokens` token ids counting up from the prompt's last id, each with log-prob -0.5,
+finish reason "length". Modes: `ok`; `hang` (completions never answer, the connection
+stays open); `no_token_ids` (choices without `token_ids`, like a vLLM too old for
+`return_token_ids` or another OpenAI-compatible server). `GET /inflight` tells how many
+completions are being answered right now (tests wait for it before killing the server).
+No vLLM, no model: FastAPI + uvicorn only, starts in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from fastapi import FastAPI, Request
+
+MODEL = "fake-model"
+
+
+def make_app(delay: float = 0.0, mode: str = "ok") -> FastAPI:
+    app = FastAPI()
+    state = {"inflight": 0, "served": 0}
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/inflight")
+    async def inflight():
+        return dict(state)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        state["inflight"] += 1
+        try:
+            if mode == "hang":
+                await asyncio.Event().wait()  # never set: no answer, the connection stays open
+            await asyncio.sleep(delay)
+            prompt = body["prompt"]
+            start = prompt[-1] if prompt else 0
+            ids = [(start + k + 1) % 1000 for k in range(body.get("max_tokens") or 16)]
+            choices = []
+            for i in range(body.get("n") or 1):
+                c = {
+                    "index": i,
+                    "text": "",
+                    "logprobs": {"text_offset": [0] * len(ids), "token_logprobs": [-0.5] * len(ids),
+                                 "tokens": ["x"] * len(ids), "top_logprobs": [{}] * len(ids)},
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": list(prompt),
+                    "token_ids": list(ids),
+                }
+                if mode == "no_token_ids":
+                    del c["token_ids"], c["prompt_token_ids"]
+                choices.append(c)
+            state["served"] += 1
+            return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": body.get("model"),
+                    "choices": choices,
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids) * len(choices),
+                              "total_tokens": len(prompt) + len(ids) * len(choices)}}
+        finally:
+            state["inflight"] -= 1
+
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds before each completion is answered")
+    ap.add_argument("--mode", choices=["ok", "hang", "no_token_ids"], default="ok")
+    args = ap.parse_args()
+    uvicorn.run(make_app(args.delay, args.mode), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
