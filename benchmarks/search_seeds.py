@@ -11,12 +11,14 @@ the spread, and minutes of training per seed.
 
 Needs the oracle episodes and the QA data (`make demo` writes both):
     python benchmarks/search_seeds.py                          # seeds 0 1, 128 test questions
-    python benchmarks/search_seeds.py --rl-recipe recipes/search_grpo_cpu.yaml --out outputs/bench_search_grpo
+    python benchmarks/search_seeds.py --rl-recipe recipes/search_grpo_cpu.yaml --rl-name grpo   # same warm-starts
     python benchmarks/search_seeds.py --rl-alone-steps 12    # + RL from the untrained model, no warm-start
 With --rl-alone-steps N, each seed also trains RL alone (the same RL recipe from the
 untrained model, N steps): choose N so its minutes match the warm-start's SFT + RL
 minutes, and the table compares SFT -> RL with RL alone at (about) equal CPU time.
-Re-running resumes: finished training runs (their `final/` or `checkpoint-*`) are kept.
+Re-running resumes: finished training runs (their `final/` or `checkpoint-*`) are kept, and
+so is each model's leaderboard (`<out>/leaderboards/<label>/`) while the model, the test
+file, the limit and the recipe are unchanged.
 """
 
 from __future__ import annotations
@@ -52,10 +54,16 @@ def main() -> None:
     ap.add_argument("--test", default="data/wiki10k_qa/test.jsonl")
     ap.add_argument("--limit", type=int, default=128, help="test questions")
     ap.add_argument("--out", default="outputs/bench_search")
+    ap.add_argument("--rl-name", default="rl",
+                    help="name of the RL stage (its run dirs and labels): several RL recipes can share one --out "
+                         "and its warm-starts, e.g. --rl-recipe recipes/search_grpo_cpu.yaml --rl-name grpo")
     ap.add_argument("--rl-alone-steps", type=int, default=0,
                     help="also train RL from the untrained model for this many steps (0: not)")
     ap.add_argument("rl_overrides", nargs="*", help="extra RL recipe overrides (key=value)")
     args = ap.parse_args()
+    rl = args.rl_name
+    if not rl.isidentifier():
+        sys.exit(f"--rl-name must be a plain name (letters, digits, _), got {rl!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in (args.test,):
@@ -65,32 +73,50 @@ def main() -> None:
     minutes_path = out / "minutes.json"
     minutes: dict = json.loads(minutes_path.read_text()) if minutes_path.exists() else {}
     for seed in args.seeds:
-        sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / "rl"
+        sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / rl
         if not (sft_dir / "final").is_dir():
             minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"training.seed={seed}",
                                               f"output_dir={sft_dir}", "overwrite_output_dir=true"])
         if not list(rl_dir.glob("checkpoint-*")):
-            minutes[f"rl/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
+            minutes[f"{rl}/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
                                              f"model.name_or_path={sft_dir / 'final'}", f"output_dir={rl_dir}",
                                              "overwrite_output_dir=true", *args.rl_overrides])
-        alone_dir = out / f"seed{seed}" / "rl_alone"
+        alone_dir = out / f"seed{seed}" / f"{rl}_alone"
         if args.rl_alone_steps and not list(alone_dir.glob("checkpoint-*")):
-            minutes[f"rlalone/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
+            minutes[f"{rl}alone/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
                                                   f"model.name_or_path={args.base_model}", f"output_dir={alone_dir}",
                                                   "overwrite_output_dir=true", *args.rl_overrides,
                                                   f"steps={args.rl_alone_steps}"])
         minutes_path.write_text(json.dumps(minutes, indent=2))
 
-    stages = ("sft", "rl") + (("rlalone",) if args.rl_alone_steps else ())
+    stages = ("sft", rl) + ((f"{rl}alone",) if args.rl_alone_steps else ())
     models = [f"untrained={args.base_model}"]
     for seed in args.seeds:
-        models += [f"sft_seed{seed}={out / f'seed{seed}' / 'sft' / 'final'}", f"rl_seed{seed}={out / f'seed{seed}' / 'rl'}"]
+        models += [f"sft_seed{seed}={out / f'seed{seed}' / 'sft' / 'final'}", f"{rl}_seed{seed}={out / f'seed{seed}' / rl}"]
         if args.rl_alone_steps:
-            models.append(f"rlalone_seed{seed}={out / f'seed{seed}' / 'rl_alone'}")
-    run([py, "-m", "eval.run", "--recipe", args.rl_recipe, "--data", f"test={args.test}", "--limit", str(args.limit),
-         "--out", str(out / "leaderboard"), "--overwrite", *[x for m in models for x in ("--model", m)]])
-    board = json.loads((out / "leaderboard" / "leaderboard.json").read_text())["results"]
-    score = {label: board[label]["avg"] for label in board}
+            models.append(f"{rl}alone_seed{seed}={out / f'seed{seed}' / f'{rl}_alone'}")
+    # one leaderboard per model, kept while its inputs are unchanged: adding a stage (e.g. RL alone)
+    # to a finished study evaluates only the new models
+    score = {}
+    from eval.run import recipe_defaults
+
+    # what the evaluation depends on: the agent settings (not the recipe's file name), the questions
+    eval_args = {"agent": recipe_defaults(args.rl_recipe), "test": args.test, "limit": args.limit}
+    for m in models:
+        label, spec = m.split("=", 1)
+        board_dir = out / "leaderboards" / label
+        board_file, args_file = board_dir / "leaderboard.json", board_dir / "eval_args.json"
+        trained = Path(spec)
+        fresh = (board_file.exists() and args_file.exists() and json.loads(args_file.read_text()) == eval_args
+                 and (not trained.exists() or board_file.stat().st_mtime > max(
+                     p.stat().st_mtime for p in [trained, *trained.rglob("*")])))
+        if not fresh:
+            run([py, "-m", "eval.run", "--recipe", args.rl_recipe, "--data", f"test={args.test}", "--limit",
+                 str(args.limit), "--out", str(board_dir), "--overwrite", "--model", m])
+            args_file.write_text(json.dumps(eval_args))
+        else:
+            print(f"== {label}: reusing {board_file}", flush=True)
+        score[label] = json.loads(board_file.read_text())["results"][label]["avg"]
 
     untrained = score["untrained"]
     lines = [
@@ -113,12 +139,13 @@ def main() -> None:
             sign = -1.0 if m == "invalid_action_rate" else 1.0
             vs_base = "yes" if sign * (mean - untrained[m]) > spread else "NO"
             vs_sft = "-" if stage == "sft" else ("yes" if sign * (mean - sft_means[m]) > spread else "NO")
-            label = {"sft": "SFT warm-start", "rl": "SFT + RL", "rlalone": f"RL alone ({args.rl_alone_steps} steps)"}[stage]
+            label = {"sft": "SFT warm-start", rl: f"SFT + RL ({rl})",
+                     f"{rl}alone": f"RL alone ({rl}, {args.rl_alone_steps} steps)"}[stage]
             lines.append(f"| {label} | {m} | {', '.join(f'{v:.3f}' for v in vals)} | {mean:.3f} | {spread:.3f} | "
                          f"{vs_base} | {vs_sft} |")
     lines += ["", "Training minutes per seed: " + ", ".join(
-        f"seed {s}: SFT {minutes.get(f'sft/seed{s}', float('nan')):.1f} + RL {minutes.get(f'rl/seed{s}', float('nan')):.1f}"
-        + (f"; RL alone {minutes.get(f'rlalone/seed{s}', float('nan')):.1f}" if args.rl_alone_steps else "")
+        f"seed {s}: SFT {minutes.get(f'sft/seed{s}', float('nan')):.1f} + RL {minutes.get(f'{rl}/seed{s}', float('nan')):.1f}"
+        + (f"; RL alone {minutes.get(f'{rl}alone/seed{s}', float('nan')):.1f}" if args.rl_alone_steps else "")
         for s in args.seeds)]
     table = "\n".join(lines)
     print("\n" + table)
