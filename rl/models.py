@@ -334,6 +334,27 @@ def _fix_tokenizer(spec: ModelSpec, tok, fname: str) -> None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def train_byte_level_bpe(texts, vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`: round-trips any text, deterministic.
+
+    Shared by the tiny test tokenizer and the tiny VLM's tokenizer (`envs.vqa.model`).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer=trainer)
+    return bpe
+
+
 def _looks_like_path(s: str) -> bool:
     if s.startswith((".", "/", "~")) or (os.altsep and os.altsep in s):
         return True

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # so `rl` imports when pytest is run from elsewhere
     sys.path.insert(0, str(_ROOT))
 
-from rl.models import SMOLLM2_CHAT_TEMPLATE  # noqa: E402
+from rl.models import SMOLLM2_CHAT_TEMPLATE, train_byte_level_bpe  # noqa: E402
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -63,17 +62,7 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     unk = ``<|endoftext|>`` (as SmolLM2), SmolLM2's ChatML chat template.
     No BOS is prepended when encoding (as SmolLM2).
     """
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
-        min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bpe = train_byte_level_bpe(_CORPUS * 4, TINY_VOCAB_SIZE, SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",

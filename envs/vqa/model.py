@@ -46,22 +46,12 @@ TEMPLATE_TEXTS = ["system\nYou are a helpful assistant.\n", "user\n", "assistant
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """Byte-level BPE (round-trips any text) trained on `texts` + the template's words;
     eos = <|im_end|>, pad = unk = <|endoftext|>, the Qwen2-VL chat template attached."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from rl.models import train_byte_level_bpe
     from sft.vlm import qwen2_vl_chat_template
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([*TEMPLATE_TEXTS * 4, *texts], trainer=trainer)
+    bpe = train_byte_level_bpe([*TEMPLATE_TEXTS * 4, *texts], vocab_size, SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
