@@ -44,6 +44,9 @@ from rl.engines import Generation, SamplingParams
 __all__ = ["oracle_queries", "OracleEngine", "generate_oracle_trajectories", "main"]
 
 _QUOTED = re.compile(r'"(.+)"')
+THINK_BEFORE_SEARCH = "<think> I need to look this up. </think>\n"
+THINK_BEFORE_ANSWER = "<think> The information contains the answer. </think>\n"
+THINK_WITHOUT_EVIDENCE = "<think> The information does not contain it; my best answer: </think>\n"
 
 
 def oracle_queries(row: dict) -> list[str]:
@@ -79,8 +82,12 @@ class OracleEngine:
     text is tokenised canonically; log-probs are 0 (there is no sampling distribution).
     """
 
-    def __init__(self, tokenizer, prompts: list[list[int]], rows: list[dict], answer_column: str = "golden_answers"):
+    def __init__(self, tokenizer, prompts: list[list[int]], rows: list[dict], answer_column: str = "golden_answers",
+                 think: bool = False):
         self.tokenizer = tokenizer
+        # the Slow (Search-R1) template asks for reasoning in <think> before every action; a short
+        # fixed thought keeps the warm-start's turns well inside the RL recipe's per-turn budget
+        self.think = think
         self.by_prompt = {tuple(p): r for p, r in zip(prompts, rows)}
         self.lengths = sorted({len(p) for p in prompts})
         self.answer_column = answer_column
@@ -102,8 +109,9 @@ class OracleEngine:
         final = FINAL_TURN_TEXT.strip() in response_text
         if found or done >= len(queries) or final:
             self.grounded[row.get("id", row["question"])] = found
-            return f"<answer> {golds[0]} </answer>"
-        return f"<search> {queries[done]} </search>"
+            thought = THINK_BEFORE_ANSWER if found else THINK_WITHOUT_EVIDENCE
+            return (thought if self.think else "") + f"<answer> {golds[0]} </answer>"
+        return (THINK_BEFORE_SEARCH if self.think else "") + f"<search> {queries[done]} </search>"
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         out = []
@@ -111,7 +119,7 @@ class OracleEngine:
             row, response = self._row(context)
             text = self.next_action(row, self.tokenizer.decode(response, skip_special_tokens=True))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: params.max_new_tokens]
-            stop = "</answer>" if text.startswith("<answer>") else "</search>"
+            stop = "</answer>" if "<answer>" in text else "</search>"
             out.append(Generation(list(ids), [0.0] * len(ids), "stop", stop))
         return out
 
@@ -143,7 +151,7 @@ def generate_oracle_trajectories(
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="oracle episodes", disable=not progress):
         prompts = [search_prompt_ids(tokenizer, r, template) for r in batch]  # what search_agent will render
-        engine = OracleEngine(tokenizer, prompts, batch)
+        engine = OracleEngine(tokenizer, prompts, batch, think=template == "slow")
         trajs = search_agent(
             engine,
             tokenizer,

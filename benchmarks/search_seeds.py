@@ -13,6 +13,8 @@ Needs the oracle episodes and the QA data (`make demo` writes both):
     python benchmarks/search_seeds.py                          # seeds 0 1, 128 test questions
     python benchmarks/search_seeds.py --rl-recipe recipes/search_grpo_cpu.yaml --rl-name grpo   # same warm-starts
     python benchmarks/search_seeds.py --rl-alone-steps 12    # + RL from the untrained model, no warm-start
+    python benchmarks/search_seeds.py --out outputs/bench_search_slow --rl-recipe recipes/search_r1_cpu.yaml \
+        --rl-name ppo --sft-override data.train=data/wiki10k_qa/oracle_sft_slow.jsonl   # PPO, Slow template
 With --rl-alone-steps N, each seed also trains RL alone (the same RL recipe from the
 untrained model, N steps): choose N so its minutes match the warm-start's SFT + RL
 minutes, and the table compares SFT -> RL with RL alone at (about) equal CPU time.
@@ -59,6 +61,9 @@ def main() -> None:
                          "and its warm-starts, e.g. --rl-recipe recipes/search_grpo_cpu.yaml --rl-name grpo")
     ap.add_argument("--rl-alone-steps", type=int, default=0,
                     help="also train RL from the untrained model for this many steps (0: not)")
+    ap.add_argument("--sft-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="SFT recipe override (repeatable), e.g. data.train=data/wiki10k_qa/oracle_sft_slow.jsonl "
+                         "for a warm-start on Slow-template episodes")
     ap.add_argument("rl_overrides", nargs="*", help="extra RL recipe overrides (key=value)")
     args = ap.parse_args()
     rl = args.rl_name
@@ -76,7 +81,8 @@ def main() -> None:
         sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / rl
         if not (sft_dir / "final").is_dir():
             minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"training.seed={seed}",
-                                              f"output_dir={sft_dir}", "overwrite_output_dir=true"])
+                                              f"output_dir={sft_dir}", "overwrite_output_dir=true",
+                                              *args.sft_override])
         if not list(rl_dir.glob("checkpoint-*")):
             minutes[f"{rl}/seed{seed}"] = run([py, "-m", "rl.train", args.rl_recipe, f"seed={seed}",
                                              f"model.name_or_path={sft_dir / 'final'}", f"output_dir={rl_dir}",
@@ -121,7 +127,7 @@ def main() -> None:
     untrained = score["untrained"]
     lines = [
         f"Search agent on {args.limit} held-out questions of {args.test} (greedy), seeds {args.seeds}",
-        f"SFT: {args.sft_recipe}; RL: {args.rl_recipe} {' '.join(args.rl_overrides)}",
+        f"SFT: {args.sft_recipe} {' '.join(args.sft_override)}; RL: {args.rl_recipe} {' '.join(args.rl_overrides)}",
         "",
         "| model | metric | per seed | mean | seed spread | gain vs untrained > spread | gain vs SFT > spread |",
         "|---|---|---|---|---|---|---|",

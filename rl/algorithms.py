@@ -61,6 +61,8 @@ __all__ = [
     "token_truncated_is",
     "sequence_truncated_is",
     "rollout_mismatch",
+    "informative_groups",
+    "select_groups",
     "LOSS_AGGREGATIONS",
     "register_loss_aggregation",
     "get_loss_aggregation",
@@ -625,6 +627,45 @@ def rollout_mismatch(old_logprobs: Tensor, rollout_logprobs: Tensor, response_ma
         "k3_sum": torch.where(mask, torch.expm1(d.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)) - d, 0.0).sum(),
         "tokens": mask.sum().to(torch.float32),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic sampling (DAPO, Yu et al. 2025): a group whose samples all got the same reward has
+# zero advantage under any group baseline, so it costs a forward/backward and teaches nothing
+# (only the entropy / KL terms see it). Rolling out more prompts than a step trains and keeping
+# the groups whose rewards differ spends the training compute on samples that carry signal.
+# DAPO re-samples until the batch is full of such groups; this bounded variant (one oversampled
+# rollout, informative groups first, then the rest in rollout order) keeps every step's batch
+# size fixed, which data-parallel ranks need.
+# --------------------------------------------------------------------------------------------
+
+
+def informative_groups(rewards: Tensor, group_ids: Tensor, atol: float = 1e-6) -> dict[int, bool]:
+    """``{group id: its rewards are not all equal (within atol)}``; a one-sample group is never informative."""
+    out: dict[int, bool] = {}
+    for g in torch.unique(group_ids, sorted=False).tolist():
+        r = rewards[group_ids == g].double()
+        out[int(g)] = bool(r.numel() > 1 and (r.max() - r.min()).item() > atol)
+    return out
+
+
+def select_groups(rewards: Tensor, group_ids: Tensor, keep: int, atol: float = 1e-6) -> Tensor:
+    """Sample indices of ``keep`` whole groups: informative groups first, then the others.
+
+    Groups keep their first-seen order within each class and samples keep their order within
+    a group, so the selection is deterministic. ``keep`` larger than the number of groups
+    keeps them all.
+    """
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (got {keep})")
+    informative = informative_groups(rewards, group_ids, atol)
+    order: list[int] = []
+    for g in group_ids.tolist():
+        if g not in order:
+            order.append(g)
+    ranked = [g for g in order if informative[g]] + [g for g in order if not informative[g]]
+    chosen = set(ranked[:keep])
+    return torch.tensor([i for i, g in enumerate(group_ids.tolist()) if g in chosen], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ class RolloutConfig:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     generation_batch_size: int = 64  # sequences per engine call; bounds KV-cache memory
+    # dynamic sampling (DAPO): roll out oversample x prompts_per_step prompts per step and train
+    # on prompts_per_step of their groups, those whose rewards differ first
+    # (rl.algorithms.select_groups); 1 = train on every group rolled out
+    oversample: int = 1
     eval_temperature: float = 0.0  # 0 = greedy
 
 
@@ -329,6 +333,11 @@ def validate(cfg: TrainConfig, source: str) -> None:
         fail("prompts_per_step and rollout.group_size must be >= 1")
     if cfg.mini_batches_per_step < 1 or cfg.ppo_epochs < 1:
         fail("mini_batches_per_step and ppo_epochs must be >= 1")
+    if cfg.rollout.oversample < 1:
+        fail(f"rollout.oversample must be >= 1 (1 = no dynamic sampling), got {cfg.rollout.oversample}")
+    if cfg.rollout.oversample > 1 and cfg.rollout.group_size < 2:
+        fail("rollout.oversample > 1 needs rollout.group_size >= 2: it keeps the groups whose rewards differ, "
+             "and a one-sample group never differs")
     if cfg.total_steps < 1:
         fail("nothing to train: steps (or the sum of stage steps) must be >= 1")
     for i, stage in enumerate(cfg.stages):

@@ -84,7 +84,25 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     `modules_to_save` copies replace their originals. Tied weights appear under both
     names, as in `state_dict()`: vLLM 0.32's in-place reload needs `lm_head.weight` too
     (without it the tied lm_head keeps the old weights).
+
+    Sharded policies (FSDP2 / `fully_shard`, accelerate's `fsdp_version: 2`): parameters
+    are `DTensor` shards, and each is yielded as its full tensor (`full_tensor()`, an
+    all-gather; a new tensor on the parameter's device). With LoRA, the base weight and
+    the delta (computed on the shards, itself a DTensor) are both gathered, then added.
+    The all-gathers are collectives: under multi-process training EVERY rank must
+    iterate this generator to the end, in the same order, even ranks that discard the
+    tensors, or the ranks deadlock. Unsharded tensors (single process, DDP) are yielded
+    as before, without copies. FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions
+    are not gathered here.
     """
+    try:  # the type of FSDP2 (`fully_shard`) parameters; absent from torch builds without distributed support
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # isinstance(x, ()) is always False
+        DTensor = ()
+
+    def _full(tensor: torch.Tensor) -> torch.Tensor:  # a shard -> the full tensor (all-gather); others as they are
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora_layers: dict[str, Any] = {}
     try:
@@ -106,9 +124,10 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 if layer is not None and pname == "weight" and not layer.merged and not layer.disable_adapters:
                     for adapter in layer.active_adapters:
                         if adapter in getattr(layer, "lora_A", {}):
-                            tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+                            # under FSDP2 both are DTensors: gather each, then add full tensors
+                            tensor = _full(tensor) + _full(layer.get_delta_weight(adapter)).to(tensor.dtype)
                 name = f"{mod_name}.{pname}"
-            yield name, tensor.detach()
+            yield name, _full(tensor).detach()
 
 
 def _model_dir(model: torch.nn.Module) -> str | None:
@@ -165,6 +184,33 @@ def _shield_modules_from_kernel_scan() -> Iterator[None]:
             sys.modules[name] = module
 
 
+@contextlib.contextmanager
+def _keep_default_process_group() -> Iterator[None]:
+    """Let vLLM tear down its own process groups but not the default (the trainer's) one.
+
+    vLLM 0.32's `EngineCore.shutdown` ends with `cleanup_dist_env_and_memory()`, whose
+    `destroy_distributed_environment()` calls `torch.distributed.destroy_process_group()`
+    on the default group: right for the world vLLM created itself (single process), fatal
+    to a trainer whose group vLLM joined (its next barrier fails with "Default process
+    group has not been initialized"). While this is active, destroying the default group
+    is skipped; vLLM's own groups (subgroups of the trainer's world) are still destroyed.
+    """
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_unless_default(group=None):
+        if group is None or group is dist.group.WORLD:
+            return
+        destroy(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class VLLMColocateEngine:
     """`vllm.LLM` in the trainer process; weights reloaded in place after each update.
 
@@ -196,9 +242,24 @@ class VLLMColocateEngine:
     cache stays allocated (its size is `kv_cache_gb`). `generate` wakes a sleeping
     engine itself (the trainer evaluates between `sleep()` and the next `wake()`).
 
-    Limits: single process only (`accelerate` with >1 process would need
-    `distributed_executor_backend="external_launcher"`, not wired yet); FSDP / ZeRO-3
-    sharded policies are not gathered before export.
+    Multi-process training (`accelerate launch` with DDP, world size > 1, CPU/gloo tested):
+    every rank hosts its own engine (tensor parallel 1, the data-parallel "colocate" layout
+    of verl / TRL) that samples that rank's slice of the rollouts and is refreshed in place
+    from that rank's (DDP-identical) weights. vLLM is started with
+    `distributed_executor_backend="external_launcher"` (its torchrun SPMD mode; RANK /
+    LOCAL_RANK are taken from the environment, set from torch.distributed when missing).
+    Because torch.distributed is already initialised, vLLM does not create a process
+    group: it builds its world group on the trainer's ranks and, with tp = pp = dp = 1,
+    one single-rank TP/PP/DP group per rank (the leftover factor is its "external DP"), so
+    generation and weight reloads run no cross-rank collective and each rank may send
+    different prompts. The only collectives are at start-up (group creation, a min of
+    the KV-cache budget), which every rank reaches since the trainer builds the engine
+    on all of them. The vLLM seed is `seed + rank` (requests carry no seed, so vLLM samples
+    from the process's torch RNG, which the trainer also seeds per rank). `close()` keeps
+    the trainer's default process group alive (vLLM's shutdown would destroy it).
+
+    Limits: FSDP1 / ZeRO-3 sharded policies are not gathered before export; tensor or
+    pipeline parallel vLLM across the trainer's ranks is not supported.
     """
 
     def __init__(
@@ -226,11 +287,10 @@ class VLLMColocateEngine:
             ) from e
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "rollout.engine 'vllm' (colocate) runs in single-process training only for now; "
-                "use rollout.engine 'vllm_server' with multi-process training"
-            )
+        # multi-process training (DDP): one engine per rank, tensor parallel 1, each sampling its own
+        # prompts; vLLM joins the trainer's process group instead of creating its own (see the class doc)
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         mp = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if mp != "0":
             raise RuntimeError(
@@ -253,8 +313,21 @@ class VLLMColocateEngine:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max(1, batch_size),
-            seed=seed,
+            seed=seed + self.rank,  # ranks sample independent streams
         )
+        if self.distributed:
+            # vLLM's mode for torchrun-style SPMD: the executor reads RANK / LOCAL_RANK and, as torch.distributed
+            # is already initialised, builds its groups on the trainer's world (tp=1: one TP group per rank)
+            os.environ.setdefault("RANK", str(self.rank))
+            os.environ.setdefault("LOCAL_RANK", str(self.rank))
+            if int(os.environ["RANK"]) != self.rank:
+                raise RuntimeError(f"vLLM colocate: RANK={os.environ['RANK']} but torch.distributed rank {self.rank}")
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
+            if llm_kwargs.get("tensor_parallel_size", 1) != 1 or llm_kwargs.get("pipeline_parallel_size", 1) != 1:
+                raise NotImplementedError(
+                    "rollout.engine 'vllm' under multi-process training runs one engine per rank (tensor and "
+                    "pipeline parallel 1): every rank samples its own prompts, which TP/PP across ranks cannot do"
+                )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if cpu:  # the CPU worker otherwise reserves gpu_memory_utilization x total RAM for the KV cache
@@ -333,7 +406,9 @@ class VLLMColocateEngine:
         """Free the engine (tests start several); the object is unusable afterwards."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            with contextlib.suppress(Exception):
+            # multi-process: the default group is the trainer's, which vLLM's shutdown would destroy
+            keep = _keep_default_process_group() if self.distributed else contextlib.nullcontext()
+            with keep, contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
             del llm
         if self._tmp is not None:
@@ -430,6 +505,14 @@ class VLLMServerEngine:
       round trip, but it works on CPU, where vLLM has no weight-transfer backend (all
       of them, NCCL / CUDA IPC, are GPU-only). NCCL transfer through
       `/init_weight_transfer_engine` + `/update_weights` is not wired yet.
+      Multi-process training (a `torch.distributed` group of world size > 1, e.g.
+      `accelerate` with DDP or FSDP2): every rank calls `update_weights` and iterates
+      `export_weights` to the end (under FSDP2 its all-gathers are collectives), but only
+      rank 0 builds the CPU state dict, writes the file and posts the reload, once per
+      sync (not once per rank); then every rank waits for rank 0's outcome (a
+      `broadcast_object_list`, i.e. a barrier), so no rank generates before the server has
+      reloaded, and a failed push raises on every rank. The reload must finish within the
+      process group's timeout. With one process it is all done in that process.
     `sleep`/`wake` are no-ops: the server owns its memory.
     """
 
@@ -637,29 +720,53 @@ class VLLMServerEngine:
     def update_weights(self, model: torch.nn.Module) -> None:
         if self.weight_sync == "none":
             return
-        from safetensors.torch import save_file
+        import torch.distributed as dist
 
-        state = {}
-        for name, t in export_weights(model):
-            state[name] = t.contiguous().cpu()
-        # safetensors refuses shared storage, but tied weights must be written under both names:
-        # without `lm_head.weight`, vLLM's in-place reload leaves its tied (and, on CPU, re-packed)
-        # lm_head on the old weights ("ParallelLMHead: Failed to load weights")
-        seen: set[int] = set()
-        for name in list(state):
-            ptr = state[name].data_ptr()
-            if ptr in seen:
-                state[name] = state[name].clone()
-            seen.add(ptr)
-        path = Path(self.sync_dir)
-        tmp = path / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, path / "model.safetensors")
-        self._request(
-            "POST", "/collective_rpc",
-            json={"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
-        )
-        self._request("POST", "/reset_prefix_cache")
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        error: Exception | None = None
+        if distributed and dist.get_rank() != 0:
+            for _ in export_weights(model):  # only the collectives (FSDP2 all-gathers): no CPU copy here
+                pass
+        else:
+            try:
+                from safetensors.torch import save_file
+
+                state = {}
+                for name, t in export_weights(model):
+                    state[name] = t.contiguous().cpu()
+                # safetensors refuses shared storage, but tied weights must be written under both names:
+                # without `lm_head.weight`, vLLM's in-place reload leaves its tied (and, on CPU, re-packed)
+                # lm_head on the old weights ("ParallelLMHead: Failed to load weights")
+                seen: set[int] = set()
+                for name in list(state):
+                    ptr = state[name].data_ptr()
+                    if ptr in seen:
+                        state[name] = state[name].clone()
+                    seen.add(ptr)
+                path = Path(self.sync_dir)
+                tmp = path / "model.safetensors.tmp"
+                save_file(state, str(tmp))
+                del state
+                os.replace(tmp, path / "model.safetensors")
+                self._request(
+                    "POST", "/collective_rpc",
+                    json={"method": "reload_weights",
+                          "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
+                )
+                self._request("POST", "/reset_prefix_cache")
+            except Exception as e:  # raised below, once every rank knows
+                if not distributed:
+                    raise
+                error = e
+        if distributed:
+            # a barrier that carries rank 0's outcome: no rank generates before the server reloaded,
+            # and when rank 0 failed every rank raises (instead of the others running on stale weights)
+            status = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(status, src=0)
+            if error is not None:
+                raise error
+            if status[0] is not None:
+                raise RuntimeError(f"vllm_server weight sync failed on rank 0: {status[0]}")
         self.stats["weight_syncs"] += 1
 
     def sleep(self) -> None:  # the server owns its memory

@@ -589,23 +589,33 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         ds, builder, sampler = stage_data[stage_idx]
 
         # --- rollout: every process draws the same global batch and keeps its slice -------
-        indices = sampler.next(cfg.prompts_per_step)[rank::world]
+        n_rollout = cfg.prompts_per_step * cfg.rollout.oversample
+        indices = sampler.next(n_rollout)[rank::world]
         rows = [ds[i] for i in indices]
         t0 = time.perf_counter()
         engine.wake()
-        trajs = agent(
+        rollout_trajs = agent(
             engine,
             tokenizer,
             rows,
             prompt_builder=builder,
             params=sampling,
             group_size=cfg.rollout.group_size,
-            first_group_id=step * cfg.prompts_per_step + rank * len(rows),
+            first_group_id=step * n_rollout + rank * len(rows),
             **cfg.rollout.agent_kwargs,
         )
         engine.sleep()
         rollout_time = time.perf_counter() - t0
-        reward_errors = score_trajectories(trajs, reward_fns, cfg.reward_fallback)
+        reward_errors = score_trajectories(rollout_trajs, reward_fns, cfg.reward_fallback)
+        # dynamic sampling: each process trains on its share of groups, those whose rewards differ first
+        rollout_rewards = torch.tensor([t.reward for t in rollout_trajs], dtype=torch.float64)
+        rollout_groups = torch.tensor([t.group_id for t in rollout_trajs], dtype=torch.long)
+        trajs = rollout_trajs
+        if cfg.rollout.oversample > 1:
+            keep = algorithms.select_groups(rollout_rewards, rollout_groups, cfg.prompts_per_step // world)
+            trajs = [rollout_trajs[i] for i in keep.tolist()]
+        rolled_informative = algorithms.informative_groups(rollout_rewards, rollout_groups)
+        kept_groups = {t.group_id for t in trajs}
 
         # --- per-token quantities for the whole batch --------------------------------------
         resp = to_response_tensors(trajs)
@@ -748,13 +758,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         train_time = time.perf_counter() - t0
 
         # --- metrics -----------------------------------------------------------------------
-        rewards = [t.reward for t in trajs]
-        gen_tokens = int(sum(sum(t.loss_mask) for t in trajs))
+        # rewards and episode info over everything rolled out: the policy's performance, not
+        # the (biased) groups dynamic sampling kept for training
+        rewards = rollout_rewards.tolist()
+        gen_tokens = int(sum(sum(t.loss_mask) for t in rollout_trajs))
         local = torch.tensor(
             [sum(rewards), sum(r * r for r in rewards), len(rewards), gen_tokens, tokens_seen, trained_tokens]
             + [sums[k] for k in sorted(sums)]
-            + [sum(t.reward_parts.get(rf.name, 0.0) for t in trajs) for rf in reward_fns]
-            + [float(reward_errors[rf.name]) for rf in reward_fns],
+            + [sum(t.reward_parts.get(rf.name, 0.0) for t in rollout_trajs) for rf in reward_fns]
+            + [float(reward_errors[rf.name]) for rf in reward_fns]
+            + [sum(rolled_informative.values()), len(rolled_informative),
+               sum(rolled_informative[g] for g in kept_groups), len(kept_groups)],
             dtype=torch.float64,
         )
         tot = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
@@ -767,13 +781,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             "reward/std": math.sqrt(max(tot[1] / n - mean_r**2, 0.0)),
             "response_length/mean": tot[3] / n,
         }
-        metrics.update(info_means(accelerator, trajs, "info"))
+        metrics.update(info_means(accelerator, rollout_trajs, "info"))
         metrics.update(mismatch)
         metrics.update({f"loss/{k}": tot[6 + i] / seen for i, k in enumerate(sorted(sums))})
         base = 6 + len(sums)
         for i, rf in enumerate(reward_fns):
             metrics[f"reward/{rf.name}"] = tot[base + i] / n
             metrics[f"reward_errors/{rf.name}"] = tot[base + len(reward_fns) + i]
+        informative, groups, kept_informative, kept = tot[base + 2 * len(reward_fns) :]
+        if cfg.rollout.group_size > 1:  # one sample per prompt (PPO) has no groups to compare
+            metrics["rollout/informative_groups"] = informative / max(groups, 1)  # rewards differ within the group
+            metrics["rollout/trained_informative_groups"] = kept_informative / max(kept, 1)
         valid = advantages[mask > 0]
         metrics.update(
             {

@@ -9,7 +9,10 @@ Answers `GET /v1/models`, `GET /health` and `POST /v1/completions` in vLLM 0.32'
 finish reason "length". Modes: `ok`; `hang` (completions never answer, the connection
 stays open); `no_token_ids` (choices without `token_ids`, like a vLLM too old for
 `return_token_ids` or another OpenAI-compatible server). `GET /inflight` tells how many
-completions are being answered right now (tests wait for it before killing the server).
+completions are being answered right now (tests wait for it before killing the server),
+and what the weight-sync endpoints received: `POST /collective_rpc` (the JSON bodies, in
+order, under `collective_rpc`) and `POST /reset_prefix_cache` (a count); both answer
+like vLLM's dev endpoints, without loading anything.
 No vLLM, no model: FastAPI + uvicorn only, starts in about a second.
 """
 
@@ -25,7 +28,7 @@ MODEL = "fake-model"
 
 def make_app(delay: float = 0.0, mode: str = "ok") -> FastAPI:
     app = FastAPI()
-    state = {"inflight": 0, "served": 0}
+    state = {"inflight": 0, "served": 0, "collective_rpc": [], "reset_prefix_cache": 0}
 
     @app.get("/health")
     async def health():
@@ -38,6 +41,16 @@ def make_app(delay: float = 0.0, mode: str = "ok") -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "vllm"}]}
+
+    @app.post("/collective_rpc")
+    async def collective_rpc(request: Request):
+        state["collective_rpc"].append(await request.json())
+        return {"results": [None]}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        state["reset_prefix_cache"] += 1
+        return {}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -24,3 +24,12 @@ def returns_dict(row, traj):
 
 def returns_nan(row, traj):
     return math.nan
+
+
+def informative_on_even_answers(row, traj):
+    """Differs within a group (alternating 0/1 by call) when the answer is even, else a constant 0.5:
+    the groups of odd-answer prompts carry no advantage signal (dynamic-sampling tests)."""
+    if int(row["answer"]) % 2:
+        return 0.5
+    CALLS["n"] += 1
+    return float(CALLS["n"] % 2)

@@ -666,3 +666,51 @@ def test_rollout_correction_weights_the_policy_gradient():
     (g_plain,) = torch.autograd.grad(loss.sum(), logp, retain_graph=True)
     (g_weighted,) = torch.autograd.grad((loss * w).sum(), logp)
     close(g_weighted, g_plain * w, tol=1e-6)
+
+
+# --- dynamic sampling --------------------------------------------------------------------------
+
+
+@st.composite
+def scored_groups(draw):
+    """Rewards of several groups (some constant, some not), samples of a group contiguous."""
+    n_groups = draw(st.integers(1, 8))
+    size = draw(st.integers(1, 5))
+    first = draw(st.integers(0, 1000))
+    rewards, groups = [], []
+    for g in range(n_groups):
+        if draw(st.booleans()):
+            rewards += [draw(st.sampled_from([0.0, 1.0, -0.2]))] * size
+        else:
+            rewards += [draw(st.sampled_from([0.0, 0.5, 1.0])) for _ in range(size)]
+        groups += [first + 3 * g] * size
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(groups)
+
+
+@given(scored_groups(), st.integers(0, 10))
+def test_select_groups_keeps_whole_groups_informative_first(batch, keep):
+    rewards, groups = batch
+    informative = A.informative_groups(rewards, groups)
+    for g, flag in informative.items():  # informative <=> the group's rewards are not all equal
+        assert flag == (len(set(rewards[groups == g].tolist())) > 1)
+    idx = A.select_groups(rewards, groups, keep)
+    assert idx.tolist() == sorted(set(idx.tolist()))  # rollout order, no repeats
+    chosen = set(groups[idx].tolist())
+    assert len(chosen) == min(keep, len(informative))
+    for g in chosen:  # whole groups only
+        assert set(idx.tolist()) >= set(torch.nonzero(groups == g).flatten().tolist())
+    n_informative = sum(informative.values())
+    # no uninformative group is kept while an informative one is left out
+    assert sum(informative[g] for g in chosen) == min(len(chosen), n_informative)
+    assert torch.equal(idx, A.select_groups(rewards, groups, keep))  # deterministic
+
+
+def test_select_groups_order_and_errors():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0])
+    groups = torch.tensor([7, 7, 3, 3, 9, 9, 1, 1])
+    assert A.informative_groups(rewards, groups) == {7: False, 3: True, 9: False, 1: True}
+    assert A.select_groups(rewards, groups, 2).tolist() == [2, 3, 6, 7]
+    assert A.select_groups(rewards, groups, 3).tolist() == [0, 1, 2, 3, 6, 7]  # then first-seen order
+    assert A.informative_groups(torch.tensor([0.3]), torch.tensor([5])) == {5: False}
+    with pytest.raises(ValueError, match="keep must be >= 0"):
+        A.select_groups(rewards, groups, -1)

@@ -80,6 +80,27 @@ def test_oracle_episodes_masks_and_grounding(tiny_tokenizer, tmp_path):
     assert [r["id"] for r in kept] == ["a", "b", "c"] and counts["kept"] == 3
 
 
+def test_slow_template_oracle_thinks_before_every_action(tiny_tokenizer, tmp_path):
+    from agents.search import search_format
+    from rl.trajectory import Trajectory
+
+    corpus = str(write_corpus(tmp_path / "c.jsonl"))
+    rows, counts = generate_oracle_trajectories(
+        tiny_tokenizer, ROWS[:3], {**KW, "template": "slow", "retriever": corpus}, progress=False
+    )
+    assert counts["kept"] == 3
+    for r in rows:
+        ids, mask = r["input_ids"], r["completion_mask"]
+        actions = [tiny_tokenizer.decode(p) for p in runs(ids, mask, 1)]
+        assert all(a.startswith("<think> ") and "</think>" in a for a in actions)
+        assert actions[-1].endswith(f"<answer> {r['golden_answers'][0]} </answer>")
+        # the Search-R1 format-aware reward (think required under the Slow template) gives full marks
+        start = mask.index(1)
+        traj = Trajectory(ids[:start], ids[start:], mask[start:], [0.0] * (len(ids) - start), 0, r,
+                          response_text=tiny_tokenizer.decode(ids[start:]), info={"template": "slow"})
+        assert search_format(r, traj) == 1.0
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, len(DOCS) - 1), st.sampled_from([8, 16, 64]))
 def test_oracle_answers_from_the_evidence_it_saw(tiny_tokenizer, tmp_path_factory, doc, max_obs):

@@ -137,6 +137,36 @@ def test_rollout_correction_reports_mismatch_and_weighs_the_loss(tiny_model_dir,
     assert math.isclose(capped["loss/pg_loss"], 1.1 * plain["loss/pg_loss"], rel_tol=1e-4)
 
 
+def test_dynamic_sampling_trains_informative_groups_and_reports_all(tiny_model_dir, tmp_path, monkeypatch):
+    import rl.trainer as trainer_module
+
+    scored, trained = [], []
+    score, to_tensors = trainer_module.score_trajectories, trainer_module.to_response_tensors
+    monkeypatch.setattr(trainer_module, "score_trajectories", lambda t, *a: scored.append(list(t)) or score(t, *a))
+    monkeypatch.setattr(trainer_module, "to_response_tensors", lambda t: trained.append(list(t)) or to_tensors(t))
+    result = run(tiny_model_dir, tmp_path, steps=3, rollout__oversample=2, eval_before_training=False, data__eval="",
+                 rewards=[{"name": "helpers_rewards:informative_on_even_answers"}])
+    history = [h for h in result["history"] if "reward/mean" in h]
+    assert len(scored) == len(trained) == len(history) == 3
+    for rolled, kept, h in zip(scored, trained, history):
+        groups = {}
+        for t in rolled:
+            groups.setdefault(t.group_id, []).append(t)
+        assert len(groups) == 4 and all(len(g) == 4 for g in groups.values())  # 2 prompts/step x oversample 2
+        informative = {g for g, ts in groups.items() if int(ts[0].row["answer"]) % 2 == 0}
+        kept_groups = {t.group_id for t in kept}
+        assert len(kept_groups) == 2 and len(kept) == 8  # whole groups, prompts_per_step of them
+        assert {id(t) for t in kept} == {id(t) for g in kept_groups for t in groups[g]}
+        assert len(kept_groups & informative) == min(2, len(informative))
+        assert h["rollout/informative_groups"] == len(informative) / 4
+        assert h["rollout/trained_informative_groups"] == len(kept_groups & informative) / 2
+        # the reward the run reports is the policy's, over everything rolled out
+        assert math.isclose(h["reward/mean"], sum(t.reward for t in rolled) / 16)
+    assert any(0 < h["rollout/informative_groups"] < h["rollout/trained_informative_groups"] for h in history), (
+        "the seeded draw should include a step where selection changed what was trained"
+    )
+
+
 def test_lora_smoke_trains_only_the_adapter(tiny_model_dir, tmp_path):
     run(tiny_model_dir, tmp_path, model__lora=True, model__lora_r=4, algorithm__kl_coef=0.1)
     adapter = tmp_path / "checkpoint-2" / "policy" / "adapter_model.safetensors"
@@ -287,6 +317,10 @@ def test_bad_values_are_clear_errors(tmp_path):
         load_config(path, ["algorithm.name=grpo", "steps=ten"])
     with pytest.raises(ConfigError, match=r"algorithm.rollout_correction 'tis' is not one of \['none', 'sequence'"):
         load_config(path, ["algorithm.name=grpo", "algorithm.rollout_correction=tis"])
+    with pytest.raises(ConfigError, match="rollout.oversample must be >= 1"):
+        load_config(path, ["algorithm.name=grpo", "rollout.oversample=0"])
+    with pytest.raises(ConfigError, match="rollout.oversample > 1 needs rollout.group_size >= 2"):
+        load_config(path, ["algorithm.name=grpo", "rollout.oversample=2", "rollout.group_size=1"])
     with pytest.raises(ConfigError, match="algorithm.rollout_correction_cap must be >= 1"):
         load_config(path, ["algorithm.name=grpo", "algorithm.rollout_correction=token",
                            "algorithm.rollout_correction_cap=0.5"])
@@ -363,9 +397,9 @@ def test_two_process_accelerate_launch(tiny_model_dir, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "rl.train", str(path),
+        # the shipped config: it must start 2 processes (a MULTI_CPU config silently starts one)
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"), "-m", "rl.train", str(path),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,8 @@ and the shared `tiny_model_dir` has head_dim 16.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import socket
 import subprocess
@@ -29,7 +31,7 @@ from rl.engines import HFEngine, SamplingParams, build_engine
 from rl.engines_vllm import export_weights, group_prompts, map_finish
 from rl.trainer import forward_logprobs, make_micro_batch, scatter_rows
 from rl.trajectory import Trajectory
-from test_trainer import recipe  # the trainer tests' small arithmetic recipe
+from test_trainer import REPO, final_weights, recipe  # the trainer tests' small arithmetic recipe
 
 try:
     import vllm  # noqa: F401
@@ -290,6 +292,44 @@ def test_two_step_training_run_with_the_vllm_engine(vdir, tmp_path, engine, monk
     (eng,) = built  # the trainer sampled every rollout and eval from vLLM, synced after each step
     assert eng.stats["samples"] >= 2 * 2 * 4 and eng.stats["weight_syncs"] == 1 + 2
     eng.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_two_process_training_with_a_vllm_engine_per_rank(vdir, tmp_path):
+    """DDP over gloo, 2 CPU processes: each rank hosts its own colocate engine (external_launcher, tp=1)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp_vllm"
+    cfg = recipe(vdir, out, rollout__engine="vllm",
+                 rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512},
+                 algorithm__rollout_correction="token")
+    path = tmp_path / "ddp_vllm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = [  # as test_trainer.py::test_two_process_accelerate_launch (torchrun; gloo since there is no GPU)
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "rl.train", str(path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    # both ranks started vLLM in its SPMD mode on the trainer's process group, and both finished
+    assert log.count("Using external launcher for distributed inference") >= 2, log[-4000:]
+    assert (out / "checkpoint-2" / "rng_state_0.safetensors").is_file()
+    assert (out / "checkpoint-2" / "rng_state_1.safetensors").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [h for h in lines if "reward/mean" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    for h in steps:  # both ranks' engines sampled from the trainer's current weights (reduced over ranks)
+        assert math.isfinite(h["grad_norm"]) and h["nan_skipped_steps"] == 0
+        assert 0 <= h["rollout/logp_abs_diff"] < 1e-3 and h["rollout/token_ratio_max"] < 1.01
+    before = load_file(os.path.join(vdir, "model.safetensors"))
+    after = final_weights(out)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k in after)
 
 
 @needs_vllm
