@@ -659,10 +659,7 @@ def select_groups(rewards: Tensor, group_ids: Tensor, keep: int, atol: float = 1
     if keep < 0:
         raise ValueError(f"keep must be >= 0 (got {keep})")
     informative = informative_groups(rewards, group_ids, atol)
-    order: list[int] = []
-    for g in group_ids.tolist():
-        if g not in order:
-            order.append(g)
+    order = list(dict.fromkeys(group_ids.tolist()))  # first-seen order
     ranked = [g for g in order if informative[g]] + [g for g in order if not informative[g]]
     chosen = set(ranked[:keep])
     return torch.tensor([i for i, g in enumerate(group_ids.tolist()) if g in chosen], dtype=torch.long)
