@@ -649,16 +649,19 @@ def informative_groups(rewards: Tensor, group_ids: Tensor, atol: float = 1e-6) -
     return out
 
 
-def select_groups(rewards: Tensor, group_ids: Tensor, keep: int, atol: float = 1e-6) -> Tensor:
+def select_groups(
+    rewards: Tensor, group_ids: Tensor, keep: int, atol: float = 1e-6, informative: dict[int, bool] | None = None
+) -> Tensor:
     """Sample indices of ``keep`` whole groups: informative groups first, then the others.
 
     Groups keep their first-seen order within each class and samples keep their order within
     a group, so the selection is deterministic. ``keep`` larger than the number of groups
-    keeps them all.
+    keeps them all. ``informative``: `informative_groups`' result, when the caller has it.
     """
     if keep < 0:
         raise ValueError(f"keep must be >= 0 (got {keep})")
-    informative = informative_groups(rewards, group_ids, atol)
+    if informative is None:
+        informative = informative_groups(rewards, group_ids, atol)
     order = list(dict.fromkeys(group_ids.tolist()))  # first-seen order
     ranked = [g for g in order if informative[g]] + [g for g in order if not informative[g]]
     chosen = set(ranked[:keep])

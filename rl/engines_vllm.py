@@ -722,52 +722,53 @@ class VLLMServerEngine:
             return
         import torch.distributed as dist
 
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            self._push_weights(model)
+            self.stats["weight_syncs"] += 1
+            return
         error: Exception | None = None
-        if distributed and dist.get_rank() != 0:
+        if dist.get_rank() != 0:
             for _ in export_weights(model):  # only the collectives (FSDP2 all-gathers): no CPU copy here
                 pass
         else:
             try:
-                from safetensors.torch import save_file
-
-                state = {}
-                for name, t in export_weights(model):
-                    state[name] = t.contiguous().cpu()
-                # safetensors refuses shared storage, but tied weights must be written under both names:
-                # without `lm_head.weight`, vLLM's in-place reload leaves its tied (and, on CPU, re-packed)
-                # lm_head on the old weights ("ParallelLMHead: Failed to load weights")
-                seen: set[int] = set()
-                for name in list(state):
-                    ptr = state[name].data_ptr()
-                    if ptr in seen:
-                        state[name] = state[name].clone()
-                    seen.add(ptr)
-                path = Path(self.sync_dir)
-                tmp = path / "model.safetensors.tmp"
-                save_file(state, str(tmp))
-                del state
-                os.replace(tmp, path / "model.safetensors")
-                self._request(
-                    "POST", "/collective_rpc",
-                    json={"method": "reload_weights",
-                          "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
-                )
-                self._request("POST", "/reset_prefix_cache")
+                self._push_weights(model)
             except Exception as e:  # raised below, once every rank knows
-                if not distributed:
-                    raise
                 error = e
-        if distributed:
-            # a barrier that carries rank 0's outcome: no rank generates before the server reloaded,
-            # and when rank 0 failed every rank raises (instead of the others running on stale weights)
-            status = [None if error is None else f"{type(error).__name__}: {error}"]
-            dist.broadcast_object_list(status, src=0)
-            if error is not None:
-                raise error
-            if status[0] is not None:
-                raise RuntimeError(f"vllm_server weight sync failed on rank 0: {status[0]}")
+        # a barrier that carries rank 0's outcome: no rank generates before the server reloaded,
+        # and when rank 0 failed every rank raises (instead of the others running on stale weights)
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)
+        if error is not None:
+            raise error
+        if status[0] is not None:
+            raise RuntimeError(f"vllm_server weight sync failed on rank 0: {status[0]}")
         self.stats["weight_syncs"] += 1
+
+    def _push_weights(self, model: torch.nn.Module) -> None:
+        """Write the policy's weights to `sync_dir` (safetensors, atomically) and have the server reload them."""
+        from safetensors.torch import save_file
+
+        state = {name: t.contiguous().cpu() for name, t in export_weights(model)}
+        # safetensors refuses shared storage, but tied weights must be written under both names:
+        # without `lm_head.weight`, vLLM's in-place reload leaves its tied (and, on CPU, re-packed)
+        # lm_head on the old weights ("ParallelLMHead: Failed to load weights")
+        seen: set[int] = set()
+        for name in list(state):
+            ptr = state[name].data_ptr()
+            if ptr in seen:
+                state[name] = state[name].clone()
+            seen.add(ptr)
+        path = Path(self.sync_dir)
+        tmp = path / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        del state
+        os.replace(tmp, path / "model.safetensors")
+        self._request(
+            "POST", "/collective_rpc",
+            json={"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
+        )
+        self._request("POST", "/reset_prefix_cache")
 
     def sleep(self) -> None:  # the server owns its memory
         pass

@@ -610,11 +610,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         # dynamic sampling: each process trains on its share of groups, those whose rewards differ first
         rollout_rewards = torch.tensor([t.reward for t in rollout_trajs], dtype=torch.float64)
         rollout_groups = torch.tensor([t.group_id for t in rollout_trajs], dtype=torch.long)
+        rolled_informative = algorithms.informative_groups(rollout_rewards, rollout_groups)
         trajs = rollout_trajs
         if cfg.rollout.oversample > 1:
-            keep = algorithms.select_groups(rollout_rewards, rollout_groups, cfg.prompts_per_step // world)
+            keep = algorithms.select_groups(rollout_rewards, rollout_groups, cfg.prompts_per_step // world,
+                                            informative=rolled_informative)
             trajs = [rollout_trajs[i] for i in keep.tolist()]
-        rolled_informative = algorithms.informative_groups(rollout_rewards, rollout_groups)
         kept_groups = {t.group_id for t in trajs}
 
         # --- per-token quantities for the whole batch --------------------------------------
