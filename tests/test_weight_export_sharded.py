@@ -273,7 +273,11 @@ def _worker_main(mode: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     try:
-        {"fsdp2": _worker_fsdp2, "fsdp2_lora": _worker_fsdp2_lora, "server": _worker_server}[mode](*args)
+        if mode == "nccl_fsdp2":  # vLLM's NCCL trainer engine over FSDP2 (tests/test_vllm_nccl_sync.py)
+            from test_vllm_nccl_sync import worker_nccl_fsdp2 as worker
+        else:
+            worker = {"fsdp2": _worker_fsdp2, "fsdp2_lora": _worker_fsdp2_lora, "server": _worker_server}[mode]
+        worker(*args)
     finally:
         dist.destroy_process_group()
 
