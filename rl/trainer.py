@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -401,6 +402,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     )
     is_main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for launcher_env, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        # measured for FSDP with accelerate 1.15: on a CPU machine the config silently becomes
+        # plain DDP over gloo (every rank holds the whole model); say so instead of letting it pass
+        asked = os.environ.get(launcher_env, "").lower() == "true"
+        if is_main and asked and accelerator.distributed_type.name != wanted:
+            logger.warning("the accelerate config asks for %s, but accelerate runs %s here (no GPU: %s needs one); "
+                           "every process holds the whole model", wanted, accelerator.distributed_type.name, wanted)
     if resume is None and is_main and output_dir.exists() and any(output_dir.iterdir()):
         if not cfg.overwrite_output_dir:
             raise FileExistsError(

@@ -407,3 +407,25 @@ def test_two_process_accelerate_launch(tiny_model_dir, tmp_path):
     steps = [h for h in lines if "reward/mean" in h]
     assert [h["step"] for h in steps] == [1, 2]
     assert (tmp_path / "ddp" / "checkpoint-2" / "rng_state_1.safetensors").is_file()
+    assert "asks for" not in proc.stderr  # a DDP config gets no FSDP/DeepSpeed warning
+
+
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_warns_that_it_runs_ddp(tiny_model_dir, tmp_path):
+    """accelerate 1.15 turns the shipped FSDP2 config into DDP over gloo on a CPU machine, silently;
+    the trainer says so (once, on the main process), and the run still trains on both ranks."""
+    import yaml
+
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(recipe(tiny_model_dir, tmp_path / "fsdp", steps=1, prompts_per_step=2)))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+        "-m", "rl.train", str(path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("the accelerate config asks for FSDP, but accelerate runs MULTI_CPU") == 1, \
+        proc.stderr[-3000:]
+    assert (tmp_path / "fsdp" / "checkpoint-1" / "rng_state_1.safetensors").is_file()
