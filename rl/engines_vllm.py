@@ -93,9 +93,17 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     The all-gathers are collectives: under multi-process training EVERY rank must
     iterate this generator to the end, in the same order, even ranks that discard the
     tensors, or the ranks deadlock. Unsharded tensors (single process, DDP) are yielded
-    as before, without copies. FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions
+    as before, without copies. FSDP1 (`FullyShardedDataParallel`) is refused with an
+    error: exported as it is, its root's parameters come out as local 1-D shards and LoRA
+    deltas are dropped, silently (measured on 2 gloo ranks). DeepSpeed ZeRO-3 partitions
     are not gathered here.
     """
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):  # set by FSDP1 only
+        raise NotImplementedError(
+            "export_weights: the policy is sharded by FSDP1 (FullyShardedDataParallel, accelerate's "
+            "fsdp_version: 1), which this project does not gather; use FSDP2 (fsdp_version: 2, "
+            "recipes/accelerate/fsdp2.yaml)"
+        )
     try:  # the type of FSDP2 (`fully_shard`) parameters; absent from torch builds without distributed support
         from torch.distributed.tensor import DTensor
     except ImportError:  # isinstance(x, ()) is always False
@@ -259,7 +267,7 @@ class VLLMColocateEngine:
     from the process's torch RNG, which the trainer also seeds per rank). `close()` keeps
     the trainer's default process group alive (vLLM's shutdown would destroy it).
 
-    Limits: FSDP1 / ZeRO-3 sharded policies are not gathered before export; tensor or
+    Limits: FSDP1 is refused and ZeRO-3 partitions are not gathered before export; tensor or
     pipeline parallel vLLM across the trainer's ranks is not supported.
     """
 

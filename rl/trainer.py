@@ -409,6 +409,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if is_main and asked and accelerator.distributed_type.name != wanted:
             logger.warning("the accelerate config asks for %s, but accelerate runs %s here (no GPU: %s needs one); "
                            "every process holds the whole model", wanted, accelerator.distributed_type.name, wanted)
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type.name == "FSDP" and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        # FSDP1's root parameters are flat shards outside a forward: generation and the weight
+        # export to a rollout engine would read shards (see tests/test_weight_export_fsdp1.py)
+        raise ValueError("FSDP1 (accelerate fsdp_version: 1) is not supported: use fsdp_version: 2 "
+                         "(recipes/accelerate/fsdp2.yaml)")
     if resume is None and is_main and output_dir.exists() and any(output_dir.iterdir()):
         if not cfg.overwrite_output_dir:
             raise FileExistsError(
