@@ -514,7 +514,8 @@ class VLLMColocateEngine:
 # ----------------------------------------------------------------------------- server
 
 
-WEIGHT_SYNCS = ("none", "disk", "nccl")
+WEIGHT_SYNCS = ("none", "disk", "nccl", "ipc")
+WEIGHT_TRANSFERS = ("nccl", "ipc")  # through vLLM's weight-transfer API
 
 
 def _free_port(host: str) -> int:
@@ -605,7 +606,13 @@ class VLLMServerEngine:
       The server needs `VLLM_SERVER_DEV_MODE=1` and `--weight-transfer-config
       '{"backend": "nccl"}'`; it is checked at construction. Not yet run on a GPU by this
       project: on CPU the tests run vLLM's real trainer engine and HTTP client against a
-      stand-in server, with only the NCCL communicator replaced.
+      stand-in server, with only the NCCL communicator replaced. NCCL cannot put two ranks on
+      one GPU: for a server on the trainer's own GPU use "ipc";
+    * "ipc" (GPU, server on the trainer's GPU): the same with vLLM's CUDA IPC engine
+      (`IPCTrainerWeightTransferEngine`): the server maps the trainer's tensors by their CUDA
+      IPC handles, sent pickled over HTTP (the server also needs
+      `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, and `'{"backend": "ipc"}'`). Not yet run on a
+      GPU either; the CPU tests replace only the CUDA calls (device uuid, `reduce_tensor`).
       Multi-process training (a `torch.distributed` group of world size > 1, e.g.
       `accelerate` with DDP or FSDP2): every rank calls `update_weights` and iterates
       `export_weights` to the end (under FSDP2 its all-gathers are collectives), but only
@@ -614,8 +621,8 @@ class VLLMServerEngine:
       `broadcast_object_list`, i.e. a barrier), so no rank generates before the server has
       reloaded, and a failed push raises on every rank. The reload must finish within the
       process group's timeout. With one process it is all done in that process. With
-      "nccl" every rank runs vLLM's `send_weights` (non-senders only join the gathers) and
-      the same barrier follows.
+      "nccl" / "ipc" every rank runs vLLM's `send_weights` (non-senders only join the gathers;
+      with "ipc" also the all-gather of the handles) and the same barrier follows.
     `sleep`/`wake` are no-ops: the server owns its memory.
     """
 
@@ -668,11 +675,11 @@ class VLLMServerEngine:
         self.nccl_master_address = nccl_master_address
         self.nccl_master_port = nccl_master_port
         self.nccl_packed = nccl_packed
-        self._transfer = None  # vLLM's NCCLTrainerWeightTransferEngine, opened at the first sync
+        self._transfer = None  # vLLM's trainer-side weight-transfer engine, opened at the first sync
         self._source = None  # its policy_weight_source
         try:
             self.model_name = self._check_server(model_name, model)
-            if weight_sync == "nccl":
+            if weight_sync in WEIGHT_TRANSFERS:
                 self.inference_world_size = self._check_weight_transfer(model)
         except BaseException:
             self.close()
@@ -720,21 +727,27 @@ class VLLMServerEngine:
 
         u = urlsplit(self.base_url)
         path = (_model_dir(model) if model is not None else None) or "MODEL_DIR"
-        env = "VLLM_SERVER_DEV_MODE=1 " if self.weight_sync in ("disk", "nccl") else ""
-        transfer = " --weight-transfer-config '{\"backend\": \"nccl\"}'" if self.weight_sync == "nccl" else ""
+        env = "VLLM_SERVER_DEV_MODE=1 " if self.weight_sync != "none" else ""
+        if self.weight_sync == "ipc":  # the IPC handles travel pickled over HTTP
+            env += "VLLM_ALLOW_INSECURE_SERIALIZATION=1 "
+        transfer = ""
+        if self.weight_sync in WEIGHT_TRANSFERS:
+            transfer = f" --weight-transfer-config '{{\"backend\": \"{self.weight_sync}\"}}'"
         return (
             f"{env}python -m vllm.entrypoints.openai.api_server --model {path} --host {u.hostname} "
             f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs{transfer}"
         )
 
     def _check_weight_transfer(self, model: torch.nn.Module | None) -> int:
-        """weight_sync="nccl": vLLM's trainer-side API is importable here and the server has the
+        """weight_sync "nccl" / "ipc": vLLM's trainer-side API is importable here and the server has the
         weight-transfer routes; returns the server's world size (its workers in the NCCL group)."""
         try:
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine  # noqa: F401
+            import vllm.distributed.weight_transfer.clients  # noqa: F401
+            import vllm.distributed.weight_transfer.ipc_engine  # noqa: F401
+            import vllm.distributed.weight_transfer.nccl_engine  # noqa: F401
         except ImportError as e:
             raise RuntimeError(
-                f"rollout.engine 'vllm_server' with weight_sync 'nccl' needs vLLM's weight-transfer API "
+                f"rollout.engine 'vllm_server' with weight_sync {self.weight_sync!r} needs vLLM's weight-transfer API "
                 f"(vllm >= 0.22, `pip install -e .[vllm]`) in the trainer's environment: {e}"
             ) from e
         try:
@@ -742,7 +755,7 @@ class VLLMServerEngine:
             return int(answer["world_size"])
         except (RuntimeError, TypeError, KeyError, ValueError) as e:
             raise RuntimeError(
-                f"rollout.engine 'vllm_server': weight_sync 'nccl' needs the server's weight-transfer routes "
+                f"rollout.engine 'vllm_server': weight_sync {self.weight_sync!r} needs the server's weight-transfer routes "
                 f"(GET {self.base_url}/get_world_size failed: {e}). Start the server with them:\n"
                 f"  {self._start_hint(model)}"
             ) from e
@@ -862,8 +875,8 @@ class VLLMServerEngine:
             return
         error: Exception | None = None
         if dist.get_rank() != 0:
-            if self.weight_sync == "nccl":
-                self._send_nccl(model, dist.get_rank())  # joins the gathers; only rank 0 sends
+            if self.weight_sync in WEIGHT_TRANSFERS:
+                self._send_transfer(model, dist.get_rank())  # joins the gathers; only rank 0 sends
             else:
                 for _ in export_weights(model):  # only the collectives (FSDP2 all-gathers): no CPU copy here
                     pass
@@ -882,33 +895,44 @@ class VLLMServerEngine:
             raise RuntimeError(f"vllm_server weight sync failed on rank 0: {status[0]}")
         self.stats["weight_syncs"] += 1
 
-    def _send_nccl(self, model: torch.nn.Module, rank: int) -> None:
-        """One NCCL push through vLLM's trainer engine; the first call opens the transfer group."""
+    def _send_transfer(self, model: torch.nn.Module, rank: int) -> None:
+        """One push through vLLM's trainer-side engine (NCCL or CUDA IPC); the first call opens it."""
         if self._transfer is None:
             from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
-            from vllm.distributed.weight_transfer.nccl_engine import (
-                NCCLTrainerInitInfo,
-                NCCLTrainerWeightTransferEngine,
-            )
 
-            port = self.nccl_master_port or _free_port(self.nccl_master_address)
-            info = NCCLTrainerInitInfo(
-                master_address=self.nccl_master_address, master_port=port,
-                world_size=1 + self.inference_world_size, packed=self.nccl_packed, rank=rank,
-            )
+            client = HTTPVLLMWeightSyncClient(self.base_url, timeout=self.timeout)
             self._source = policy_weight_source(model)
-            logger.info("vllm_server: opening the NCCL weight transfer to %s (%s:%d, %d server workers)",
-                        self.base_url, self.nccl_master_address, port, self.inference_world_size)
-            self._transfer = NCCLTrainerWeightTransferEngine.trainer_init(
-                info, client=HTTPVLLMWeightSyncClient(self.base_url, timeout=self.timeout), source=self._source
-            )
+            if self.weight_sync == "nccl":
+                from vllm.distributed.weight_transfer.nccl_engine import (
+                    NCCLTrainerInitInfo,
+                    NCCLTrainerWeightTransferEngine,
+                )
+
+                port = self.nccl_master_port or _free_port(self.nccl_master_address)
+                info = NCCLTrainerInitInfo(
+                    master_address=self.nccl_master_address, master_port=port,
+                    world_size=1 + self.inference_world_size, packed=self.nccl_packed, rank=rank,
+                )
+                logger.info("vllm_server: opening the NCCL weight transfer to %s (%s:%d, %d server workers)",
+                            self.base_url, self.nccl_master_address, port, self.inference_world_size)
+                self._transfer = NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=self._source)
+            else:
+                from vllm.distributed.weight_transfer.ipc_engine import (
+                    IPCTrainerInitInfo,
+                    IPCTrainerWeightTransferEngine,
+                )
+
+                logger.info("vllm_server: opening the CUDA IPC weight transfer to %s", self.base_url)
+                self._transfer = IPCTrainerWeightTransferEngine.trainer_init(
+                    IPCTrainerInitInfo(rank=rank), client=client, source=self._source
+                )
         self._source.model = model
         self._transfer.send_weights()
 
     def _push_weights(self, model: torch.nn.Module) -> None:
-        """Rank 0's half of a sync: NCCL through vLLM's trainer engine, or a safetensors file the server reloads."""
-        if self.weight_sync == "nccl":
-            self._send_nccl(model, 0)
+        """Rank 0's half of a sync: through vLLM's weight-transfer engine, or a safetensors file the server reloads."""
+        if self.weight_sync in WEIGHT_TRANSFERS:
+            self._send_transfer(model, 0)
             self._request("POST", "/reset_prefix_cache")
             return
         from safetensors.torch import save_file

@@ -273,8 +273,8 @@ def _worker_main(mode: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     try:
-        if mode == "nccl_fsdp2":  # vLLM's NCCL trainer engine over FSDP2 (tests/test_vllm_nccl_sync.py)
-            from test_vllm_nccl_sync import worker_nccl_fsdp2 as worker
+        if mode == "nccl_fsdp2":  # vLLM's NCCL trainer engine over FSDP2 (tests/test_vllm_weight_transfer.py)
+            from test_vllm_weight_transfer import worker_nccl_fsdp2 as worker
         else:
             worker = {"fsdp2": _worker_fsdp2, "fsdp2_lora": _worker_fsdp2_lora, "server": _worker_server}[mode]
         worker(*args)

@@ -1,4 +1,4 @@
-"""`vllm_server` with weight_sync="nccl": vLLM's trainer-side NCCL engine, wired on CPU.
+"""`vllm_server` with weight_sync "nccl" / "ipc": vLLM's trainer-side engines, wired on CPU.
 
 NCCL needs GPUs, so here only the transport is replaced: vLLM's real
 `NCCLTrainerWeightTransferEngine` and `HTTPVLLMWeightSyncClient` run against the stand-in
@@ -10,10 +10,15 @@ What this covers: our source meets vLLM's `WeightSource` contract (plain, tied, 
 FSDP2 on 2 ranks), the handshake and its order, the NCCL group size, one group for all
 syncs, the prefix-cache reset, the weights sent at each sync, and the errors. What it
 does not: the NCCL broadcast itself and the server's receive (GPU only, not yet run).
+For "ipc" (CUDA IPC, a server on the trainer's GPU) only the CUDA calls are replaced (the
+device's uuid, `reduce_tensor`, `ipc_collect`): vLLM's real engine builds one handle per
+tensor and sends them pickled through the real HTTP client.
 """
 
 from __future__ import annotations
 
+import base64
+import pickle
 import sys
 import time
 
@@ -25,7 +30,7 @@ from test_vllm_server_failures import Servers, _free_port
 from test_weight_export_sharded import _load, _perturb, run_ranks
 
 try:
-    from vllm.distributed.weight_transfer import nccl_engine
+    from vllm.distributed.weight_transfer import ipc_engine, nccl_engine
 
     _VLLM_ERROR = None
 except Exception as e:  # ImportError, or a broken install
@@ -66,6 +71,21 @@ def fake_nccl(monkeypatch) -> dict:
     monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", open_endpoint)
     monkeypatch.setattr(nccl_engine.NCCLTrainerWeightTransferEngine, "_broadcast", broadcast)
     return record
+
+
+def fake_cuda_ipc(monkeypatch) -> list:
+    """Replace the CUDA calls of vLLM's IPC trainer engine; returns the tensors it was asked to share."""
+    shared: list[torch.Tensor] = []
+
+    def reduce_tensor(t):  # what torch.multiprocessing.reductions.reduce_tensor returns: (rebuild fn, args)
+        shared.append(t.clone())
+        return None, ("fake-ipc-handle", len(shared) - 1)
+
+    monkeypatch.setattr(ipc_engine, "reduce_tensor", reduce_tensor)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("Props", (), {"uuid": "GPU-fake"})())
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)
+    return shared
 
 
 def transfer_log(port: int) -> list:
@@ -154,8 +174,42 @@ def test_nccl_sync_drives_vllms_handshake_and_sends_the_current_weights(tiny_mod
                            record["sent"][1]["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_ipc_sync_sends_one_handle_per_tensor_through_vllms_engine(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                    monkeypatch):
+    from rl.engines_vllm import VLLMServerEngine, export_weights
+
+    shared = fake_cuda_ipc(monkeypatch)
+    servers = Servers(tmp_path)
+    port = _free_port()
+    servers.start(port)
+    try:
+        model = _load(tiny_model_dir)
+        eng = VLLMServerEngine(model, tiny_tokenizer, 4, base_url=f"http://127.0.0.1:{port}", timeout=30,
+                               max_retries=0, weight_sync="ipc")
+        _perturb(model, 1)
+        eng.update_weights(model)
+        expected = dict(export_weights(model))
+        seen = transfer_log(port)
+        eng.close()
+    finally:
+        servers.close()
+    routes = [r for r, _ in seen["weight_transfer"]]
+    assert routes == ["init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update"]
+    assert seen["weight_transfer"][0][1]["init_info"] == {"packed": False}
+    update = seen["weight_transfer"][2][1]["update_info"]
+    assert update["names"] == list(expected) and update["shapes"] == [list(t.shape) for t in expected.values()]
+    # the handles travel pickled (JSON cannot carry them): one per tensor, keyed by the GPU's uuid
+    handles = pickle.loads(base64.b64decode(update["ipc_handles_pickled"]))
+    assert handles == [{"GPU-fake": ("fake-ipc-handle", i)} for i in range(len(expected))]
+    assert len(shared) == len(expected)
+    for t, (name, exp) in zip(shared, expected.items()):
+        assert torch.equal(t, exp), name
+    assert seen["reset_prefix_cache"] == 1 and eng.stats["weight_syncs"] == 1
+
+
+@pytest.mark.parametrize("backend", ["nccl", "ipc"])
 def test_server_without_weight_transfer_routes_is_refused_with_how_to_start_it(tiny_model_dir, tiny_tokenizer,
-                                                                               tmp_path):
+                                                                               tmp_path, backend):
     from rl.engines_vllm import VLLMServerEngine
 
     servers = Servers(tmp_path)
@@ -165,11 +219,12 @@ def test_server_without_weight_transfer_routes_is_refused_with_how_to_start_it(t
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match="get_world_size") as err:
             VLLMServerEngine(_load(tiny_model_dir), tiny_tokenizer, 4, base_url=f"http://127.0.0.1:{port}",
-                             timeout=10, max_retries=0, weight_sync="nccl")
+                             timeout=10, max_retries=0, weight_sync=backend)
         assert time.monotonic() - t0 < 10
     finally:
         servers.close()
-    assert "VLLM_SERVER_DEV_MODE=1" in str(err.value) and "--weight-transfer-config" in str(err.value)
+    assert "VLLM_SERVER_DEV_MODE=1" in str(err.value) and f'"backend": "{backend}"' in str(err.value)
+    assert ("VLLM_ALLOW_INSECURE_SERIALIZATION=1" in str(err.value)) == (backend == "ipc")
     assert tiny_model_dir in str(err.value)  # the command names the policy's checkpoint
 
 
