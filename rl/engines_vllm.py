@@ -142,9 +142,9 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         for name, tensor in base.state_dict().items():
             if ".lora_" in name or ".original_module." in name:
                 continue
-            tied = param_of.get(name)
-            if tied is not None and id(tied) in merged_of:
-                yield name, merged_of[id(tied)]
+            owner = param_of.get(name)  # the Parameter behind this entry (tied names share one)
+            if owner is not None and id(owner) in merged_of:
+                yield name, merged_of[id(owner)]
                 continue
             param = zero3.get(name)  # under ZeRO-3 `tensor` is an empty placeholder: read the gathered param
             gather = [param] if param is not None else []
@@ -170,8 +170,8 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                             # under FSDP2 both are DTensors: gather each, then add full tensors
                             tensor = _full(tensor) + _full(merge.get_delta_weight(adapter)).to(tensor.dtype)
                 tensor = _full(tensor).detach()
-                if merge is not None and tied is not None:
-                    merged_of[id(tied)] = tensor
+                if merge is not None and owner is not None:
+                    merged_of[id(owner)] = tensor
                 yield name, tensor
 
 
@@ -595,7 +595,7 @@ class VLLMServerEngine:
       round trip, but it works on CPU, where vLLM has no weight-transfer backend (all
       of them, NCCL / CUDA IPC, are GPU-only);
     * "nccl" (GPU): vLLM's own trainer-side NCCL engine (`NCCLTrainerWeightTransferEngine`
-      driven through `HTTPVLLMWeightSyncClient`, vLLM >= 0.22's weight-transfer API) pushes the
+      driven through `HTTPVLLMWeightSyncClient`: vLLM 0.32's weight-transfer API) pushes the
       weights GPU to GPU: at the first sync rank 0 opens an NCCL group of 1 + the server's
       world size (`GET /get_world_size`) at `nccl_master_address:nccl_master_port` (the
       trainer's address as the server reaches it; 127.0.0.1 by default, a free port by
@@ -748,7 +748,7 @@ class VLLMServerEngine:
         except ImportError as e:
             raise RuntimeError(
                 f"rollout.engine 'vllm_server' with weight_sync {self.weight_sync!r} needs vLLM's weight-transfer API "
-                f"(vllm >= 0.22, `pip install -e .[vllm]`) in the trainer's environment: {e}"
+                f"(as in vLLM 0.32, `pip install -e .[vllm]`) in the trainer's environment: {e}"
             ) from e
         try:
             answer = self._request("GET", "/get_world_size")
@@ -967,6 +967,8 @@ class VLLMServerEngine:
     def close(self) -> None:
         if self._transfer is not None:
             with contextlib.suppress(Exception):
+                if self._transfer.is_sender:  # the server leaves the transfer group: a later trainer can open one
+                    self._request("POST", "/shutdown_weight_transfer_engine")
                 self._transfer.shutdown()
             self._transfer = None
         self.client.close()

@@ -144,9 +144,9 @@ def test_nccl_sync_drives_vllms_handshake_and_sends_the_current_weights(tiny_mod
             _perturb(model, step)
             eng.update_weights(model)
             expected.append({n: t.clone() for n, t in export_weights(model)})
-        seen = transfer_log(port)
         endpoint = record["endpoints"][0]
         eng.close()
+        seen = transfer_log(port)
     finally:
         servers.close()
     # one group for every sync: trainer rank 0 + 2 server workers, at the configured address
@@ -155,7 +155,7 @@ def test_nccl_sync_drives_vllms_handshake_and_sends_the_current_weights(tiny_mod
         == ("127.0.0.1", 29555, 3)
     routes = [r for r, _ in seen["weight_transfer"]]
     assert routes == ["init_weight_transfer_engine"] + ["start_weight_update", "update_weights",
-                                                        "finish_weight_update"] * 2
+                                                        "finish_weight_update"] * 2 + ["shutdown_weight_transfer_engine"]
     init = seen["weight_transfer"][0][1]["init_info"]
     assert (init["master_address"], init["master_port"], init["world_size"], init["rank_offset"]) == \
         ("127.0.0.1", 29555, 3, 1)
@@ -189,12 +189,13 @@ def test_ipc_sync_sends_one_handle_per_tensor_through_vllms_engine(tiny_model_di
         _perturb(model, 1)
         eng.update_weights(model)
         expected = dict(export_weights(model))
-        seen = transfer_log(port)
         eng.close()
+        seen = transfer_log(port)
     finally:
         servers.close()
     routes = [r for r, _ in seen["weight_transfer"]]
-    assert routes == ["init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update"]
+    assert routes == ["init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
+                      "shutdown_weight_transfer_engine"]
     assert seen["weight_transfer"][0][1]["init_info"] == {"packed": False}
     update = seen["weight_transfer"][2][1]["update_info"]
     assert update["names"] == list(expected) and update["shapes"] == [list(t.shape) for t in expected.values()]
@@ -245,7 +246,7 @@ def test_nccl_sync_under_fsdp2_sends_the_full_weights_from_rank0_only(tiny_model
         servers.close()
     assert all("NCCL FSDP2 OK" in t for t in logs)
     assert [r for r, _ in seen["weight_transfer"]] == ["init_weight_transfer_engine"] + [
-        "start_weight_update", "update_weights", "finish_weight_update"] * 2
+        "start_weight_update", "update_weights", "finish_weight_update"] * 2 + ["shutdown_weight_transfer_engine"]
     assert seen["weight_transfer"][0][1]["init_info"]["world_size"] == 2
     assert seen["reset_prefix_cache"] == 2
     sent = torch.load(tmp_path / "sent.pt")
