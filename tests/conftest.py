@@ -41,3 +41,19 @@ def smollm2_dir() -> str:
     if is_fetched("smollm2-135m"):
         return str(model_dir("smollm2-135m"))
     return str(fetch_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def vdir(tmp_path_factory) -> str:
+    """A tiny checkpoint vLLM can run on CPU: 2 attention heads, head_dim 32 (vLLM's CPU attention
+    supports head sizes 32..512; `tiny_model_dir` has 16)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm"), seed=0, num_attention_heads=2,
+                                num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def hf(vdir):
+    """(model, tokenizer) of `vdir`, loaded with transformers, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(vdir).eval(), AutoTokenizer.from_pretrained(vdir)

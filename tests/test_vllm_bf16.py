@@ -8,25 +8,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.engines import SamplingParams, build_engine
 from test_vllm_engines import flat_logprobs, needs_vllm, prompts_of, teacher_forced
-
-
-@pytest.fixture(scope="module")
-def vdir(tmp_path_factory) -> str:
-    from tiny import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm_bf16"), seed=0, num_attention_heads=2,
-                                num_key_value_heads=1)
-
-
-@pytest.fixture(scope="module")
-def hf(vdir):
-    return AutoModelForCausalLM.from_pretrained(vdir).eval(), AutoTokenizer.from_pretrained(vdir)
 
 
 @needs_vllm

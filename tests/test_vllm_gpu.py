@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from rl.engines import SamplingParams, build_engine
-from test_vllm_engines import _VLLM_ERROR, flat_logprobs, prompts_of, teacher_forced
+from test_vllm_engines import _VLLM_ERROR, flat_logprobs, prompts_of, teacher_forced, vllm_server
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or _VLLM_ERROR is not None,
@@ -30,15 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def vdir(tmp_path_factory) -> str:
-    from tiny import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm_gpu"), seed=0, num_attention_heads=2,
-                                num_key_value_heads=1)
-
-
-@pytest.fixture(scope="module")
-def hf(vdir):
+def hf(vdir):  # conftest's `hf`, on the GPU
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(vdir).cuda().eval(), AutoTokenizer.from_pretrained(vdir)
@@ -79,39 +66,12 @@ def test_sleep_frees_the_kv_cache_and_wake_loads_the_current_policy(hf):
         eng.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ipc_weight_sync_to_a_server_on_the_same_gpu(vdir, hf, tmp_path):
-    import httpx
-
     model, tok = hf
-    port = _free_port()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", vdir, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--logprobs-mode", "processed_logprobs",
-         "--max-model-len", "512", "--gpu-memory-utilization", "0.2",
-         "--weight-transfer-config", json.dumps({"backend": "ipc"})],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("the vLLM server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-            time.sleep(1)
-        eng = build_engine("vllm_server", model, tok, 16, base_url=f"http://127.0.0.1:{port}", timeout=120,
-                           weight_sync="ipc")
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    with vllm_server(vdir, tmp_path, "--gpu-memory-utilization", "0.2",
+                     "--weight-transfer-config", json.dumps({"backend": "ipc"}), env=env, start_timeout=300) as url:
+        eng = build_engine("vllm_server", model, tok, 16, base_url=url, timeout=120, weight_sync="ipc")
         prompts = [p for p in prompts_of(tok, [2, 7, 12], seed=6) for _ in range(2)]
         params = SamplingParams(max_new_tokens=8, temperature=1.0)
         for _ in range(2):  # the first sync opens the transfer, the second reuses it
@@ -123,10 +83,3 @@ def test_ipc_weight_sync_to_a_server_on_the_same_gpu(vdir, hf, tmp_path):
                                            rtol=1e-3, atol=1e-3)
         assert eng.stats["weight_syncs"] == 2
         eng.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

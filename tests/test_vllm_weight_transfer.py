@@ -240,7 +240,7 @@ def test_nccl_sync_under_fsdp2_sends_the_full_weights_from_rank0_only(tiny_model
     port = _free_port()
     servers.start(port)
     try:
-        logs = run_ranks(tmp_path, "nccl_fsdp2", tiny_model_dir, str(port), str(tmp_path / "sent.pt"))
+        logs = run_ranks(tmp_path, "test_vllm_weight_transfer:worker_nccl_fsdp2", tiny_model_dir, str(port), str(tmp_path / "sent.pt"))
         seen = transfer_log(port)
     finally:
         servers.close()
@@ -260,7 +260,7 @@ def test_nccl_sync_under_fsdp2_sends_the_full_weights_from_rank0_only(tiny_model
 
 
 def worker_nccl_fsdp2(model_dir: str, port: str, out: str) -> None:
-    """Run inside test_weight_export_sharded's gloo ranks (see its `_worker_main`)."""
+    """Run inside test_weight_export_sharded's gloo ranks (its `run_ranks`)."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 

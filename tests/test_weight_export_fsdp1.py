@@ -12,25 +12,16 @@ processes over gloo, launched by `run_ranks` of tests/test_weight_export_sharded
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve()
-for _p in (str(HERE.parents[1]), str(HERE.parent)):  # `import rl`, `import tiny`, the FSDP2 tests' helpers
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import test_weight_export_sharded as sharded  # noqa: E402
-from test_weight_export_sharded import _load  # noqa: E402
+from test_weight_export_sharded import _load, _lora_model, run_ranks
 
 
 @pytest.mark.slow
-def test_export_weights_refuses_fsdp1(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(sharded, "HERE", HERE)  # the FSDP2 tests' launcher, running this file
-    logs = sharded.run_ranks(tmp_path, "fsdp1", tiny_model_dir)
+def test_export_weights_refuses_fsdp1(tiny_model_dir, tmp_path):
+    logs = run_ranks(tmp_path, "test_weight_export_fsdp1:worker_fsdp1", tiny_model_dir)
     assert all(t.count("FSDP1 REFUSED") == 3 for t in logs)
 
 
@@ -54,19 +45,7 @@ def _assert_sharded(root: torch.nn.Module, full: torch.nn.Module) -> None:
     assert local < 0.75 * total, f"FSDP1 did not shard the model ({local} of {total} elements on this rank)"
 
 
-def _lora_model(model_dir: str):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_load(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(0)  # the same adapter on every rank
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
-def _worker_fsdp1(model_dir: str) -> None:
+def worker_fsdp1(model_dir: str) -> None:
     from rl.engines_vllm import export_weights
 
     for name, make, orig in (("plain", _load, True), ("flat", _load, False), ("lora", _lora_model, True)):
@@ -79,17 +58,3 @@ def _worker_fsdp1(model_dir: str) -> None:
         list(export_weights(full))  # the unsharded model still exports
         print("FSDP1 REFUSED", name, flush=True)
 
-
-def _worker_main(mode: str, *args: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    try:
-        {"fsdp1": _worker_fsdp1}[mode](*args)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker_main(*sys.argv[1:])

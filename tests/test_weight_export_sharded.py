@@ -45,14 +45,15 @@ def _free_port() -> int:
 
 
 def run_ranks(tmp_path: Path, mode: str, *args: str) -> list[str]:
-    """Run this file as `WORLD` gloo ranks in `mode`; fail with their logs unless all exit 0."""
+    """Run a worker as `WORLD` gloo ranks (this file as the script); fail with their logs unless all exit 0.
+    `mode`: a worker of this file ("fsdp2", ...) or "module:function" of another test module."""
     port = _free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false")
-        log = tmp_path / f"{mode}.rank{rank}.log"
+        log = tmp_path / f"{mode.replace(':', '.')}.rank{rank}.log"
         with open(log, "w") as f:
             procs.append((subprocess.Popen([sys.executable, str(HERE), mode, *args], stdout=f,
                                            stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)), log))
@@ -194,18 +195,25 @@ def _worker_fsdp2(model_dir: str) -> None:
     print("FSDP2 EXPORT OK", flush=True)
 
 
-def _worker_fsdp2_lora(model_dir: str) -> None:
+def _lora_model(model_dir: str):
+    """The checkpoint with a q/v LoRA adapter, identical on every rank (random A and B: a non-zero delta)."""
     from peft import LoraConfig, get_peft_model
-    from torch.distributed.tensor import DTensor
-
-    from rl.engines_vllm import export_weights
 
     model = get_peft_model(_load(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(0)  # the same adapter on every rank
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _worker_fsdp2_lora(model_dir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from rl.engines_vllm import export_weights
+
+    model = _lora_model(model_dir)
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
     unsharded = {n: t.clone() for n, t in export_weights(model)}
     _shard(model, model.get_base_model().model.layers)
@@ -273,8 +281,11 @@ def _worker_main(mode: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     try:
-        if mode == "nccl_fsdp2":  # vLLM's NCCL trainer engine over FSDP2 (tests/test_vllm_weight_transfer.py)
-            from test_vllm_weight_transfer import worker_nccl_fsdp2 as worker
+        module, _, name = mode.rpartition(":")
+        if module:  # another test module's worker (FSDP1, ZeRO-3, vLLM's NCCL engine)
+            import importlib
+
+            worker = getattr(importlib.import_module(module), name)
         else:
             worker = {"fsdp2": _worker_fsdp2, "fsdp2_lora": _worker_fsdp2_lora, "server": _worker_server}[mode]
         worker(*args)

@@ -1,7 +1,7 @@
 """Weight export under DeepSpeed ZeRO stage 3 (accelerate's `deepspeed_config: zero_stage: 3`).
 
-Two CPU processes over gloo, started like `torchrun` would, by running this file as a
-script through `run_ranks` of tests/test_weight_export_sharded.py (its FSDP2 twin). The
+Two CPU processes over gloo, started like `torchrun` would by `run_ranks` of
+tests/test_weight_export_sharded.py (its FSDP2 twin), each running a worker below. The
 tiny Llama is handed to `deepspeed.initialize` with a stage-3 config and a plain SGD
 optimizer; every parameter is then partitioned across the ranks (the persistence
 threshold is 0, so even the small ones are), its `.data` an empty placeholder, and
@@ -28,18 +28,11 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve()
-for _p in (str(HERE.parents[1]), str(HERE.parent)):  # `import rl`, `import tiny`, the FSDP2 tests' helpers
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import test_weight_export_sharded as sharded  # noqa: E402
-from test_weight_export_sharded import _load  # noqa: E402
+from test_weight_export_sharded import _load, _lora_model, run_ranks
 
 BATCH = torch.arange(3, 3 + 2 * 12).view(2, 12)  # the same batch on every rank and in the unsharded reference
 LR = 0.5
@@ -63,26 +56,20 @@ def deepspeed_available() -> None:
         pytest.skip(f"`import deepspeed` failed ({last}); it is the optional extra: pip install 'agentrl[deepspeed]'")
 
 
-def run_ranks(monkeypatch, tmp_path: Path, mode: str, *args: str) -> list[str]:
-    """The FSDP2 tests' launcher (2 gloo ranks, timeout, logs on failure), running this file on DeepSpeed's CPU
-    accelerator."""
-    monkeypatch.setattr(sharded, "HERE", HERE)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    return sharded.run_ranks(tmp_path, mode, *args)
-
-
 # ----------------------------------------------------------------------------- tests
 
 
 @pytest.mark.slow
 def test_export_weights_gathers_zero3_partitions(deepspeed_available, tiny_model_dir, tmp_path, monkeypatch):
-    logs = run_ranks(monkeypatch, tmp_path, "zero3", tiny_model_dir)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # inherited by the ranks
+    logs = run_ranks(tmp_path, "test_weight_export_zero3:worker_zero3", tiny_model_dir)
     assert all("ZERO3 EXPORT OK" in t for t in logs)
 
 
 @pytest.mark.slow
 def test_export_weights_merges_lora_under_zero3(deepspeed_available, tiny_model_dir, tmp_path, monkeypatch):
-    logs = run_ranks(monkeypatch, tmp_path, "zero3_lora", tiny_model_dir)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    logs = run_ranks(tmp_path, "test_weight_export_zero3:worker_zero3_lora", tiny_model_dir)
     assert all("ZERO3 LORA OK" in t for t in logs)
 
 
@@ -147,7 +134,7 @@ def _step(model_or_engine: torch.nn.Module, opt: torch.optim.Optimizer | None = 
         opt.zero_grad()
 
 
-def _worker_zero3(model_dir: str) -> None:
+def worker_zero3(model_dir: str) -> None:
     from rl.engines_vllm import export_weights
 
     ref = _load(model_dir)
@@ -175,19 +162,7 @@ def _worker_zero3(model_dir: str) -> None:
     print("ZERO3 EXPORT OK", flush=True)
 
 
-def _lora_model(model_dir: str):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_load(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(0)  # the same adapter on every rank (B is zero at init: the delta too)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
-def _worker_zero3_lora(model_dir: str) -> None:
+def worker_zero3_lora(model_dir: str) -> None:
     from rl.engines_vllm import export_weights
 
     ref = _lora_model(model_dir)
@@ -220,17 +195,3 @@ def _worker_zero3_lora(model_dir: str) -> None:
     assert "vllm" not in sys.modules
     print("ZERO3 LORA OK", flush=True)
 
-
-def _worker_main(mode: str, *args: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    try:
-        {"zero3": _worker_zero3, "zero3_lora": _worker_zero3_lora}[mode](*args)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker_main(*sys.argv[1:])
