@@ -79,7 +79,7 @@ def main() -> None:
     minutes: dict = json.loads(minutes_path.read_text()) if minutes_path.exists() else {}
     for seed in args.seeds:
         sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / rl
-        if not (sft_dir / "final").is_dir():
+        if not list((sft_dir / "final").glob("*.safetensors")):  # a dir whose weights were deleted is retrained
             minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"training.seed={seed}",
                                               f"output_dir={sft_dir}", "overwrite_output_dir=true",
                                               *args.sft_override])
