@@ -10,8 +10,8 @@ import copy
 
 import torch
 
-from rl.engines import SamplingParams, build_engine
-from test_vllm_engines import flat_logprobs, needs_vllm, prompts_of, teacher_forced
+from rl.engines import build_engine
+from test_vllm_engines import needs_vllm, prompts_of, step_and_sync
 
 
 @needs_vllm
@@ -23,22 +23,8 @@ def test_bf16_engine_syncs_from_an_fp32_trainer(vdir, hf):
     eng = build_engine("vllm", model, tok, 64, kv_cache_gb=0.05, max_model_len=512, dtype="bfloat16")
     try:
         assert eng.llm.llm_engine.model_config.dtype == torch.bfloat16
-        policy = copy.deepcopy(model).train()
-        opt = torch.optim.AdamW(policy.parameters(), lr=5e-2)
-        prompts = prompts_of(tok, [4, 7, 5], seed=4)
-        params = SamplingParams(max_new_tokens=10, temperature=1.0)
-        for _ in range(2):
-            ids = torch.tensor([prompts[0] + list(range(10, 20))])
-            policy(ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        policy.eval()
-        old = eng.generate(prompts, params)
-        eng.update_weights(policy)
-        new = eng.generate(prompts, params)
-        with torch.no_grad():
-            gap = (flat_logprobs(new) - teacher_forced(policy, prompts, new, 1.0)).abs()
-            stale = (flat_logprobs(old) - teacher_forced(policy, prompts, old, 1.0)).abs()
+        old, new = step_and_sync(copy.deepcopy(model).train(), eng, prompts_of(tok, [4, 7, 5], seed=4))
+        gap, stale = (new[0] - new[1]).abs(), (old[0] - old[1]).abs()
         assert gap.mean() < 0.02 and gap.max() < 0.1, (gap.mean(), gap.max())
         assert stale.mean() > 0.2, stale.mean()
     finally:

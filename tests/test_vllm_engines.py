@@ -77,6 +77,25 @@ def teacher_forced(model, prompts, gens, temperature):
     return torch.cat([full[i, : len(t.response_ids)] for i, t in enumerate(trajs)])
 
 
+def step_and_sync(policy, engine, prompts):
+    """Two optimizer steps on a fixed continuation, then one sync: the samples before and after it,
+    each with its engine log-probs and the updated policy's teacher-forced log-probs."""
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(2):  # raise the log-likelihood of a fixed continuation
+        ids = torch.tensor([prompts[0] + list(range(10, 20))])
+        policy(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    policy.eval()
+    old = engine.generate(prompts, params)
+    engine.update_weights(policy)
+    new = engine.generate(prompts, params)
+    with torch.no_grad():
+        return ((flat_logprobs(old), teacher_forced(policy, prompts, old, 1.0)),
+                (flat_logprobs(new), teacher_forced(policy, prompts, new, 1.0)))
+
+
 def flat_logprobs(gens):
     return torch.tensor([x for g in gens for x in g.logprobs])
 
@@ -210,25 +229,11 @@ def test_update_weights_after_a_training_step(engine, hf, lora):
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-2)
-    prompts = prompts_of(tok, [4, 7], seed=4)
-    params = SamplingParams(max_new_tokens=10, temperature=1.0)
     try:
-        for _ in range(2):  # raise the log-likelihood of a fixed continuation
-            ids = torch.tensor([prompts[0] + list(range(10, 20))])
-            loss = policy(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        policy.eval()
-        old = engine.generate(prompts, params)
-        engine.update_weights(policy)
-        new = engine.generate(prompts, params)
-        with torch.no_grad():
-            torch.testing.assert_close(flat_logprobs(new), teacher_forced(policy, prompts, new, 1.0),
-                                       rtol=1e-4, atol=2e-4)
-            # and the old samples were the old policy's, not the new one's
-            assert not torch.allclose(flat_logprobs(old), teacher_forced(policy, prompts, old, 1.0), atol=1e-3)
+        old, new = step_and_sync(policy, engine, prompts_of(tok, [4, 7], seed=4))
+        torch.testing.assert_close(*new, rtol=1e-4, atol=2e-4)
+        # and the old samples were the old policy's, not the new one's
+        assert not torch.allclose(*old, atol=1e-3)
     finally:
         engine.update_weights(model)  # the module's engine goes back to the shared weights
 
