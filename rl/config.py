@@ -144,6 +144,9 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
+    # modules imported before any name is looked up: the papers whose environments, rewards,
+    # prompt builders, datasets and metrics the recipe uses (e.g. [envs.search]); see rl/plugins.py
+    plugins: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
