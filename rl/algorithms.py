@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from rl.registry import Registry
 
 __all__ = [
     "masked_sum",
@@ -45,6 +47,15 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_abs",
+    "kl_k3_plus",
+    "POLICY_LOSS_INFO",
+    "check_policy_loss_info",
+    "needs_values",
+    "estimator_for",
+    "ALGORITHM_ESTIMATORS",
+    "options_of",
+    "call_with_options",
     "POLICY_LOSSES",
     "register_policy_loss",
     "get_policy_loss",
@@ -78,40 +89,36 @@ _LOG_RATIO_CLAMP = 20.0
 # --------------------------------------------------------------------------------------------
 
 
-def _registrar(registry: dict[str, Callable], kind: str, n_positional: int):
-    """Decorator factory: registers under ``name`` and enforces the uniform call convention.
+def _convention(kind: str, n_positional: int):
+    """A `Registry` check enforcing the uniform call convention of one kind of function.
 
     The first ``n_positional`` parameters are the shared tensors; everything after them must be
-    keyword-only with no ``*args``/``**kwargs``, because the trainer passes exactly the config
-    fields a function declares (``inspect.signature``) and a catch-all would swallow typos.
+    keyword-only with no ``*args``/``**kwargs``, because the trainer passes exactly the options a
+    function declares (``inspect.signature``; validated at recipe load by `check_options`) and a
+    catch-all would swallow typos.
     """
 
-    def register(name: str):
-        def deco(fn: Callable) -> Callable:
-            if name in registry:
-                raise ValueError(f"{kind} '{name}' is already registered")
-            params = list(inspect.signature(fn).parameters.values())
-            head, options = params[:n_positional], params[n_positional:]
-            if len(head) < n_positional or any(
-                p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in head
-            ):
-                raise TypeError(f"{kind} '{name}': the first {n_positional} parameters must be positional")
-            bad = [p.name for p in options if p.kind is not p.KEYWORD_ONLY]
-            if bad:
-                raise TypeError(f"{kind} '{name}': options {bad} must be keyword-only (no *args/**kwargs)")
-            registry[name] = fn
-            return fn
+    def check(name: str, fn: Callable) -> None:
+        params = list(inspect.signature(fn).parameters.values())
+        head, options = params[:n_positional], params[n_positional:]
+        if len(head) < n_positional or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in head):
+            raise TypeError(f"{kind} '{name}': the first {n_positional} parameters must be positional")
+        bad = [p.name for p in options if p.kind is not p.KEYWORD_ONLY]
+        if bad:
+            raise TypeError(f"{kind} '{name}': options {bad} must be keyword-only (no *args/**kwargs)")
 
-        return deco
-
-    return register
+    return check
 
 
-def _lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
-    try:
-        return registry[name]
-    except KeyError:
-        raise KeyError(f"unknown {kind} '{name}'; valid names: {sorted(registry)}") from None
+def options_of(fn: Callable) -> dict[str, inspect.Parameter]:
+    """The keyword-only options a registered function declares."""
+    return {k: p for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def call_with_options(fn: Callable, options: Mapping[str, Any], *args: Any, **kwargs: Any):
+    """``fn(*args, **kwargs, **opts)`` where opts are the entries of ``options`` that ``fn`` declares."""
+    declared = options_of(fn)
+    return fn(*args, **kwargs, **{k: v for k, v in options.items() if k in declared})
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,27 +175,44 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # Advantage estimators
 # --------------------------------------------------------------------------------------------
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
-_register_estimator = _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", 4)
+ADVANTAGE_ESTIMATORS: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry(
+    "advantage estimator", check=_convention("advantage estimator", 4)
+)
 
 
-def register_advantage_estimator(name: str):
+def register_advantage_estimator(name: str, *, needs_values: bool = False):
     """Register ``fn(token_rewards, response_mask, group_ids, values=None, *, <options>)``.
 
+    ``needs_values``: the estimator reads critic values, so the trainer builds a critic (an
+    estimator loaded by ``module:function`` declares it as the attribute ``fn.needs_values``).
     Advantages and returns are regression/PG *targets*: the function is run under ``no_grad`` so a
     ``values`` tensor that still requires grad cannot leak critic gradients into the policy loss.
     """
 
     def deco(fn):
         wrapped = torch.no_grad()(fn)  # functools.wraps keeps the signature visible to inspect
-        _register_estimator(name)(wrapped)
+        ADVANTAGE_ESTIMATORS.register(name, wrapped, needs_values=needs_values)
         return wrapped
 
     return deco
 
 
-def get_advantage_estimator(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+get_advantage_estimator = ADVANTAGE_ESTIMATORS.get
+
+
+# The named algorithms whose advantage estimator has another name; any other algorithm name is
+# itself an estimator (registered or "module:function").
+ALGORITHM_ESTIMATORS = {"ppo": "gae"}
+
+
+def estimator_for(algorithm: str) -> str:
+    """The advantage estimator of `algorithm.name`: reinforce | rloo | grpo | ppo (gae) | any estimator."""
+    return ALGORITHM_ESTIMATORS.get(algorithm, algorithm)
+
+
+def needs_values(estimator: str) -> bool:
+    """Whether advantage estimator ``estimator`` (a name or ``module:function``) needs a critic."""
+    return bool(ADVANTAGE_ESTIMATORS.meta(estimator, "needs_values", False))
 
 
 def compute_advantages(
@@ -334,7 +358,7 @@ def grpo(
     return adv, adv.clone()
 
 
-@register_advantage_estimator("gae")
+@register_advantage_estimator("gae", needs_values=True)
 def gae(
     token_rewards: Tensor,
     response_mask: Tensor,
@@ -376,12 +400,9 @@ def gae(
 # KL estimators
 # --------------------------------------------------------------------------------------------
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
-register_kl_estimator = _registrar(KL_ESTIMATORS, "KL estimator", 2)
-
-
-def get_kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return _lookup(KL_ESTIMATORS, "KL estimator", name)
+KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator", check=_convention("KL estimator", 2))
+register_kl_estimator = KL_ESTIMATORS.register
+get_kl_estimator = KL_ESTIMATORS.get
 
 
 @register_kl_estimator("k1")
@@ -409,16 +430,45 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return (torch.expm1(d) - d).clamp_min(0)
 
 
+@register_kl_estimator("abs")
+def kl_abs(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``|log pi(x) - log pi_ref(x)|`` (veRL's ``abs``): >= 0, a biased distance, not a KL estimate."""
+    return (logprobs - ref_logprobs).abs()
+
+
+@register_kl_estimator("k3+")
+def kl_k3_plus(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Straight-through k3 (veRL's ``low_var_kl+``): the value of `kl_k3`, the gradient of `kl_k2`.
+
+    k3's gradient w.r.t. log pi is ``1 - pi_ref/pi``, which is biased as a gradient of KL(pi || pi_ref)
+    when taken per sample; k2's, ``log pi - log pi_ref``, is the unbiased one (Tang & Munos 2025).
+    ``k3 + (k2 - k2.detach())`` reports k3 and back-propagates k2.
+    """
+    k2 = kl_k2(logprobs, ref_logprobs)
+    return kl_k3(logprobs, ref_logprobs).detach() + (k2 - k2.detach())
+
+
 # --------------------------------------------------------------------------------------------
 # Policy losses
 # --------------------------------------------------------------------------------------------
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
-register_policy_loss = _registrar(POLICY_LOSSES, "policy loss", 4)
+POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, Registry[Tensor]]]] = Registry("policy loss", check=_convention("policy loss", 4))
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.get
+
+# Per-token info every policy loss returns and the trainer reads (logged as loss/clipfrac, loss/approx_kl).
+POLICY_LOSS_INFO = ("clipped", "approx_kl")
 
 
-def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    return _lookup(POLICY_LOSSES, "policy loss", name)
+def check_policy_loss_info(name: str, loss: Tensor, info: Mapping[str, Tensor]) -> None:
+    """The contract between a policy loss and the trainer: a per-token loss and the `POLICY_LOSS_INFO` keys."""
+    missing = [k for k in POLICY_LOSS_INFO if k not in info]
+    if missing:
+        raise ValueError(f"policy loss '{name}' returned info without {missing}: every policy loss returns "
+                         f"(per-token loss, {{{', '.join(repr(k) for k in POLICY_LOSS_INFO)}: per-token tensors}})")
+    bad = [k for k in POLICY_LOSS_INFO if tuple(info[k].shape) != tuple(loss.shape)]
+    if bad:
+        raise ValueError(f"policy loss '{name}': info {bad} must have the loss's shape {tuple(loss.shape)}")
 
 
 def _ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -499,12 +549,9 @@ def vanilla_policy_loss(
 # Value loss and entropy
 # --------------------------------------------------------------------------------------------
 
-VALUE_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
-register_value_loss = _registrar(VALUE_LOSSES, "value loss", 4)
-
-
-def get_value_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    return _lookup(VALUE_LOSSES, "value loss", name)
+VALUE_LOSSES: Registry[Callable[..., tuple[Tensor, Registry[Tensor]]]] = Registry("value loss", check=_convention("value loss", 4))
+register_value_loss = VALUE_LOSSES.register
+get_value_loss = VALUE_LOSSES.get
 
 
 @register_value_loss("clipped")
@@ -514,11 +561,12 @@ def value_loss(
     returns: Tensor,
     response_mask: Tensor,
     *,
-    clip_range: float | None = 0.5,
+    value_clip: float | None = 0.5,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, per token.
 
-    ``L = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``; ``clip_range=None`` gives
+    ``L = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)`` with ``c = value_clip``
+    (named like the recipe key `algorithm.value_clip`); ``value_clip=None`` gives
     ``0.5 * (V - R)^2``. info: ``clipped`` where the clipped term is the larger one.
     """
     mask = _bool(response_mask)
@@ -527,10 +575,10 @@ def value_loss(
     v_old = torch.where(mask, old_values.to(values.dtype), zero)
     ret = torch.where(mask, returns.to(values.dtype), zero)
     l1 = (v - ret) ** 2
-    if clip_range is None:
+    if value_clip is None:
         loss, clipped = l1, torch.zeros_like(mask)
     else:
-        l2 = (v_old + (v - v_old).clamp(-clip_range, clip_range) - ret) ** 2
+        l2 = (v_old + (v - v_old).clamp(-value_clip, value_clip) - ret) ** 2
         loss, clipped = torch.maximum(l1, l2), l2 > l1
     return torch.where(mask, 0.5 * loss, zero), _info(mask, clipped=clipped)
 
@@ -557,12 +605,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 # min(pi_old / mu, cap), detached. The PPO ratio is then taken against the trainer's own pi_old.
 # --------------------------------------------------------------------------------------------
 
-ROLLOUT_CORRECTIONS: dict[str, Callable[..., Tensor]] = {}
-register_rollout_correction = _registrar(ROLLOUT_CORRECTIONS, "rollout correction", 3)
-
-
-def get_rollout_correction(name: str) -> Callable[..., Tensor]:
-    return _lookup(ROLLOUT_CORRECTIONS, "rollout correction", name)
+ROLLOUT_CORRECTIONS: Registry[Callable[..., Tensor]] = Registry("rollout correction", check=_convention("rollout correction", 3))
+register_rollout_correction = ROLLOUT_CORRECTIONS.register
+get_rollout_correction = ROLLOUT_CORRECTIONS.get
 
 
 def _check_cap(cap: float) -> None:
@@ -676,12 +721,9 @@ def select_groups(
 # aggregated full-batch loss, so gradient accumulation is exact. Omitted, they default to this
 # tensor's own counts, which is the full-batch reference value.
 
-LOSS_AGGREGATIONS: dict[str, Callable[..., Tensor]] = {}
-register_loss_aggregation = _registrar(LOSS_AGGREGATIONS, "loss aggregation", 2)
-
-
-def get_loss_aggregation(name: str) -> Callable[..., Tensor]:
-    return _lookup(LOSS_AGGREGATIONS, "loss aggregation", name)
+LOSS_AGGREGATIONS: Registry[Callable[..., Tensor]] = Registry("loss aggregation", check=_convention("loss aggregation", 2))
+register_loss_aggregation = LOSS_AGGREGATIONS.register
+get_loss_aggregation = LOSS_AGGREGATIONS.get
 
 
 def _denom(value, like: Tensor) -> Tensor:
@@ -743,8 +785,6 @@ def aggregate_loss(
     and a fixed ``norm_len`` when ``loss_mat`` is a micro-batch, so micro-batch losses sum to the
     full-batch loss.
     """
-    if mode not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation mode '{mode}'; valid modes: {sorted(LOSS_AGGREGATIONS)}")
-    return LOSS_AGGREGATIONS[mode](
+    return LOSS_AGGREGATIONS.get(mode)(
         loss_mat, response_mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len
     )

@@ -86,7 +86,9 @@ class RewardSpec:
 
 @dataclass
 class AlgorithmConfig:
-    # reinforce | rloo | grpo | ppo (= gae advantages with a learned critic)
+    # reinforce | rloo | grpo | ppo (= gae advantages with a learned critic), or any advantage
+    # estimator by name (rl.algorithms.ADVANTAGE_ESTIMATORS) or "module:function"; an estimator that
+    # declares needs_values gets a critic
     name: str = "grpo"
     # advantage-estimator options (each estimator takes the ones it declares)
     baseline: str = "group"  # reinforce: none | batch | group
@@ -94,8 +96,8 @@ class AlgorithmConfig:
     normalize_by_std: bool = True  # grpo; False = Dr.GRPO
     gamma: float = 1.0
     lam: float = 1.0
-    # policy loss
-    policy_loss: str = "clipped"  # clipped | vanilla
+    # policy loss: clipped | vanilla, or "module:function"
+    policy_loss: str = "clipped"
     clip_ratio: float = 0.2
     clip_ratio_high: float | None = None
     dual_clip: float | None = None
@@ -105,7 +107,8 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     kl_in_reward: bool = False  # True: -kl_coef*KL in the token rewards (PPO style); False: a loss term (GRPO style)
-    # critic (ppo)
+    # critic (estimators that need values, e.g. ppo's gae)
+    value_loss: str = "clipped"  # rl.algorithms.VALUE_LOSSES name or "module:function"
     value_loss_coef: float = 0.5
     value_clip: float | None = 0.5
     critic_lr: float = 1e-5
@@ -117,6 +120,14 @@ class AlgorithmConfig:
     # makes the trainer recompute pi_old with its own forward (as old_logprobs: recompute does).
     rollout_correction: str = "none"
     rollout_correction_cap: float = 2.0  # the truncation: weights are min(pi_old / mu, cap)
+    # options of the estimator / losses that have no field above (e.g. a user's estimator's own
+    # keyword-only options); validated at recipe load against the functions' signatures
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def function_options(self) -> dict[str, Any]:
+        """Every field and `options` entry, by name: each function takes the ones it declares."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**fields, **self.options}
 
 
 @dataclass
@@ -311,19 +322,43 @@ def validate(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: {msg}")
 
     algo = cfg.algorithm
-    if algo.name not in ALGORITHMS:
-        fail(f"algorithm.name '{algo.name}' is not one of {sorted(ALGORITHMS)}")
-    if algo.policy_loss not in algorithms.POLICY_LOSSES:
-        fail(f"algorithm.policy_loss '{algo.policy_loss}' is not one of {sorted(algorithms.POLICY_LOSSES)}")
-    if algo.loss_agg_mode not in algorithms.LOSS_AGGREGATIONS:
-        fail(f"algorithm.loss_agg_mode '{algo.loss_agg_mode}' is not one of {sorted(algorithms.LOSS_AGGREGATIONS)}")
-    if algo.kl_estimator not in algorithms.KL_ESTIMATORS:
-        fail(f"algorithm.kl_estimator '{algo.kl_estimator}' is not one of {sorted(algorithms.KL_ESTIMATORS)}")
+
+    def resolve(registry, key: str, name: str):
+        try:
+            return registry.get(name)
+        except (ValueError, TypeError) as e:
+            fail(f"algorithm.{key} '{name}': {e}")
+
+    estimator = algorithms.estimator_for(algo.name)
+    functions = {
+        "name": resolve(algorithms.ADVANTAGE_ESTIMATORS, "name", estimator),
+        "policy_loss": resolve(algorithms.POLICY_LOSSES, "policy_loss", algo.policy_loss),
+        "kl_estimator": resolve(algorithms.KL_ESTIMATORS, "kl_estimator", algo.kl_estimator),
+    }
+    resolve(algorithms.LOSS_AGGREGATIONS, "loss_agg_mode", algo.loss_agg_mode)  # takes the trainer's counts only
+    if algorithms.needs_values(estimator):
+        functions["value_loss"] = resolve(algorithms.VALUE_LOSSES, "value_loss", algo.value_loss)
+    if algo.rollout_correction != "none":
+        resolve(algorithms.ROLLOUT_CORRECTIONS, "rollout_correction", algo.rollout_correction)
+    # options: every key of algorithm.options is declared by a function the recipe selects, and every
+    # option a selected function requires (no default) is given, so a typo fails before any model loads
+    declared = {}
+    for key, fn in functions.items():
+        for opt, param in algorithms.options_of(fn).items():
+            declared.setdefault(opt, []).append(getattr(algo, key))
+            given = opt in algo.options or any(f.name == opt for f in dataclasses.fields(algo))
+            if param.default is param.empty and not given:
+                fail(f"algorithm.options.{opt}: required by {key} '{getattr(algo, key)}' and not given")
+    for opt in algo.options:
+        if any(f.name == opt for f in dataclasses.fields(algo)):
+            fail(f"algorithm.options.{opt}: set it as algorithm.{opt}")
+        if opt not in declared:
+            close = difflib.get_close_matches(opt, list(declared), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            fail(f"algorithm.options.{opt}: no selected function takes it{hint}; the selected functions take "
+                 f"{sorted(declared)}")
     if algo.critic_layers < 0:
         fail(f"algorithm.critic_layers must be >= 0 (0 = the full backbone), got {algo.critic_layers}")
-    if algo.rollout_correction != "none" and algo.rollout_correction not in algorithms.ROLLOUT_CORRECTIONS:
-        fail(f"algorithm.rollout_correction '{algo.rollout_correction}' is not one of "
-             f"{['none', *sorted(algorithms.ROLLOUT_CORRECTIONS)]}")
     if not algo.rollout_correction_cap >= 1.0:
         fail(f"algorithm.rollout_correction_cap must be >= 1, got {algo.rollout_correction_cap}")
     if cfg.old_logprobs not in ("rollout", "recompute"):
@@ -347,6 +382,3 @@ def validate(cfg: TrainConfig, source: str) -> None:
         if stage.steps < 1:
             fail(f"stages[{i}].steps must be >= 1")
 
-
-# algorithm name -> advantage estimator; ppo is the only one with a critic
-ALGORITHMS = {"reinforce": "reinforce", "rloo": "rloo", "grpo": "grpo", "ppo": "gae"}

@@ -8,10 +8,13 @@ from typing import Any, Callable
 import datasets
 import numpy as np
 
-from rl.registry import lookup, registering
+from rl.registry import Registry
 
-PROMPT_BUILDERS: dict[str, Callable[[dict], list[dict]]] = {}
-register_prompt_builder = registering(PROMPT_BUILDERS)
+PROMPT_BUILDERS: Registry[Callable[[dict], list[dict]]] = Registry("prompt builder")
+register_prompt_builder = PROMPT_BUILDERS.register
+# Functions returning a datasets.Dataset (or DatasetDict); a data source names one, or a file
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+register_dataset = DATASETS.register
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -34,12 +37,11 @@ def prompt_column(row: dict) -> list[dict]:
 
 
 def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = "train") -> datasets.Dataset:
-    """A dataset from "module:function", a data file, or a `save_to_disk` directory."""
+    """A dataset from a registered dataset name or "module:function", a data file, or a `save_to_disk` directory."""
     kwargs = kwargs or {}
     path = Path(source).expanduser()
-    if ":" in source and not path.exists():
-        fn = lookup({}, source, "dataset function")
-        ds = fn(**kwargs)
+    if (":" in source or source in DATASETS) and not path.exists():
+        ds = DATASETS.get(source)(**kwargs)
     elif path.is_dir():
         ds = datasets.load_from_disk(str(path))
     elif path.is_file():
@@ -48,7 +50,8 @@ def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = 
             raise ValueError(f"{path}: unsupported data file type '{path.suffix}' (use {sorted(_FILE_FORMATS)})")
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
     else:
-        raise FileNotFoundError(f"dataset source not found: '{source}' (a file, a directory, or 'module:function')")
+        raise FileNotFoundError(f"dataset source not found: '{source}' (a file, a directory, a registered dataset "
+                                f"{DATASETS.names()}, or 'module:function')")
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"{source}: no split '{split}' (has {list(ds)})")

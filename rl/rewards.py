@@ -15,13 +15,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rl.registry import lookup, registering
+from rl.registry import Registry
 from rl.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
-REWARDS: dict[str, Callable[..., Any]] = {}
-register_reward = registering(REWARDS)
+REWARDS: Registry[Callable[..., Any]] = Registry("reward function")
+register_reward = REWARDS.register
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -63,7 +63,7 @@ class RewardFn:
 
 
 def build_rewards(specs) -> list[RewardFn]:
-    return [RewardFn(s.name, lookup(REWARDS, s.name, "reward function"), s.weight, dict(s.kwargs)) for s in specs]
+    return [RewardFn(s.name, REWARDS.get(s.name), s.weight, dict(s.kwargs)) for s in specs]
 
 
 def score_trajectories(trajs: list[Trajectory], reward_fns: list[RewardFn], fallback: float) -> Counter:

@@ -32,14 +32,14 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-import agents
 from rl import algorithms, checkpoint
-from rl.config import ALGORITHMS, TrainConfig, config_to_dict
+from rl.config import TrainConfig, config_to_dict
 from rl.critic import ValueModel
 from rl.data import PROMPT_BUILDERS, PromptSampler, check_columns, load_source
 from rl.engines import SamplingParams, build_engine
 from rl.models import resolve_model
-from rl.registry import lookup
+from rl.plugins import load_plugins
+from rl.registry import AGENTS
 from rl.rewards import build_rewards, score_trajectories
 from rl.trajectory import Trajectory, outcome_token_rewards, to_response_tensors
 
@@ -263,13 +263,6 @@ def batch_forward(model, micro_batches: list[MicroBatch], B: int, T: int, temper
 # ----------------------------------------------------------------------------- helpers
 
 
-def call_with_options(fn, options: object, **kwargs):
-    """Call `fn` with the config fields it declares as keyword-only options."""
-    params = inspect.signature(fn).parameters
-    opts = {k: getattr(options, k) for k, p in params.items() if p.kind == p.KEYWORD_ONLY and hasattr(options, k)}
-    return fn(**kwargs, **opts)
-
-
 def gather_for_advantages(accelerator: Accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """All-gather [B, T] tensors across processes (padded to a common T), so batch-level
     statistics (batch baselines, whitening) are those of the global batch."""
@@ -431,13 +424,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         shutil.rmtree(output_dir)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
+    load_plugins(cfg.plugins)
     algo = cfg.algorithm
-    estimator = algorithms.get_advantage_estimator(ALGORITHMS[algo.name])
+    estimator = algorithms.get_advantage_estimator(algorithms.estimator_for(algo.name))
     policy_loss_fn = algorithms.get_policy_loss(algo.policy_loss)
     kl_fn = algorithms.get_kl_estimator(algo.kl_estimator)
+    value_loss_fn = algorithms.get_value_loss(algo.value_loss)
+    algo_options = algo.function_options()
     stages = cfg.resolved_stages()
     use_kl = any((s.kl_coef if s.kl_coef is not None else algo.kl_coef) > 0 for s in stages)
-    use_critic = algo.name == "ppo"
+    use_critic = algorithms.needs_values(algorithms.estimator_for(algo.name))
 
     # --- models ---------------------------------------------------------------------------
     # on resume the policy (or its adapter) and the critic come from the checkpoint via
@@ -494,14 +490,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                           **cfg.rollout.engine_kwargs)
 
     # --- data, rewards, agent ---------------------------------------------------------------
-    agent = lookup(agents.AGENTS, cfg.rollout.agent, "agent")
+    agent = AGENTS.get(cfg.rollout.agent)
     reward_fns = build_rewards(cfg.rewards)
     stage_data = []
     for i, stage in enumerate(stages):
         source = stage.train or cfg.data.train
         ds = load_source(source, stage.train_kwargs if stage.train_kwargs is not None else cfg.data.train_kwargs)
         check_columns(ds, cfg.data.required_columns, source)
-        builder = lookup(PROMPT_BUILDERS, stage.prompt_builder or cfg.data.prompt_builder, "prompt builder")
+        builder = PROMPT_BUILDERS.get(stage.prompt_builder or cfg.data.prompt_builder)
         builder(ds[0])  # fail now, naming the builder, rather than mid-run
         stage_data.append((ds, builder, PromptSampler(len(ds), cfg.seed + i, cfg.data.shuffle)))
     eval_rows = []
@@ -511,7 +507,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if cfg.data.eval_size:
             eval_ds = eval_ds.select(range(min(cfg.data.eval_size, len(eval_ds))))
         eval_rows = list(eval_ds)
-    eval_builder = lookup(PROMPT_BUILDERS, cfg.data.prompt_builder, "prompt builder")
+    eval_builder = PROMPT_BUILDERS.get(cfg.data.prompt_builder)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.prompts_per_step % world:
@@ -672,9 +668,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             accelerator, [token_rewards, mask, old_values if old_values is not None else torch.zeros_like(mask)]
         )
         g_groups = accelerator.gather(resp.group_ids.to(accelerator.device)).cpu() if world > 1 else resp.group_ids
-        g_adv, g_ret = call_with_options(
+        g_adv, g_ret = algorithms.call_with_options(
             estimator,
-            algo,
+            algo_options,
             token_rewards=g_rewards,
             response_mask=g_mask,
             group_ids=g_groups,
@@ -707,10 +703,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                         adv = gather_rows(advantages, mb).to(logp.device)
                         old = gather_rows(old_logprobs, mb).to(logp.device)
                         # aggregation functions take [B, T]; a micro-batch is one flat row each
-                        pg_mat, info = call_with_options(
-                            policy_loss_fn, algo, logprobs=logp[None], old_logprobs=old[None],
+                        pg_mat, info = algorithms.call_with_options(
+                            policy_loss_fn, algo_options, logprobs=logp[None], old_logprobs=old[None],
                             advantages=adv[None], response_mask=m[None],
                         )
+                        algorithms.check_policy_loss_info(algo.policy_loss, pg_mat, info)
                         agg = lambda x: _aggregate(x, m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)  # noqa: E731
                         if is_weights is not None:  # truncated importance sampling, engine -> trainer
                             pg_mat = pg_mat * gather_rows(is_weights, mb).to(pg_mat.device)[None]
@@ -742,9 +739,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                         with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(critic):
                             v = forward_values(critic, mb)
                             m = gather_rows(mask, mb).to(v.device)
-                            vf_mat, _ = algorithms.value_loss(
-                                v[None], gather_rows(old_values, mb).to(v.device)[None],
-                                gather_rows(returns, mb).to(v.device)[None], m[None], clip_range=algo.value_clip,
+                            vf_mat, _ = algorithms.call_with_options(
+                                value_loss_fn, algo_options, v[None], gather_rows(old_values, mb).to(v.device)[None],
+                                gather_rows(returns, mb).to(v.device)[None], m[None],
                             )
                             vf = _aggregate(vf_mat[0], m, mb, algo.loss_agg_mode, num_tokens, num_seqs, norm_len)
                             vf = algo.value_loss_coef * vf * world

@@ -45,13 +45,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rl.registry import lookup, registering
+from rl.registry import Registry
 from sft.config import ConfigError, SFTRecipe, read_recipe_mapping, recipe_from_dict, recipe_to_dict
 
 __all__ = ["EVALUATORS", "heldout_loss", "main", "parse_sizes", "register_evaluator", "run_scale"]
 
-EVALUATORS: dict[str, Callable[..., dict]] = {}
-register_evaluator = registering(EVALUATORS)
+EVALUATORS: Registry[Callable[..., dict]] = Registry("evaluator")
+register_evaluator = EVALUATORS.register
 
 _POINT_FILE = "scale_point.json"
 _RUNNER_KEYS = ("output_dir", "data.max_train_rows")  # set per size by the runner
@@ -264,7 +264,7 @@ def run_scale(
 
     out = Path(out)
     names = list(evaluators or ["heldout_loss"])
-    fns = {name: lookup(EVALUATORS, name, "evaluator") for name in names}  # import errors before training
+    fns = {name: EVALUATORS.get(name) for name in names}  # import errors before training
     recipes = _size_recipes(recipe_path, sizes, out, list(overrides or []))
     for name, fn in fns.items():
         check = getattr(fn, "check", None)

@@ -315,7 +315,7 @@ def test_bad_values_are_clear_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="steps: expected int"):
         load_config(path, ["algorithm.name=grpo", "steps=ten"])
-    with pytest.raises(ConfigError, match=r"algorithm.rollout_correction 'tis' is not one of \['none', 'sequence'"):
+    with pytest.raises(ConfigError, match=r"algorithm.rollout_correction 'tis'.*registered: \['sequence', 'token'\]"):
         load_config(path, ["algorithm.name=grpo", "algorithm.rollout_correction=tis"])
     with pytest.raises(ConfigError, match="rollout.oversample must be >= 1"):
         load_config(path, ["algorithm.name=grpo", "rollout.oversample=0"])
@@ -351,20 +351,12 @@ def test_raising_reward_is_counted_and_run_continues(tiny_model_dir, tmp_path):
 
 
 def test_nan_loss_skips_the_step_and_reports_it(tiny_model_dir, tmp_path):
-    calls = {"n": 0}
+    import helpers_algorithms
 
-    def nan_on_first_step(logprobs, old_logprobs, advantages, response_mask, *, clip_ratio=0.2,
-                          clip_ratio_high=None, dual_clip=None):
-        calls["n"] += 1
-        loss, info = algorithms.clipped_policy_loss(logprobs, old_logprobs, advantages, response_mask)
-        return (loss * float("nan") if calls["n"] == 1 else loss), info
-
-    algorithms.POLICY_LOSSES["nan_first"] = nan_on_first_step
-    try:
-        result = run(tiny_model_dir, tmp_path, algorithm__policy_loss="nan_first", micro_batch_tokens=100000,
-                     data__eval="")
-    finally:
-        del algorithms.POLICY_LOSSES["nan_first"]
+    helpers_algorithms.CALLS["nan_first"] = 0
+    # a policy loss from a user's module (not registered): 'module:function' in the recipe
+    result = run(tiny_model_dir, tmp_path, algorithm__policy_loss="helpers_algorithms:nan_on_first_step",
+                 micro_batch_tokens=100000, data__eval="")
     steps = [h for h in result["history"] if "reward/mean" in h]
     assert [h["nan_skipped_steps"] for h in steps] == [1, 1]
     weights = final_weights(tmp_path)
