@@ -15,6 +15,7 @@ a crash never leaves a half-written checkpoint that `--resume` would pick up.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "checkpoint-"
+# one checkpoint discovery for RL, SFT and eval runs: rl.common (re-exported here)
+from rl.common import CHECKPOINT_PREFIX as PREFIX
+from rl.common import find_checkpoint, latest_checkpoint, list_checkpoints  # noqa: F401
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -147,19 +150,51 @@ def finalize(output_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+def stage_at(stages, step: int) -> int:
+    """Index of the stage that global step `step` (0-based) belongs to."""
+    end = 0
+    for i, s in enumerate(stages):
+        end += s.steps
+        if step < end:
+            return i
+    return len(stages) - 1
 
 
-def find_checkpoint(spec: str, output_dir: Path) -> Path:
-    """`spec` is a checkpoint dir, or "latest" for the newest one in output_dir."""
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no {PREFIX}* directory in {output_dir}")
-        return found[-1]
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {spec}: not a checkpoint (no trainer_state.json)")
-    return path
+def save_run(run, step: int, history: list[dict]) -> None:
+    """An atomic checkpoint of a training run (`rl.setup.Run`) after `step` steps: written to a temp
+    dir by every process (each its own RNG), then renamed into place by the main one."""
+    tmp = temp_dir(run.output_dir, step)
+    if run.is_main:
+        state = {
+            "step": step,
+            "stage": stage_at(run.stages, max(step - 1, 0)),
+            "samplers": [d.sampler.state_dict() for d in run.stage_data],
+            "history": history,
+        }
+        save_training_state(
+            tmp, state, policy=run.unwrapped, tokenizer=run.tokenizer, optimizer=run.optimizer,
+            scheduler=run.scheduler, critic=run.accelerator.unwrap_model(run.critic) if run.critic is not None else None,
+            critic_optimizer=run.critic_optimizer,
+        )
+    run.accelerator.wait_for_everyone()
+    save_rng(tmp, run.rank)  # every process: sampling RNG differs per rank
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        finalize(run.output_dir, step, run.cfg.save_total_limit)
+    run.accelerator.wait_for_everyone()
+
+
+def restore_run(run) -> tuple[int, list[dict]]:
+    """(start step, metrics history) of a run: from its checkpoint when resuming (optimizer, scheduler,
+    samplers, this process's RNG), else (0, []) with each process's sampling RNG seeded apart."""
+    if run.checkpoint is None:
+        from accelerate.utils import set_seed
+
+        set_seed(run.cfg.seed + run.rank)  # different samples on each process, reproducibly
+        return 0, []
+    state = load_training_state(
+        run.checkpoint, run.rank, optimizer=run.optimizer, scheduler=run.scheduler,
+        critic_optimizer=run.critic_optimizer, samplers=[d.sampler for d in run.stage_data],
+    )
+    logging.getLogger("rl.trainer").info("resumed from %s at step %d", run.checkpoint, state["step"])
+    return state["step"], state.get("history", [])

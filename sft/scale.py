@@ -207,7 +207,7 @@ def _cell(value: Any) -> Any:
 
 def _write_results(out: Path, points: list[dict], summary: dict) -> None:
     from envs.search.corpus import atomic_write_text
-    from eval.report import markdown_table
+    from rl.report import markdown_table
 
     metric_names: list[str] = []
     for p in points:
@@ -231,7 +231,7 @@ def _write_results(out: Path, points: list[dict], summary: dict) -> None:
 
 
 def _plot(path: Path, points: list[dict], metric_names: list[str], title: str) -> None:
-    from eval.report import plt  # matplotlib with the headless backend set
+    from rl.report import plt  # matplotlib with the headless backend set
 
     fig, axes = plt.subplots(1, len(metric_names), figsize=(4.5 * len(metric_names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], metric_names):

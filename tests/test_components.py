@@ -46,7 +46,7 @@ def test_every_shipped_recipe_parses(path):
 def test_info_means_numbers_and_few_valued_strings_only():
     from accelerate import Accelerator
 
-    from rl.trainer import MAX_INFO_CATEGORIES, info_means
+    from rl.metrics import MAX_INFO_CATEGORIES, info_means
 
     n = 2 * MAX_INFO_CATEGORIES
     trajs = [

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from rl import algorithms
 from rl.config import ConfigError, config_from_dict, load_config
-from rl.trainer import forward_logprobs, make_micro_batch, train
+from rl.forward import forward_logprobs
+from rl.packing import make_micro_batch
+from rl.trainer import train
 from rl.trajectory import Trajectory
 from tiny import with_overrides
 
@@ -138,12 +140,13 @@ def test_rollout_correction_reports_mismatch_and_weighs_the_loss(tiny_model_dir,
 
 
 def test_dynamic_sampling_trains_informative_groups_and_reports_all(tiny_model_dir, tmp_path, monkeypatch):
-    import rl.trainer as trainer_module
+    import rl.batch
+    import rl.rollout
 
     scored, trained = [], []
-    score, to_tensors = trainer_module.score_trajectories, trainer_module.to_response_tensors
-    monkeypatch.setattr(trainer_module, "score_trajectories", lambda t, *a: scored.append(list(t)) or score(t, *a))
-    monkeypatch.setattr(trainer_module, "to_response_tensors", lambda t: trained.append(list(t)) or to_tensors(t))
+    score, to_tensors = rl.rollout.score_trajectories, rl.batch.to_response_tensors
+    monkeypatch.setattr(rl.rollout, "score_trajectories", lambda t, *a: scored.append(list(t)) or score(t, *a))
+    monkeypatch.setattr(rl.batch, "to_response_tensors", lambda t: trained.append(list(t)) or to_tensors(t))
     result = run(tiny_model_dir, tmp_path, steps=3, rollout__oversample=2, eval_before_training=False, data__eval="",
                  rewards=[{"name": "helpers_rewards:informative_on_even_answers"}])
     history = [h for h in result["history"] if "reward/mean" in h]
@@ -254,7 +257,7 @@ def _random_groups(spec, seed=0, vocab=400):
 ])
 def test_packed_and_padded_forward_agree_with_one_at_a_time(tiny_model_dir, spec):
     from transformers import AutoModelForCausalLM
-    from rl.trainer import scatter_rows
+    from rl.packing import scatter_rows
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trajs = _random_groups(spec)
@@ -284,7 +287,7 @@ def test_packed_and_padded_forward_agree_with_one_at_a_time(tiny_model_dir, spec
 
 
 def test_micro_batch_plan_keeps_groups_and_budget():
-    from rl.trainer import plan_micro_batches
+    from rl.packing import plan_micro_batches
 
     trajs = _random_groups([(6, [3, 5, 1, 4]), (4, [2, 7]), (9, [6]), (5, [30])])
     plan = plan_micro_batches(trajs, list(range(len(trajs))), max_tokens=16)
