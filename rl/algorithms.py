@@ -203,6 +203,7 @@ get_advantage_estimator = ADVANTAGE_ESTIMATORS.get
 # The named algorithms whose advantage estimator has another name; any other algorithm name is
 # itself an estimator (registered or "module:function").
 ALGORITHM_ESTIMATORS = {"ppo": "gae"}
+ALGORITHMS = ("reinforce", "rloo", "grpo", "ppo")  # the named algorithms (documentation and errors)
 
 
 def estimator_for(algorithm: str) -> str:

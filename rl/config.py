@@ -57,9 +57,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # registered engine name (rl.engines): hf | vllm | vllm_server
+    engine: str = "hf"  # registered engine name (rl.engines) or package.module:Class: hf | vllm | vllm_server
     # passed to the engine's constructor, e.g. {base_url: http://127.0.0.1:8000} for vllm_server,
-    # {kv_cache_gb: 2, max_model_len: 4096} for vllm (see rl/engines_vllm.py)
+    # {kv_cache_gb: 2, max_model_len: 4096} for vllm (see rl/engines/vllm_colocate.py)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     agent: str = "single_turn"  # registered agent loop (agents) or "module:function"
     agent_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the agent (env settings, turns, ...)
@@ -316,10 +316,38 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def validate(cfg: TrainConfig, source: str) -> None:
-    from rl import algorithms  # local import: config must stay importable without torch work
+    """Everything a recipe names is checked here, before any model loads: plugins import, every
+    registered name resolves, algorithm options match the selected functions' signatures."""
+    # local imports: parsing stays importable without torch; validation needs the registries
+    from rl import algorithms
+    from rl.data import PROMPT_BUILDERS
+    from rl.engines import ENGINES
+    from rl.plugins import PluginError, load_plugins
+    from rl.registry import AGENTS
+    from rl.rewards import REWARDS
 
     def fail(msg: str):
         raise ConfigError(f"{source}: {msg}")
+
+    try:
+        load_plugins(cfg.plugins, source)  # papers register their names before any lookup
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
+
+    def check_name(registry, key: str, name: str):
+        try:
+            registry.get(name)
+        except (ValueError, TypeError) as e:
+            fail(f"{key}: {e}")
+
+    check_name(AGENTS, "rollout.agent", cfg.rollout.agent)
+    check_name(ENGINES, "rollout.engine", cfg.rollout.engine)
+    check_name(PROMPT_BUILDERS, "data.prompt_builder", cfg.data.prompt_builder)
+    for i, spec in enumerate(cfg.rewards):
+        check_name(REWARDS, f"rewards[{i}].name", spec.name)
+    for i, stage in enumerate(cfg.stages):
+        if stage.prompt_builder is not None:
+            check_name(PROMPT_BUILDERS, f"stages[{i}].prompt_builder", stage.prompt_builder)
 
     algo = cfg.algorithm
 
@@ -330,6 +358,9 @@ def validate(cfg: TrainConfig, source: str) -> None:
             fail(f"algorithm.{key} '{name}': {e}")
 
     estimator = algorithms.estimator_for(algo.name)
+    if ":" not in estimator and estimator not in algorithms.ADVANTAGE_ESTIMATORS:
+        fail(f"algorithm.name '{algo.name}' is not an algorithm ({', '.join(algorithms.ALGORITHMS)}) or a registered "
+             f"advantage estimator {algorithms.ADVANTAGE_ESTIMATORS.names()} (or 'module:function')")
     functions = {
         "name": resolve(algorithms.ADVANTAGE_ESTIMATORS, "name", estimator),
         "policy_loss": resolve(algorithms.POLICY_LOSSES, "policy_loss", algo.policy_loss),
