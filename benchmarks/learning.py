@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from rl.common import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 # per-algorithm settings on top of the recipe (equal sample budget for all)
@@ -68,7 +70,7 @@ def main() -> None:
                 before = ev["before"][args.metric]
                 results["_before"] = before
             results[key] = {"after": ev["after"][args.metric], "minutes": (time.time() - t0) / 60}
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            atomic_write_text(out / "results.json", json.dumps(results, indent=2))
             print(f"   {key}: before {before:.3f} -> after {results[key]['after']:.3f} "
                   f"({results[key]['minutes']:.1f} min)", flush=True)
 
@@ -89,7 +91,7 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print("\n" + table)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.search import get_cached_retriever, search_agent, search_prompt_ids  # noqa: E402
+from rl.common import iter_jsonl  # noqa: E402
 from rl.engines import Generation, HFEngine, SamplingParams  # noqa: E402
 from rl.models import resolve_model  # noqa: E402
 
@@ -195,12 +196,10 @@ class NoSession:
 
 def load_rows(path: Path, n: int) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) == n:
-                break
+    for _, row in iter_jsonl(path):
+        if len(rows) == n:
+            break
+        rows.append(row)
     if len(rows) < n:
         raise SystemExit(f"{path}: only {len(rows)} rows, need {n}")
     return rows

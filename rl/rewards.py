@@ -13,10 +13,12 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rl.registry import Registry
-from rl.trajectory import Trajectory
+
+if TYPE_CHECKING:  # annotations only: importing the rewards (and the papers registering theirs) needs no torch
+    from rl.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 

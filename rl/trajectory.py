@@ -26,6 +26,8 @@ class Trajectory:
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # turns, searches, finish reason, ...
+    # VLM samples' images: the slot the multimodal issue fills (agents/environment.py reserves the
+    # matching Prompt.images / StepResult.images); nothing sets it yet
     images: list[Any] | None = None
 
     def __post_init__(self):
@@ -45,11 +47,10 @@ class ResponseTensors:
     response_mask: torch.Tensor  # float: loss mask, 0 on padding
     rollout_logprobs: torch.Tensor
     group_ids: torch.Tensor  # [B] long
-    response_lengths: torch.Tensor  # [B] long, including environment tokens
 
 
-def to_response_tensors(trajs: list[Trajectory], pad_to: int | None = None) -> ResponseTensors:
-    T = max([len(t.response_ids) for t in trajs] + [pad_to or 0, 1])
+def to_response_tensors(trajs: list[Trajectory]) -> ResponseTensors:
+    T = max([len(t.response_ids) for t in trajs] + [1])
     B = len(trajs)
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T)
@@ -64,7 +65,6 @@ def to_response_tensors(trajs: list[Trajectory], pad_to: int | None = None) -> R
         response_mask=mask,
         rollout_logprobs=logp,
         group_ids=torch.tensor([t.group_id for t in trajs], dtype=torch.long),
-        response_lengths=torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.long),
     )
 
 

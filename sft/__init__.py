@@ -4,7 +4,6 @@
     python -m sft.train recipes/sft_smoke.yaml [key.path=value ...] [--resume latest|DIR]
     accelerate launch -m sft.train recipe.yaml          # DDP / FSDP / DeepSpeed
     python -m sft.scale recipe.yaml --sizes 32,64,128 --out DIR   # the same recipe at several data sizes
-    python -m sft.srt check traces.jsonl                # validate structured reasoning traces
 
 Modules:
 
@@ -29,13 +28,8 @@ Modules:
   `DIR/n<size>/`, evaluates each final model (`heldout_loss`, or a
   `package.module:function` evaluator `f(model_dir, recipe) -> {metric: value}`) and
   writes one table, `DIR/results.md` + `results.json` (+ `results.png`), atomically.
-* `sft.srt`: MathSpatial-style structured reasoning traces
-  (`{"reasoning": [{"op": Correlate|Constrain|Infer, "step"}], "final_answer"}`): a
-  validator that names every problem by its JSON path, the one-line JSON text format
-  (`render_trace` / `parse_trace`, which never raises), the `srt_format` and
-  `srt_answer` RL rewards, and `build_sft_row` (question + trace -> `messages` row).
-  CLI: `python -m sft.srt check|build|synth`.
-
+* `sft.rows`: what `sft.data` and `sft.vlm` share (`RawRows`, `SFTDataError`,
+  `format_problems`, `IGNORE_INDEX`); imports point one way: data -> vlm -> rows.
 * `sft.vlm`: vision-language models (Qwen2-VL / Qwen2.5-VL style), chosen automatically
   when the checkpoint has a vision tower. Rows are `messages` + `images` (paths;
   content a string or `{type: text|image}` parts, images in user turns); the model
@@ -51,4 +45,8 @@ Modules:
   holds the model + processor (safetensors), reloadable by `load_processor` +
   `AutoModelForImageTextToText`. No packing for VLMs (TRL 1.16 packs text only).
   Example: easy-vqa (`envs.vqa`, `recipes/vqa_sft_cpu.yaml`).
+
+MathSpatial-style structured reasoning traces (validator, renderer, parser, the
+`srt_format` / `srt_answer` rewards, SFT rows) live with their paper's environment:
+`envs.spatial.srt` (CLI: `python -m envs.spatial.srt check|build|synth`).
 """

@@ -22,6 +22,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rl.common import DTYPES
+
 # The strict recipe parser is the RL recipes' own: same errors, same overrides.
 from rl.config import ConfigError, build_dataclass, read_recipe_mapping
 
@@ -40,15 +42,15 @@ __all__ = [
 ]
 
 DATA_FORMATS = ("messages", "tokenized")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 
 
 @dataclass
 class SFTModelConfig:
     name_or_path: str = "smollm2-135m"  # a short name from `rl.models`, a local dir or a hub id
-    # dtype of the loaded weights. auto = float32 (the master weights; on GPU the
-    # forward runs in bf16 through training.mixed_precision=auto).
+    # dtype of the loaded weights (`rl.common.resolve_dtype`, as in RL recipes and eval):
+    # auto = bfloat16 on a GPU that has it, float32 on CPU. float32 keeps fp32 master
+    # weights on GPU (the forward then runs in bf16 through training.mixed_precision=auto).
     dtype: str = "auto"
     # sdpa / eager / flash_attention_2 / ...; all three keep packed examples separate
     # (see sft.trainer, "Packing").

@@ -38,10 +38,12 @@ import logging
 import numbers
 import random
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rl.common import JsonlError, iter_jsonl
+from sft.rows import IGNORE_INDEX, RawRows, SFTDataError, format_problems
+from sft.vlm import is_processor, text_tokenizer, vlm_columns
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,25 +62,8 @@ __all__ = [
 
 logger = logging.getLogger("sft.data")
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-_MAX_LISTED = 5
-
-
-class SFTDataError(ValueError):
-    """Rows that cannot be trained on; the message names the file and the rows."""
-
-
-@dataclass
-class RawRows:
-    rows: Sequence[dict]  # a list of dicts or a datasets.Dataset
-    source: str  # how errors name it (the path as given)
-    path: Path | None = None  # the local file, if any (relative image paths resolve against its folder)
-    lines: list[int] | None = None  # .jsonl: the 1-based line of each row
-
-    def where(self, i: int) -> str:
-        return f"row {i} (line {self.lines[i]})" if self.lines else f"row {i}"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -93,20 +78,12 @@ def _read_json_rows(path: Path) -> RawRows:
     lines: list[int] | None = None
     if path.suffix == ".jsonl":
         lines = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SFTDataError(f"{path}: row {len(rows)} (line {lineno}): invalid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise SFTDataError(
-                        f"{path}: row {len(rows)} (line {lineno}): expected a JSON object, got {type(row).__name__}"
-                    )
+        try:
+            for lineno, row in iter_jsonl(path):
                 rows.append(row)
                 lines.append(lineno)
+        except JsonlError as e:
+            raise SFTDataError(f"{path}: row {e.row} (line {e.lineno}): {e.reason}") from None
     else:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -256,18 +233,6 @@ def validate_rows(raw: RawRows, fmt: str, *, messages_column: str = "messages", 
             problems.append((i, problem))
     if problems:
         raise SFTDataError(format_problems(raw, problems, f"{fmt} format", total))
-
-
-def format_problems(raw: RawRows, problems: list[tuple[int, str]], what: str, total: int | None = None) -> str:
-    """One message for all bad rows: the row itself when there is one, else the first few."""
-    if len(problems) == 1:
-        i, problem = problems[0]
-        return f"{raw.source}: {raw.where(i)}: {problem}"
-    total = len(raw.rows) if total is None else total
-    listed = [f"  {raw.where(i)}: {p}" for i, p in problems[:_MAX_LISTED]]
-    if len(problems) > _MAX_LISTED:
-        listed.append(f"  ... and {len(problems) - _MAX_LISTED} more")
-    return f"{raw.source}: {len(problems)} of {total} rows are invalid ({what}):\n" + "\n".join(listed)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -437,8 +402,6 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
     raws = [load_rows(data_cfg.train, data_cfg.train_split)]
     if data_cfg.eval:
         raws.append(load_rows(data_cfg.eval, data_cfg.eval_split))
-    from sft.vlm import is_processor, text_tokenizer, vlm_columns
-
     vlm = is_processor(tokenizer)  # a vision-language model's processor (see sft.vlm)
     for raw in raws:
         validate_rows(raw, fmt, messages_column=data_cfg.messages_column, vocab_size=len(text_tokenizer(tokenizer)))

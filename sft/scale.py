@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rl.common import atomic_write, atomic_write_text, read_jsonl
 from rl.registry import Registry
 from sft.config import ConfigError, SFTRecipe, read_recipe_mapping, recipe_from_dict, recipe_to_dict
 
@@ -79,11 +80,11 @@ def heldout_loss(model_dir: str, recipe: SFTRecipe) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(f"heldout_loss: {path} not found (was {model_dir} trained by sft.train?)")
     loss = None
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"heldout_loss: {path}: line {lineno}: invalid JSON ({e.msg})") from None
+    try:
+        records = read_jsonl(path)
+    except ValueError as e:  # rl.common.JsonlError: names the file and the line
+        raise ValueError(f"heldout_loss: {e}") from None
+    for record in records:
         if "eval_loss" in record:
             loss = float(record["eval_loss"])
     if loss is None:
@@ -161,7 +162,6 @@ def _finished_point(recipe: SFTRecipe) -> dict | None:
 
 
 def _train_point(recipe: SFTRecipe, size: int) -> dict:
-    from envs.search.corpus import atomic_write_text
     from sft.trainer import train
 
     start = time.perf_counter()
@@ -206,7 +206,6 @@ def _cell(value: Any) -> Any:
 
 
 def _write_results(out: Path, points: list[dict], summary: dict) -> None:
-    from envs.search.corpus import atomic_write_text
     from rl.report import markdown_table
 
     metric_names: list[str] = []
@@ -245,10 +244,8 @@ def _plot(path: Path, points: list[dict], metric_names: list[str], title: str) -
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)  # as the tables
     plt.close(fig)
-    os.replace(tmp, path)  # atomic, as the tables
 
 
 def run_scale(

@@ -49,30 +49,20 @@ from pathlib import Path
 
 import torch
 
+from rl.common import CHECKPOINT_PREFIX, find_checkpoint, prepare_output_dir, resolve_dtype
 from sft.config import ConfigError, SFTRecipe, recipe_to_dict
 
 __all__ = [
     "build_peft_config",
     "build_sft_config",
     "build_trainer",
-    "find_resume_checkpoint",
     "load_model",
     "load_tokenizer",
-    "prepare_output_dir",
-    "resolve_dtype",
     "save_final",
     "train",
 ]
 
 logger = logging.getLogger("sft.trainer")
-
-_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """Weights' dtype; `auto` = float32 master weights (bf16 compute comes from mixed precision)."""
-    return _DTYPES[name]
 
 
 def _mixed_precision(mode: str) -> tuple[bool, bool]:
@@ -80,50 +70,6 @@ def _mixed_precision(mode: str) -> tuple[bool, bool]:
     if mode == "auto":
         return (torch.cuda.is_available() and torch.cuda.is_bf16_supported(), False)
     return (mode == "bf16", mode == "fp16")
-
-
-# ----------------------------------------------------------------------------- output dir and resume
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [
-        p for p in output_dir.glob(f"{_CHECKPOINT_PREFIX}*")
-        if p.is_dir() and p.name[len(_CHECKPOINT_PREFIX):].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))
-
-
-def find_resume_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """`spec` = "latest" (the newest complete checkpoint in output_dir) or a checkpoint dir."""
-    output_dir = Path(output_dir)
-    if spec == "latest":
-        complete = [p for p in _checkpoints(output_dir) if (p / "trainer_state.json").is_file()]
-        if not complete:
-            raise FileNotFoundError(f"--resume latest: no complete {_CHECKPOINT_PREFIX}* directory in {output_dir}")
-        return complete[-1]
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {spec}: not a checkpoint (no trainer_state.json)")
-    return path
-
-
-def prepare_output_dir(recipe: SFTRecipe, resuming: bool) -> None:
-    """Refuse a non-empty output_dir unless resuming or overwrite_output_dir (main process only).
-    Overwriting deletes the directory, but only one that holds a previous run."""
-    out = Path(recipe.output_dir)
-    if resuming or not out.exists() or not any(out.iterdir()):
-        return
-    if not recipe.overwrite_output_dir:
-        raise FileExistsError(
-            f"output_dir {out} is not empty: pass --resume latest to continue it, "
-            "or overwrite_output_dir=true to start over"
-        )
-    if not ((out / "config.json").is_file() and (out / "metrics.jsonl").is_file()):
-        raise FileExistsError(
-            f"overwrite_output_dir: {out} does not look like a previous run (no config.json and "
-            "metrics.jsonl); refusing to delete it, choose another output_dir"
-        )
-    shutil.rmtree(out)
 
 
 # ----------------------------------------------------------------------------- model, args, callbacks
@@ -238,7 +184,7 @@ def _run_files_callback(output_dir: Path):
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
-                (output_dir / "latest").write_text(f"{_CHECKPOINT_PREFIX}{state.global_step}\n")
+                (output_dir / "latest").write_text(f"{CHECKPOINT_PREFIX}{state.global_step}\n")
 
     return RunFiles()
 
@@ -340,9 +286,12 @@ def train(recipe: SFTRecipe, resume: str | None = None) -> dict:
 
     state = PartialState(cpu=not torch.cuda.is_available())  # see use_cpu in build_sft_config
     out = Path(recipe.output_dir)
-    ckpt = find_resume_checkpoint(resume, out) if resume is not None else None
+    # the run-directory rules of RL runs (rl.common): resume from the newest complete checkpoint;
+    # refuse a non-empty output_dir unless resuming or overwrite_output_dir (which deletes only a
+    # directory that holds a previous run)
+    ckpt = find_checkpoint(resume, out) if resume is not None else None
     if state.is_main_process:
-        prepare_output_dir(recipe, resuming=ckpt is not None)
+        prepare_output_dir(out, overwrite=recipe.overwrite_output_dir, resume=ckpt is not None)
     state.wait_for_everyone()
 
     trainer, tokenizer, model_path = build_trainer(recipe)

@@ -57,6 +57,8 @@ import logging
 import os
 from pathlib import Path
 
+from sft.rows import IGNORE_INDEX, SFTDataError, format_problems
+
 __all__ = [
     "IMAGE_ONLY_PROCESSORS",
     "AssistantTurnLabels",
@@ -76,7 +78,6 @@ __all__ = [
 
 logger = logging.getLogger("sft.vlm")
 
-IGNORE_INDEX = -100
 # processor classes whose video processor is optional at run time (image-only use)
 IMAGE_ONLY_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 _INLINE_IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
@@ -407,8 +408,6 @@ def row_length_fn(processor, max_length: int | None, chat_template: str | None):
 def vlm_columns(raw, processor, data_cfg) -> dict[str, list]:
     """Validated, normalized ``messages`` + ``images`` columns (absolute image paths) for
     TRL's vision collator; all bad rows in one `SFTDataError`."""
-    from sft.data import SFTDataError
-
     if data_cfg.format != "messages":
         raise SFTDataError(
             f"{raw.source}: data.format={data_cfg.format!r} is for text models; a vision-language model trains "
@@ -433,7 +432,5 @@ def vlm_columns(raw, processor, data_cfg) -> dict[str, list]:
         out["messages"].append(normalize_messages(row[column], len(paths)))
         out["images"].append([str(_resolve(p, base)) if isinstance(p, str) else p for p in paths])
     if problems:
-        from sft.data import format_problems
-
         raise SFTDataError(format_problems(raw, problems, "messages + images"))
     return out

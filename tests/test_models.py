@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import rl.models as models
+from rl.common import cache_root
 from rl.models import (
     COMPLETE_MARKER,
     MODELS,
     SMOLLM2_CHAT_TEMPLATE,
     ModelFetchError,
-    cache_dir,
     fetch_model,
     is_fetched,
     model_dir,
@@ -167,12 +167,12 @@ def _no_subprocess(*a, **k):
     raise AssertionError(f"unexpected subprocess call: {a}")
 
 
-def test_cache_dir(monkeypatch, tmp_path):
+def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("AGENTRL_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c"
     assert model_dir(NAME) == tmp_path / "c" / "models" / NAME
     monkeypatch.delenv("AGENTRL_CACHE")
-    assert cache_dir() == Path.home() / ".cache" / "agentrl"
+    assert cache_root() == Path.home() / ".cache" / "agentrl"
 
 
 def test_registry():

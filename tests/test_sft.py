@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from rl.common import read_jsonl
 from sft.config import ConfigError, SFTDataConfig, load_recipe, recipe_from_dict
 from sft.data import (
     IGNORE_INDEX,
@@ -104,7 +105,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- (a) assistant-only labels

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from rl.common import read_jsonl
 from sft.config import ConfigError, SFTDataConfig, recipe_from_dict
 from sft.data import SFTDataError, build_datasets, train_subset_indices, write_smoke_dataset
 from sft.scale import main, parse_sizes, run_scale
@@ -110,7 +111,7 @@ def test_scale_run_two_sizes_writes_one_table(tmp_path, tiny_model_dir, capsys):
         config = json.loads((run / "config.json").read_text())
         assert config["data"]["max_train_rows"] == p["size"] and config["training"]["lr"] == 5e-3
         # the table's eval_loss is the one the trainer logged at its last step
-        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged = read_jsonl(run / "metrics.jsonl")
         last_eval = [r for r in logged if "eval_loss" in r][-1]
         assert last_eval["step"] == p["steps"] and last_eval["eval_loss"] == p["metrics"]["eval_loss"]
         assert p["metrics"]["weight_norm"] == weight_norm(str(run / "final"), None)["weight_norm"]

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from envs.vqa.model import build_model, build_processor, build_tokenizer
+from rl.common import read_jsonl
 from sft.config import ConfigError, SFTDataConfig, recipe_from_dict
 from sft.data import IGNORE_INDEX, SFTDataError, build_datasets, load_rows
 from sft.vlm import (
@@ -194,7 +195,7 @@ def test_two_step_cpu_run_writes_a_reloadable_final(tmp_path, vlm_dir, images):
     # saved in the Qwen2-VL checkpoint layout: visual.* (vision tower), model.* (decoder)
     assert any(k.startswith("visual.blocks.") for k in changed)  # the vision tower trains too
     assert any(k.startswith("model.layers.") for k in changed)
-    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in logged if "loss" in m] == [1, 2]
     assert [m["step"] for m in logged if "eval_loss" in m] == [1, 2]
 
@@ -312,8 +313,7 @@ def test_easy_vqa_conversion_gives_valid_seeded_rows(tmp_path, monkeypatch, vlm_
     assert vqa_cache_dir() == tmp_path / "cache" / "datasets" / "easy_vqa" / "1.0"
     data_dir = extract_wheel(fake_easy_vqa_wheel(tmp_path / "easy_vqa-1.0-py3-none-any.whl"), vqa_cache_dir())
     paths = convert(data_dir, tmp_path / "out", train_size=5, test_size=0, seed=3)
-    train = [json.loads(x) for x in paths["train"].read_text().splitlines()]
-    test = [json.loads(x) for x in paths["test"].read_text().splitlines()]
+    train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
     assert len(train) == 5 and len(test) == 6  # a subset of the 9 train questions; all 6 test ones
     row = train[0]
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
@@ -332,7 +332,7 @@ def test_easy_vqa_conversion_gives_valid_seeded_rows(tmp_path, monkeypatch, vlm_
         convert(data_dir, tmp_path / "out3", train_size=10)
     # balanced: equal question types in train (3 of each exist), test untouched
     bal = convert(data_dir, tmp_path / "bal", train_size=5, test_size=0, seed=3, balance_train=True)
-    types = [json.loads(x)["question_type"] for x in bal["train"].read_text().splitlines()]
+    types = [r["question_type"] for r in read_jsonl(bal["train"])]
     assert sorted(types) == ["color", "color", "shape", "shape", "yes/no"]
     assert bal["test"].read_text() == paths["test"].read_text()
     from envs.vqa.data import _balanced

@@ -1,4 +1,4 @@
-"""Structured reasoning traces (sft/srt.py): validator, render/parse round trip, the
+"""Structured reasoning traces (envs/spatial/srt.py): validator, render/parse round trip, the
 never-raising parser, the srt_format / srt_answer rewards, SFT rows and the CLI."""
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rl.config import RewardSpec
-import agents  # noqa: F401  (registers the srt_* rewards)
-from rl.rewards import REWARDS, build_rewards, score_trajectories
-from rl.trajectory import Trajectory
-from sft.data import IGNORE_INDEX, load_rows, tokenize_conversation, validate_rows
-from sft.srt import (
+import envs.spatial  # noqa: F401  (registers the srt_* rewards)
+from envs.spatial.srt import (
     OPS,
     ParsedTrace,
     TraceError,
@@ -30,6 +26,11 @@ from sft.srt import (
     validate_or_raise,
     validate_trace,
 )
+from rl.common import read_jsonl
+from rl.config import RewardSpec
+from rl.rewards import REWARDS, build_rewards, score_trajectories
+from rl.trajectory import Trajectory
+from sft.data import IGNORE_INDEX, load_rows, tokenize_conversation, validate_rows
 
 EOT = "<|im_end|>"
 
@@ -197,7 +198,7 @@ def test_answer_matches(pred, gold, ok):
 
 
 def test_format_reward_values():
-    fmt = REWARDS["srt_format"]
+    fmt = REWARDS.get("srt_format")
     text = render_trace(GOOD)
     assert fmt({}, traj(text)) == {"score": 1.0, "valid": 1.0, "steps": 3.0}
     assert fmt({}, traj(text + EOT)) == {"score": 1.0, "valid": 1.0, "steps": 3.0}
@@ -209,7 +210,7 @@ def test_format_reward_values():
 
 
 def test_answer_reward_values():
-    ans = REWARDS["srt_answer"]
+    ans = REWARDS.get("srt_answer")
     text = render_trace(GOOD)  # final_answer "C"
     assert ans({"answer": "C"}, traj(text)) == 1.0
     assert ans({"answer": "B"}, traj(text)) == 0.0
@@ -330,7 +331,7 @@ def test_cli_synth_check_build_gives_valid_sft_data(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"{raw}: 12 of 12 traces valid"
     # an image next to the raw rows: the built file lives elsewhere, so its path is rewritten
     (tmp_path / "raw" / "img.png").write_bytes(b"\x89PNG")
-    rows = [json.loads(line) for line in raw.read_text().splitlines()]
+    rows = read_jsonl(raw)
     rows[0]["images"] = ["img.png"]
     write_jsonl(raw, rows)
     built = tmp_path / "sft" / "rows.jsonl"

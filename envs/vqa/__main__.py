@@ -13,16 +13,16 @@ import json
 import sys
 from pathlib import Path
 
+from rl.common import read_jsonl
+
 
 def _texts(path: Path) -> list[str]:
     """The user and assistant texts of SFT rows (the tokenizer's training corpus)."""
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                for m in json.loads(line)["messages"]:
-                    c = m["content"]
-                    texts.append(c if isinstance(c, str) else "".join(p.get("text") or "" for p in c))
+    for row in read_jsonl(path):
+        for m in row["messages"]:
+            c = m["content"]
+            texts.append(c if isinstance(c, str) else "".join(p.get("text") or "" for p in c))
     return texts
 
 

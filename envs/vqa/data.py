@@ -25,12 +25,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
-import zipfile
 from pathlib import Path
 
-from envs.search.corpus import atomic_write_text, cache_root, pip_download_wheel
+from rl.common import atomic_write_lines, atomic_write_text, cache_root, extract_from_wheel, fetch_from_wheel
 
 __all__ = [
     "ANSWER_TYPES",
@@ -68,30 +65,18 @@ def vqa_cache_dir(cache_dir: str | os.PathLike | None = None, version: str = EAS
     return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "datasets" / "easy_vqa" / version
 
 
+def _check_splits(source: str):
+    def check(data_dir: Path) -> None:
+        for split in _SPLITS:
+            if not (data_dir / split / "questions.json").is_file():
+                raise RuntimeError(f"{source}: no {_DATA_PREFIX}{split}/questions.json (not an easy-vqa wheel?)")
+
+    return check
+
+
 def extract_wheel(wheel: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract the wheel's ``easy_vqa/data/`` into `dest` (written to a temp dir, then renamed)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(_DATA_PREFIX) and not m.endswith("/")]
-            for m in members:
-                rel = m[len(_DATA_PREFIX):]
-                if Path(rel).name == ".DS_Store":
-                    continue
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(m))
-        for split in _SPLITS:
-            if not (tmp / split / "questions.json").is_file():
-                raise RuntimeError(f"{wheel}: no {_DATA_PREFIX}{split}/questions.json (not an easy-vqa wheel?)")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return extract_from_wheel(wheel, _DATA_PREFIX, dest, check=_check_splits(str(wheel)))
 
 
 def fetch_easy_vqa(
@@ -106,11 +91,8 @@ def fetch_easy_vqa(
     dest = vqa_cache_dir(cache_dir, version)
     if not force and all((dest / s / "questions.json").is_file() for s in _SPLITS):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     spec = f"{EASY_VQA_PACKAGE}=={version}"
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download.") as tmp:
-        extract_wheel(pip_download_wheel(spec, tmp, quiet=quiet), dest)
-    return dest
+    return fetch_from_wheel(spec, _DATA_PREFIX, dest, quiet=quiet, check=_check_splits(spec))
 
 
 def read_questions(data_dir: str | os.PathLike, split: str) -> list[dict]:
@@ -186,7 +168,7 @@ def convert(
         else:
             picked = [questions[i] for i in (order[:size] if size else order)]
         path = out_dir / f"{split}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(_sft_row(q)) + "\n" for q in picked))
+        atomic_write_lines(path, (json.dumps(_sft_row(q)) for q in picked))
         paths[split] = path
         counts: dict[str, int] = {}
         for q in picked:

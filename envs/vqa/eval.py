@@ -26,6 +26,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from rl.common import atomic_write_text, iter_jsonl
+
 __all__ = ["baseline_guesses", "majority_baselines", "normalize_answer", "read_rows", "vqa_accuracy"]
 
 
@@ -37,31 +39,27 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     """(prompt messages, images, gold answer, question type) of the first `limit` rows."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and len(rows) >= limit:
-                break
-            try:
-                row = json.loads(line)
-                msgs = row["messages"]
-                last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(
-                    f"{path}: line {lineno}: expected an SFT row with messages and an assistant turn ({e!r})"
-                ) from None
-            answer = msgs[last]["content"]
-            if not isinstance(answer, str):
-                answer = "".join(p.get("text") or "" for p in answer if p.get("type") == "text")
-            images = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in row.get("images", [])]
-            rows.append({
-                "prompt": msgs[:last],
-                "images": images,
-                "answer": normalize_answer(answer),
-                "question": _question(msgs[:last]),
-                "question_type": row.get("question_type", "all"),
-            })
+    for lineno, row in iter_jsonl(path):  # invalid JSON: a ValueError naming the file and line
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            msgs = row["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{path}: line {lineno}: expected an SFT row with messages and an assistant turn ({e!r})"
+            ) from None
+        answer = msgs[last]["content"]
+        if not isinstance(answer, str):
+            answer = "".join(p.get("text") or "" for p in answer if p.get("type") == "text")
+        images = [str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in row.get("images", [])]
+        rows.append({
+            "prompt": msgs[:last],
+            "images": images,
+            "answer": normalize_answer(answer),
+            "question": _question(msgs[:last]),
+            "question_type": row.get("question_type", "all"),
+        })
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -239,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
