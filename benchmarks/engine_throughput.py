@@ -4,8 +4,8 @@ One run, one model (SmolLM2-135M fp32 by default), three engines behind the same
 protocol (`rl.engines`):
   hf           `rl.engines.HFEngine` (transformers `generate`, KV-reusing `session()` in
                the multi-turn loop);
-  vllm         `rl.engines_vllm.VLLMColocateEngine` (`vllm.LLM` in this process, prefix caching);
-  vllm_server  `rl.engines_vllm.VLLMServerEngine` against a vLLM OpenAI-compatible server
+  vllm         `rl.engines.vllm_colocate.VLLMColocateEngine` (`vllm.LLM` in this process, prefix caching);
+  vllm_server  `rl.engines.vllm_server.VLLMServerEngine` against a vLLM OpenAI-compatible server
                this script starts itself (`python -m vllm.entrypoints.openai.api_server` on
                127.0.0.1, a free port, `--logprobs-mode processed_logprobs`, prefix caching,
                `VLLM_SERVER_DEV_MODE=1` for the disk weight sync) and kills at the end, also
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # --- engines, started one after the other (start times uncontended)
         if "vllm_server" in engines:
-            from rl.engines_vllm import VLLMServerEngine
+            from rl.engines.vllm_server import VLLMServerEngine
 
             server = VLLMServer(path, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                                 max_num_seqs=max(args.batches), seed=args.seed, log_path=out / "server.log",
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
             start["vllm_server"] = {"seconds": up + time.perf_counter() - t0, "health_seconds": up}
             log(f"vllm_server ready in {start['vllm_server']['seconds']:.1f} s")
         if "vllm" in engines:
-            from rl.engines_vllm import VLLMColocateEngine
+            from rl.engines.vllm_colocate import VLLMColocateEngine
 
             log("starting the vLLM colocate engine ...")
             t0 = time.perf_counter()

@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from agents.search import get_cached_retriever, search_agent, search_prompt_ids  # noqa: E402
 from rl.common import iter_jsonl  # noqa: E402
-from rl.engines import Generation, HFEngine, SamplingParams  # noqa: E402
+from rl.engines import BaseEngine, Generation, HFEngine, SamplingParams  # noqa: E402
 from rl.models import resolve_model  # noqa: E402
 
 
@@ -80,8 +80,8 @@ class Timer:
         self.calls += 1
 
 
-class TimedEngine:
-    """Forwards to the engine and times every generate call (and its prefill load)."""
+class TimedEngine(BaseEngine):
+    """Forwards the whole protocol to the engine and times every generate call (and its prefill load)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -93,8 +93,20 @@ class TimedEngine:
         with self.timer:
             return self.engine.generate(prompts, params)
 
-    def __getattr__(self, name):  # optional capabilities of the wrapped engine
-        return getattr(self.engine, name)
+    def update_weights(self, model):
+        self.engine.update_weights(model)
+
+    def sleep(self):
+        self.engine.sleep()
+
+    def wake(self):
+        self.engine.wake()
+
+    def close(self):
+        self.engine.close()
+
+    def session(self):  # the wrapped engine's (HF: KV reuse across turns)
+        return self.engine.session()
 
 
 class TimedRetriever:
@@ -179,8 +191,8 @@ def generate_exact(engine: HFEngine, prompts: list[list[int]], lengths: list[int
     ]
 
 
-class NoSession:
-    """The engine without its optional `session` capability: every turn re-prefills its whole context."""
+class NoSession(BaseEngine):
+    """The engine with BaseEngine's no-op `session`: every turn re-prefills its whole context."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -188,10 +200,8 @@ class NoSession:
     def generate(self, prompts, params):
         return self.engine.generate(prompts, params)
 
-    def __getattr__(self, name):
-        if name == "session":
-            raise AttributeError(name)
-        return getattr(self.engine, name)
+    def update_weights(self, model):
+        self.engine.update_weights(model)
 
 
 def load_rows(path: Path, n: int) -> list[dict]:

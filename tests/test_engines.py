@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents.single_turn import render_prompt, single_turn
-from rl.engines import HFEngine, SamplingParams, _first_stop
-from rl.trainer import forward_logprobs, make_micro_batch, scatter_rows
+from rl.engines import HFEngine, SamplingParams
+from rl.engines.hf import _first_stop
+from rl.forward import forward_logprobs
+from rl.packing import make_micro_batch, scatter_rows
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,78 @@ def test_smollm2_rollout_ids_masks_logprobs_agree_with_teacher_forcing(smollm2_d
         assert t.response_text == tok.decode(t.response_ids, skip_special_tokens=True)
     engine_logp = torch.tensor([lp for t in trajs for lp in t.rollout_logprobs])
     torch.testing.assert_close(engine_logp, teacher_forced(model, trajs, 0.8), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the package: registry, base class
+
+
+def test_a_users_module_class_engine_runs_from_a_recipe(tiny_model_dir, tmp_path):
+    import helpers_engines
+    from test_trainer import recipe
+
+    from rl.config import config_from_dict
+    from rl.trainer import train
+
+    helpers_engines.CALLS.clear()
+    helpers_engines.BUILT.clear()
+    cfg = recipe(tiny_model_dir, tmp_path, steps=1, eval_before_training=False, data__eval="",
+                 rollout__engine="helpers_engines:CountingEngine", rollout__engine_kwargs={"tag": "mine"})
+    result = train(config_from_dict(cfg))
+    assert [h["step"] for h in result["history"] if "reward/mean" in h] == [1]
+    calls = helpers_engines.CALLS
+    assert helpers_engines.BUILT == [{"tag": "mine"}]  # engine_kwargs reach the user's constructor
+    assert calls["generate"] >= 1 and calls["prompts"] == 2 * 4  # prompts_per_step x group_size
+    assert calls["update_weights"] == 1 and calls["close"] == 1
+    assert calls["wake"] >= 1 and calls["sleep"] >= 1
+
+
+def test_unknown_engine_lists_the_registered_ones(tiny):
+    from rl.engines import ENGINES, build_engine
+
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"unknown rollout engine 'hff'; registered: \['hf', 'vllm', 'vllm_server'"):
+        build_engine("hff", model, tok, 4)
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        build_engine("no_such_module:Engine", model, tok, 4)
+    with pytest.raises(TypeError, match=r"lacks \['close', 'session', 'sleep', 'update_weights', 'wake'\].*BaseEngine"):
+        build_engine("helpers_engines:NotAnEngine", model, tok, 4)
+    assert isinstance(build_engine("hf", model, tok, 4), HFEngine)
+    assert ENGINES.names() == ["hf", "vllm", "vllm_server"]
+
+
+def test_base_engine_defaults_do_nothing_and_the_rest_must_be_implemented():
+    from rl.engines import BaseEngine, RolloutEngine
+
+    class Minimal(BaseEngine):
+        pass
+
+    engine = Minimal()
+    assert isinstance(engine, RolloutEngine)
+    before = dict(vars(engine))
+    assert engine.sleep() is None and engine.wake() is None and engine.close() is None
+    with engine.session() as inside:
+        assert inside is engine
+    assert vars(engine) == before  # nothing was set, allocated or released
+    with pytest.raises(NotImplementedError, match="Minimal must implement generate"):
+        engine.generate([[1]], SamplingParams())
+    with pytest.raises(NotImplementedError, match="Minimal must implement update_weights"):
+        engine.update_weights(torch.nn.Linear(1, 1))
+
+
+def test_engines_import_without_vllm_and_without_a_circle():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+import rl.weights
+assert not any(m == "rl.engines" or m.startswith("rl.engines.") for m in sys.modules), "rl.weights imports engines"
+import rl.engines
+assert not {"rl.engines.vllm_colocate", "rl.engines.vllm_server"} & set(sys.modules), "vLLM engines imported eagerly"
+import rl.engines.vllm_colocate, rl.engines.vllm_server
+assert not any(m == "vllm" or m.startswith("vllm.") for m in sys.modules), "vllm imported"
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

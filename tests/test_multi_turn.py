@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from agents.multi_turn import Episode, StepResult, Turn, run_episodes, tokenize_env_text
 from agents.single_turn import render_prompt
-from rl.engines import Generation, SamplingParams
+from rl.engines import BaseEngine, Generation, SamplingParams
 
 # ----------------------------------------------------------------------------- helpers shared with test_search_agent
 
@@ -28,7 +28,7 @@ class R:
     ids: list[int] | None = None  # explicit token ids (e.g. a non-canonical segmentation); overrides text
 
 
-class ScriptedEngine:
+class ScriptedEngine(BaseEngine):
     """A fake rollout engine replaying per-sample scripts.
 
     It identifies the sample a sequence belongs to by its prompt and by what it
@@ -276,7 +276,7 @@ def test_env_text_special_tokens_stay_text(tiny_tokenizer):
 def test_engine_contract_violations_are_errors(tiny_tokenizer):
     tok = tiny_tokenizer
 
-    class Bad:
+    class Bad(BaseEngine):
         def generate(self, prompts, params):
             return [Generation([5, 6], [-0.1], "stop")]
 

@@ -1,4 +1,4 @@
-"""vLLM rollout engines (rl/engines_vllm.py) against the HF engine and the trainer.
+"""vLLM rollout engines (rl/engines/vllm_colocate.py, rl/engines/vllm_server.py) against the HF engine and the trainer.
 
 The vLLM tests skip when `import vllm` fails (install it: `make setup-vllm` on CPU, which CI
 runs). One colocate engine is
@@ -29,9 +29,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bm25s  # noqa: E402,F401
 
 from rl.engines import HFEngine, SamplingParams, build_engine
-from rl.engines_vllm import export_weights, group_prompts, map_finish
-from rl.trainer import forward_logprobs, make_micro_batch, scatter_rows
+from rl.engines.base import group_prompts, map_finish
+from rl.forward import forward_logprobs
+from rl.packing import make_micro_batch, scatter_rows
 from rl.trajectory import Trajectory
+from rl.weights import export_weights
 from test_trainer import REPO, final_weights, recipe  # the trainer tests' small arithmetic recipe
 
 try:
@@ -67,7 +69,7 @@ def prompts_of(tok, lengths, seed):
 
 
 def teacher_forced(model, prompts, gens, temperature):
-    """The trainer's log-probs (rl.trainer.forward_logprobs) of every generated token, flattened."""
+    """The trainer's log-probs (rl.forward.forward_logprobs) of every generated token, flattened."""
     trajs = [Trajectory(p, g.token_ids, [1] * len(g.token_ids), g.logprobs, i, {})
              for i, (p, g) in enumerate(zip(prompts, gens))]
     mb = make_micro_batch(trajs, list(range(len(trajs))), True, 0)
@@ -146,7 +148,7 @@ def test_export_weights_merges_lora_without_touching_the_policy(tiny_tokenizer, 
 
 
 def test_unknown_engine_names_the_choices(tiny_tokenizer):
-    with pytest.raises(KeyError, match="vllm_server"):
+    with pytest.raises(ValueError, match="unknown rollout engine 'vlm'.*vllm_server"):
         build_engine("vlm", None, tiny_tokenizer, 8)
 
 
@@ -265,18 +267,18 @@ def test_multi_turn_loop_runs_unchanged(engine, hf):
 @needs_vllm
 def test_two_step_training_run_with_the_vllm_engine(vdir, tmp_path, engine, monkeypatch):
     """`rollout.engine: vllm` end to end (a second in-process LLM, started by the trainer)."""
-    from rl import engines_vllm
+    from rl.engines import vllm_colocate
     from rl.config import config_from_dict
     from rl.trainer import train
 
     built = []
-    init = engines_vllm.VLLMColocateEngine.__init__
+    init = vllm_colocate.VLLMColocateEngine.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         built.append(self)
 
-    monkeypatch.setattr(engines_vllm.VLLMColocateEngine, "__init__", spy)
+    monkeypatch.setattr(vllm_colocate.VLLMColocateEngine, "__init__", spy)
 
     cfg = recipe(vdir, tmp_path, rollout__engine="vllm",
                  rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512},

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from rl.engines import SamplingParams
-from rl.engines_vllm import VLLMServerEngine
+from rl.engines.vllm_server import VLLMServerEngine
 
 FAKE = str(Path(__file__).with_name("fake_vllm_server.py"))
 MARGIN = 3.0  # seconds of slack on every time bound (a loaded 2-core machine)

@@ -99,7 +99,8 @@ def transfer_log(port: int) -> list:
 def test_policy_weight_source_meets_vllms_contract(tiny_model_dir, lora):
     """metadata() and a pass agree element for element (vLLM's own check), on every pass, and the
     tensors are the export's: tied lm_head under both names, LoRA merged, all contiguous."""
-    from rl.engines_vllm import export_weights, policy_weight_source
+    from rl.engines.vllm_server import policy_weight_source
+    from rl.weights import export_weights
 
     model = _load(tiny_model_dir)
     if lora:
@@ -128,7 +129,8 @@ def test_policy_weight_source_meets_vllms_contract(tiny_model_dir, lora):
 
 def test_nccl_sync_drives_vllms_handshake_and_sends_the_current_weights(tiny_model_dir, tiny_tokenizer,
                                                                         tmp_path, monkeypatch):
-    from rl.engines_vllm import VLLMServerEngine, export_weights
+    from rl.engines.vllm_server import VLLMServerEngine
+    from rl.weights import export_weights
 
     record = fake_nccl(monkeypatch)
     servers = Servers(tmp_path)
@@ -176,7 +178,8 @@ def test_nccl_sync_drives_vllms_handshake_and_sends_the_current_weights(tiny_mod
 
 def test_ipc_sync_sends_one_handle_per_tensor_through_vllms_engine(tiny_model_dir, tiny_tokenizer, tmp_path,
                                                                     monkeypatch):
-    from rl.engines_vllm import VLLMServerEngine, export_weights
+    from rl.engines.vllm_server import VLLMServerEngine
+    from rl.weights import export_weights
 
     shared = fake_cuda_ipc(monkeypatch)
     servers = Servers(tmp_path)
@@ -211,7 +214,7 @@ def test_ipc_sync_sends_one_handle_per_tensor_through_vllms_engine(tiny_model_di
 @pytest.mark.parametrize("backend", ["nccl", "ipc"])
 def test_server_without_weight_transfer_routes_is_refused_with_how_to_start_it(tiny_model_dir, tiny_tokenizer,
                                                                                tmp_path, backend):
-    from rl.engines_vllm import VLLMServerEngine
+    from rl.engines.vllm_server import VLLMServerEngine
 
     servers = Servers(tmp_path)
     port = _free_port()
@@ -264,7 +267,7 @@ def worker_nccl_fsdp2(model_dir: str, port: str, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from rl.engines_vllm import VLLMServerEngine
+    from rl.engines.vllm_server import VLLMServerEngine
     from test_weight_export_sharded import _shard
 
     monkeypatch = pytest.MonkeyPatch()

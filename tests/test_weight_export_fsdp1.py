@@ -46,7 +46,7 @@ def _assert_sharded(root: torch.nn.Module, full: torch.nn.Module) -> None:
 
 
 def worker_fsdp1(model_dir: str) -> None:
-    from rl.engines_vllm import export_weights
+    from rl.weights import export_weights
 
     for name, make, orig in (("plain", _load, True), ("flat", _load, False), ("lora", _lora_model, True)):
         full = make(model_dir)

@@ -167,7 +167,7 @@ def _assert_exports(exported: list[tuple[str, torch.Tensor]], expected: dict[str
 def _worker_fsdp2(model_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from rl.engines_vllm import export_weights
+    from rl.weights import export_weights
 
     ref = _load(model_dir)
     model = _load(model_dir)
@@ -211,7 +211,7 @@ def _lora_model(model_dir: str):
 def _worker_fsdp2_lora(model_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from rl.engines_vllm import export_weights
+    from rl.weights import export_weights
 
     model = _lora_model(model_dir)
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -236,7 +236,7 @@ def _worker_server(model_dir: str, port: str, sync_root: str) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from rl.engines_vllm import VLLMServerEngine
+    from rl.engines.vllm_server import VLLMServerEngine
 
     rank = dist.get_rank()
     url = f"http://127.0.0.1:{port}"

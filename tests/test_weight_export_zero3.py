@@ -135,7 +135,7 @@ def _step(model_or_engine: torch.nn.Module, opt: torch.optim.Optimizer | None = 
 
 
 def worker_zero3(model_dir: str) -> None:
-    from rl.engines_vllm import export_weights
+    from rl.weights import export_weights
 
     ref = _load(model_dir)
     initial = {n: t.clone() for n, t in ref.state_dict().items()}
@@ -163,7 +163,7 @@ def worker_zero3(model_dir: str) -> None:
 
 
 def worker_zero3_lora(model_dir: str) -> None:
-    from rl.engines_vllm import export_weights
+    from rl.weights import export_weights
 
     ref = _lora_model(model_dir)
     unsharded = {n: t.clone() for n, t in export_weights(ref)}

@@ -1,63 +1,21 @@
-"""Rollout engines: token ids in, token ids + log-probs + finish reasons out.
+"""The Hugging Face engine: transformers `generate` on the trainer's live module (the default).
 
-The protocol is deliberately small so a vLLM engine (in-process or server) plugs in
-without trainer changes: `generate`, `update_weights`, `sleep`, `wake`. One optional
-capability: `session()`, a context manager inside which consecutive `generate` calls may
-reuse the KV cache of the previous call's sequences (prefix caching); the multi-turn loop
-opens one when the engine has it, and callers that do not know it lose nothing.
-
-Log-probs are those of the distribution the token was sampled from (after
-temperature / top-k / top-p), which is what importance ratios need. The trainer
-computes its own log-probs as log_softmax(logits / temperature); with top_p = 1 and
-top_k = 0 the two agree up to float rounding (tests/test_engines.py checks it).
+Log-probs are those of the distribution the token was sampled from (after temperature /
+top-k / top-p), which is what importance ratios need. The trainer computes its own
+log-probs as log_softmax(logits / temperature); with top_p = 1 and top_k = 0 the two agree
+up to float rounding (tests/test_engines.py checks it). `session()` reuses the KV cache of
+one call's sequences in the next (`_PrefixCache`), which the multi-turn loop opens per rollout.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
-    stop_string: str | None = None  # which stop string ended it
-
-
-class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]: ...
-
-    def update_weights(self, model: torch.nn.Module) -> None: ...
-
-    def sleep(self) -> None: ...
-
-    def wake(self) -> None: ...
-
-
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
-
-
-def register_engine(name: str):
-    def deco(factory):
-        ENGINES[name] = factory
-        return factory
-
-    return deco
+from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids
 
 
 def _first_stop(text_of: Callable[[int], str], n: int, stops: list[str]) -> tuple[int, str] | None:
@@ -76,14 +34,13 @@ def _first_stop(text_of: Callable[[int], str], n: int, stops: list[str]) -> tupl
     return lo, min((s for s in stops if s in text), key=text.find)
 
 
-@register_engine("hf")
-class HFEngine:
+class HFEngine(BaseEngine):
     """transformers `generate` with left padding and KV cache, batched.
 
     It samples with the live training module, so `update_weights` has nothing to
     copy: the next call already uses the new weights.
 
-    Optional capability, `session()`: inside `with engine.session():`, each generate
+    `session()` (overriding the base class's no-op): inside `with engine.session():`, each generate
     call keeps the key/value cache of the sequences it ended with (prompt + generated
     tokens), and the next call reuses it for every prompt that starts with one of
     those sequences, so only the new tokens (the environment's reply, the last sampled
@@ -98,7 +55,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.eos_ids = set(_eos_ids(model, tokenizer))
+        self.eos_ids = set(eos_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self._prefix: _PrefixCache | None = None  # set inside `session()`
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
@@ -112,9 +69,6 @@ class HFEngine:
     def sleep(self) -> None:  # the HF engine owns no memory of its own, apart from a session's cache
         if self._prefix is not None:
             self._prefix.clear()
-
-    def wake(self) -> None:
-        pass
 
     @contextlib.contextmanager
     def session(self):
@@ -324,41 +278,3 @@ class _PrefixCache:
             s, n = len(p) - c, max(len(g) - 1, 0)
             cols = torch.cat([torch.arange(C - c, C), torch.arange(C + S - s, C + S), torch.arange(C + S, C + S + n)])
             self.pending.append((store, j, cols, list(p) + list(g[:n])))
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if isinstance(eos, int):
-        ids.append(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.extend(eos)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("no eos token: set tokenizer.eos_token or generation_config.eos_token_id")
-    return sorted(set(ids))
-
-
-@register_engine("vllm")
-def _vllm_colocate(model, tokenizer, batch_size: int = 64, **kwargs) -> RolloutEngine:
-    """vLLM in the trainer process (rl/engines_vllm.py); vllm is imported only when chosen."""
-    from rl.engines_vllm import VLLMColocateEngine
-
-    return VLLMColocateEngine(model, tokenizer, batch_size=batch_size, **kwargs)
-
-
-@register_engine("vllm_server")
-def _vllm_server(model, tokenizer, batch_size: int = 64, **kwargs) -> RolloutEngine:
-    """A `vllm serve` server over HTTP (rl/engines_vllm.py); needs httpx only, not vllm."""
-    from rl.engines_vllm import VLLMServerEngine
-
-    return VLLMServerEngine(model, tokenizer, batch_size=batch_size, **kwargs)
-
-
-def build_engine(name: str, model, tokenizer, batch_size: int, **kwargs) -> RolloutEngine:
-    """`kwargs` (e.g. a recipe's `rollout.engine_kwargs`) go to the engine's constructor."""
-    if name not in ENGINES:
-        raise KeyError(f"unknown rollout engine '{name}'; available: {sorted(ENGINES)}")
-    return ENGINES[name](model, tokenizer, batch_size=batch_size, **kwargs)
