@@ -39,7 +39,7 @@ from agents.search import FINAL_TURN_TEXT, load_search_recipe, search_agent, sea
 from envs.search.corpus import atomic_write_text
 from envs.search.qa_data import row_metadata
 from eval.qa_metrics import extract_information_blocks, normalize_answer
-from rl.engines import Generation, SamplingParams
+from rl.engines import BaseEngine, Generation, SamplingParams
 
 __all__ = ["oracle_queries", "OracleEngine", "generate_oracle_trajectories", "main"]
 
@@ -74,7 +74,7 @@ def _contains(haystack: str, needle: str) -> bool:
     return bool(n) and f" {n} " in f" {normalize_answer(haystack)} "
 
 
-class OracleEngine:
+class OracleEngine(BaseEngine):
     """A `RolloutEngine` that plays the oracle: next query, or the answer once the evidence is in.
 
     It recognises each sample by its prompt ids (a prefix of the context it is asked to
