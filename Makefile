@@ -39,7 +39,7 @@ demo: setup
 	$(BIN)/python -m rl.models fetch smollm2-135m
 	$(BIN)/python -m envs.search.corpus fetch-wiki
 	$(BIN)/python -m envs.search.qa_data generate --out data/wiki10k_qa --seed 0 --no-check
-	$(BIN)/python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m --overwrite \
+	$(BIN)/python -m envs.search.oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m --overwrite \
 		--data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 128
 	$(BIN)/python -m sft.train recipes/search_sft_warmstart.yaml
 	$(BIN)/python -m rl.train recipes/search_r1pp_cpu.yaml

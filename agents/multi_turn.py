@@ -1,4 +1,10 @@
-"""Generic token-in-token-out multi-turn agent loop.
+"""Generic token-in-token-out multi-turn agent: `multi_turn` (registered) drives any environment.
+
+`multi_turn` (`rollout.agent: multi_turn`) is the one agent every multi-turn paper uses: it builds
+the environment named in `rollout.agent_kwargs.env` (`rl.registry.ENVIRONMENTS`, or "module:Class")
+with `env_kwargs`, resets it on the G-fold copied rows, renders the prompts through the chat
+template, adds the environment's stop strings, runs `run_episodes` and assembles the
+`Trajectory`s (group ids, loss masks, log-probs, info). The protocol is `agents/environment.py`.
 
 `run_episodes` alternates engine turns and environment replies for a batch of
 samples. Each turn, ONE `engine.generate` call continues every sample still
@@ -6,7 +12,8 @@ running (its prompt ids + everything so far); the engine's token ids and
 log-probs are appended as they are (loss mask 1). The environment answers with
 TEXT, which is tokenised on its own (`tokenizer(text, add_special_tokens=False,
 split_special_tokens=True)`), truncated to `max_obs_tokens` and appended with
-loss mask 0 and log-prob 0.0. Decoded model text is only *read* (to parse the
+loss mask 0 and log-prob 0.0 (or with a structured observation: token ids, appended
+as they are, truncated the same way). Decoded model text is only *read* (to parse the
 action); it is never re-tokenised, so the ids the trainer sees are exactly the
 ids the engine sampled and the ids the policy attended to during the rollout.
 
@@ -59,37 +66,19 @@ tiny ChatML tokenizer and on a locally built Llama-3-style tokenizer/template):
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from agents import register_agent
+from agents.environment import Environment, Prompt, StepResult, Turn
 from rl.engines import Generation, RolloutEngine, SamplingParams
 
-__all__ = ["Turn", "StepResult", "Episode", "run_episodes", "tokenize_env_text"]
-
-
-@dataclass
-class Turn:
-    """One engine turn of one sample, as the environment sees it."""
-
-    sample: int  # index into prompts_ids
-    turn: int  # 0-based model turn of this sample (the final answer-only turn is `max_turns`)
-    text: str  # decode(this turn's engine ids, skip_special_tokens=True): read it, never re-tokenise it
-    generation: Generation
-    last: bool  # nothing will follow this turn (final turn, eos, cap, or no turns left): do not run tools
-    final: bool = False  # this is the final answer-only turn
-
-
-@dataclass
-class StepResult:
-    """The environment's reply to one turn."""
-
-    observation: str | None = None  # text appended after the turn (mask 0); truncated to max_obs_tokens
-    observation_suffix: str = ""  # appended after the (possibly truncated) observation, never truncated
-    done: bool = False  # the episode ends here
-    reason: str = "answered"  # termination reason when done
-    action: str | None = None  # action name, counted in info["actions"]
-    valid: bool = True  # counted in info["valid_actions"] / info["invalid_actions"]
+__all__ = [
+    "Environment", "Prompt", "Turn", "StepResult", "Episode", "LOOP_DEFAULTS", "run_episodes", "tokenize_env_text",
+    "multi_turn", "resolve_environment", "loop_options",
+]
 
 
 @dataclass
@@ -103,6 +92,18 @@ class Episode:
 
     def __iter__(self):  # `ids, mask, logprobs, info = episode`
         return iter((self.response_ids, self.loss_mask, self.logprobs, self.info))
+
+
+def _check_step_result(res: Any) -> None:
+    if not isinstance(res, StepResult):
+        raise TypeError(f"the environment returned a {type(res).__name__}, expected agents.environment.StepResult")
+    if res.images is not None:
+        raise NotImplementedError(
+            "StepResult.images: image observations (VLM policies) are part of the environment protocol but the "
+            "multi-turn loop does not feed them to the engine yet (the multimodal issue fills this in)"
+        )
+    if res.observation_ids is not None and res.observation:
+        raise ValueError("StepResult: give the observation as text or as observation_ids, not both")
 
 
 def tokenize_env_text(tokenizer, text: str) -> list[int]:
@@ -230,6 +231,8 @@ def run_episodes(
             results = env_steps(turns)
             if len(results) != len(turns):
                 raise RuntimeError(f"env_steps returned {len(results)} results for {len(turns)} turns")
+            for res in results:
+                _check_step_result(res)
 
             next_active = []
             for t, res in zip(turns, results):
@@ -249,7 +252,13 @@ def run_episodes(
                         finish(i, "max_turns")
                     continue
                 env_ids: list[int] = []
-                if res.observation:
+                if res.observation_ids is not None:  # structured: the environment's ids, as they are
+                    obs = [int(x) for x in res.observation_ids]
+                    if max_obs_tokens is not None and len(obs) > max_obs_tokens:
+                        obs = obs[:max_obs_tokens]
+                        st.info["obs_truncated"] += 1
+                    env_ids = obs + tokenize_env_text(tokenizer, res.observation_suffix)
+                elif res.observation:
                     obs = tokenize_env_text(tokenizer, res.observation)
                     if max_obs_tokens is not None and len(obs) > max_obs_tokens:
                         obs = obs[:max_obs_tokens]
@@ -278,3 +287,174 @@ def run_episodes(
             st.info["termination"] = "max_turns"
         episodes.append(Episode(st.ids, st.mask, st.logprobs, st.info, st.segments))
     return episodes
+
+
+# ----------------------------------------------------------------------------- the generic agent
+
+# The loop options of `multi_turn` and their defaults; an environment's `loop_defaults` override
+# these, and a recipe's `rollout.agent_kwargs` override both.
+LOOP_DEFAULTS: dict[str, Any] = {
+    "max_turns": 4,  # model turns before the episode ends (or the final answer-only turn runs)
+    "max_obs_tokens": None,  # truncate each observation to this many tokens (None: never)
+    "final_answer_turn": False,  # after max_turns, one more generation after env.final_turn_message
+    "final_turn_max_new_tokens": None,  # that turn's budget (None: rollout.max_new_tokens)
+    "max_response_tokens": None,  # cap on the whole response, model + environment tokens (None: none)
+    "stop_on_eos": True,  # a turn ending with eos and no terminal action ends the episode
+}
+_UNSET: Any = object()
+
+
+def resolve_environment(env: Any) -> type:
+    """The environment class for `env`: a name in `rl.registry.ENVIRONMENTS`, "module:Class", or a class."""
+    from rl.registry import ENVIRONMENTS
+
+    if isinstance(env, str) and env:
+        cls = ENVIRONMENTS.get(env)
+    elif isinstance(env, type):
+        cls = env
+    else:
+        raise ValueError(
+            f"multi_turn agent: set rollout.agent_kwargs.env to a registered environment {ENVIRONMENTS.names()} "
+            f"or 'module:Class' (and name the module that registers it in the recipe's plugins:), got {env!r}"
+        )
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TypeError(f"environment {env!r} ({cls!r}) has no {' / '.join(missing)} method: see agents/environment.py")
+    return cls
+
+
+def loop_options(env_cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """The loop options of one run: `LOOP_DEFAULTS` < the environment's `loop_defaults` < `given`."""
+    env_defaults = dict(getattr(env_cls, "loop_defaults", None) or {})
+    unknown = sorted(set(env_defaults) - set(LOOP_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{env_cls.__name__}.loop_defaults: unknown loop option(s) {unknown}; "
+                         f"the loop takes {sorted(LOOP_DEFAULTS)}")
+    return {**LOOP_DEFAULTS, **env_defaults, **{k: v for k, v in given.items() if v is not _UNSET}}
+
+
+def _as_prompt(obs: Any, sample: int, env_name: str) -> Prompt:
+    if obs is None:
+        return Prompt()
+    if isinstance(obs, Prompt):
+        return obs
+    if isinstance(obs, list):  # chat messages
+        return Prompt(messages=obs)
+    raise TypeError(f"environment {env_name}: reset() gave sample {sample} a {type(obs).__name__}; expected "
+                    "agents.environment.Prompt, a list of chat messages, or None (the recipe's prompt builder)")
+
+
+def _with_stops(params: SamplingParams, stops: Sequence[str], max_new_tokens: int | None = None) -> SamplingParams:
+    merged = list(params.stop) + [s for s in stops if s not in params.stop]
+    return dataclasses.replace(params, stop=merged, max_new_tokens=max_new_tokens or params.max_new_tokens)
+
+
+@register_agent("multi_turn")
+def multi_turn(
+    engine: RolloutEngine,
+    tokenizer,
+    rows: list[dict],
+    *,
+    prompt_builder: Callable[[dict], list[dict]] | None = None,
+    params: SamplingParams,
+    group_size: int = 1,
+    first_group_id: int = 0,
+    env: Any = None,
+    env_kwargs: dict[str, Any] | None = None,
+    max_turns: int = _UNSET,
+    max_obs_tokens: int | None = _UNSET,
+    final_answer_turn: bool = _UNSET,
+    final_turn_max_new_tokens: int | None = _UNSET,
+    max_response_tokens: int | None = _UNSET,
+    stop_on_eos: bool = _UNSET,
+) -> list:
+    """`group_size` episodes per row of any environment, all advancing together; one `Trajectory` each.
+
+    `env`: a registered environment name, "module:Class", or a class; `env_kwargs`: its constructor's
+    keyword arguments. The loop options (see `LOOP_DEFAULTS`) default to the environment's `loop_defaults`.
+    Trajectory k has row `rows[k // group_size]`, group id `first_group_id + k // group_size`, and
+    info = the loop's keys (turns, actions, valid_actions, invalid_actions, termination, finish_reason,
+    obs_truncated, model_tokens, env_tokens) updated with `env.info(k)`.
+    """
+    from agents.single_turn import render_prompt
+    from rl.trajectory import Trajectory
+
+    env_cls = resolve_environment(env)
+    name = env if isinstance(env, str) else env_cls.__name__
+    opts = loop_options(env_cls, dict(
+        max_turns=max_turns, max_obs_tokens=max_obs_tokens, final_answer_turn=final_answer_turn,
+        final_turn_max_new_tokens=final_turn_max_new_tokens, max_response_tokens=max_response_tokens,
+        stop_on_eos=stop_on_eos,
+    ))  # fmt: skip
+    environment = env_cls(**(env_kwargs or {}))
+    environment.tokenizer = tokenizer
+    samples = [row for row in rows for _ in range(group_size)]
+    first = environment.reset(samples)
+    if len(first) != len(samples):
+        raise RuntimeError(f"environment {name}: reset() returned {len(first)} observations for {len(samples)} samples")
+
+    rendered: dict[str, list[int]] = {}  # the G copies of a row (and equal prompts) are rendered once
+    prompts: list[list[int]] = []
+    for k, (row, obs) in enumerate(zip(samples, first)):
+        obs = _as_prompt(obs, k, name)
+        if obs.images is not None:
+            raise NotImplementedError(
+                f"environment {name}: Prompt.images (VLM prompts) is part of the protocol but the multi-turn loop "
+                "does not feed images to the engine yet (the multimodal issue fills this in)"
+            )
+        if obs.prompt_ids is not None:
+            prompts.append([int(x) for x in obs.prompt_ids])
+            continue
+        messages = obs.messages
+        if messages is None:
+            if prompt_builder is None:
+                raise ValueError(f"environment {name} gave sample {k} no prompt and the agent got no prompt_builder")
+            messages = prompt_builder(row)
+        key = json.dumps(messages, sort_keys=True, default=str)
+        if key not in rendered:
+            rendered[key] = render_prompt(tokenizer, messages)
+        prompts.append(rendered[key])
+
+    stops = list(getattr(environment, "stop", ()) or ())
+    final = bool(opts["final_answer_turn"])
+    final_message = getattr(environment, "final_turn_message", None)
+    episodes = run_episodes(
+        engine,
+        tokenizer,
+        prompts,
+        environment.step,
+        params=_with_stops(params, stops),
+        max_turns=opts["max_turns"],
+        max_obs_tokens=opts["max_obs_tokens"],
+        final_turn_params=_with_stops(params, stops, opts["final_turn_max_new_tokens"]) if final else None,
+        final_message=final_message if final else None,
+        max_response_tokens=opts["max_response_tokens"],
+        stop_on_eos=opts["stop_on_eos"],
+    )
+    info_of = getattr(environment, "info", None)
+    trajs = []
+    for k, ep in enumerate(episodes):
+        i = k // group_size
+        trajs.append(
+            Trajectory(
+                prompt_ids=prompts[k],
+                response_ids=ep.response_ids,
+                loss_mask=ep.loss_mask,
+                rollout_logprobs=ep.logprobs,
+                group_id=first_group_id + i,
+                row=rows[i],
+                response_text=tokenizer.decode(ep.response_ids, skip_special_tokens=True),
+                info={**ep.info, **(info_of(k) if callable(info_of) else {})},
+            )
+        )
+    return trajs
+
+
+def _resolved_kwargs(agent_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`agent_kwargs` with every loop option the run will use (defaults filled in): what reports show."""
+    kw = dict(agent_kwargs)
+    given = {k: kw.pop(k) for k in LOOP_DEFAULTS if k in kw}
+    return {**kw, **loop_options(resolve_environment(kw.get("env")), given)}
+
+
+multi_turn.resolved_kwargs = _resolved_kwargs  # read by `eval.run` (any agent may offer one)

@@ -1,7 +1,7 @@
 """Multi-turn search rollouts vs single-turn generation of the same tokens, side by side.
 
-Multi-turn side ("multi"): the real Search-R1++ agent (`agents.search.search_agent`
-through `agents.multi_turn.run_episodes`) on B questions of `data/wiki10k_qa/dev.jsonl`,
+Multi-turn side ("multi"): the real Search-R1++ agent (the `multi_turn` agent driving the
+search environment, `envs.search.env.SearchEnvironment`, through `agents.multi_turn.run_episodes`) on B questions of `data/wiki10k_qa/dev.jsonl`,
 with the CPU recipe's agent settings (`recipes/search_r1pp_cpu.yaml`: topk, max_turns,
 max_obs_tokens, final answer turn, response cap, max_new_tokens per turn), the
 in-process BM25 retriever over the wiki10k corpus, the HF engine (`rl.engines.HFEngine`,
@@ -61,7 +61,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agents.search import get_cached_retriever, search_agent, search_prompt_ids  # noqa: E402
+from agents.multi_turn import multi_turn  # noqa: E402
+from envs.search.env import get_cached_retriever, search_prompt_ids  # noqa: E402
 from rl.common import iter_jsonl  # noqa: E402
 from rl.engines import BaseEngine, Generation, HFEngine, SamplingParams  # noqa: E402
 from rl.models import resolve_model  # noqa: E402
@@ -238,21 +239,22 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agents.search import load_search_recipe
+    from envs.search.env import load_search_recipe
 
     torch.set_grad_enabled(False)
     cfg = load_search_recipe(args.recipe)
     kw = dict(cfg.rollout.agent_kwargs)
+    env_kwargs = dict(kw.pop("env_kwargs", None) or {})
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     engine = HFEngine(model, tokenizer, batch_size=max(args.batch))
-    retriever = TimedRetriever(get_cached_retriever(kw.pop("retriever"), kw.pop("retriever_kind", "bm25")))
+    retriever = TimedRetriever(get_cached_retriever(env_kwargs.pop("retriever"), env_kwargs.pop("retriever_kind", "bm25")))
     params = SamplingParams(
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=args.temperature, top_p=cfg.rollout.top_p,
         top_k=cfg.rollout.top_k,
     )
-    print(f"model {args.model} | {Path(args.recipe).name} agent settings {kw}, max_new_tokens/turn "
+    print(f"model {args.model} | {Path(args.recipe).name} agent settings {kw} {env_kwargs}, max_new_tokens/turn "
           f"{params.max_new_tokens}, temperature {params.temperature}, torch threads {torch.get_num_threads()}")
 
     def multi(rows, reuse=True):
@@ -261,8 +263,8 @@ def main() -> None:
         retriever.timer = Timer()
         stats0 = dict(engine.stats)
         c0, t0 = time.process_time(), time.perf_counter()
-        trajs = search_agent(eng, tok, rows, prompt_builder=None, params=params, group_size=args.group_size,
-                             retriever=retriever, **kw)
+        trajs = multi_turn(eng, tok, rows, prompt_builder=None, params=params, group_size=args.group_size,
+                           **{**kw, "env_kwargs": {**env_kwargs, "retriever": retriever}})
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         lengths = [sum(t.loss_mask) for t in trajs]
         return {
@@ -300,7 +302,7 @@ def main() -> None:
         if B % args.group_size:
             raise SystemExit(f"--batch {B} is not a multiple of --group-size {args.group_size}")
         rows = all_rows[: B // args.group_size]
-        template = kw.get("template", "fast")
+        template = env_kwargs.get("template", "fast")
         prompts = [p for r in rows for p in [search_prompt_ids(tokenizer, r, template)] * args.group_size]
         torch.manual_seed(args.seed)
         warm = multi(rows[:2])  # warm-up (allocator, BM25's first query, stop-string tables), not timed

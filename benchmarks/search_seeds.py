@@ -106,10 +106,10 @@ def main() -> None:
     # one leaderboard per model, kept while its inputs are unchanged: adding a stage (e.g. RL alone)
     # to a finished study evaluates only the new models
     score = {}
-    from eval.run import recipe_defaults
+    from eval.run import plan_from_recipe
 
     # what the evaluation depends on: the agent settings (not the recipe's file name), the questions
-    eval_args = {"agent": recipe_defaults(args.rl_recipe), "test": args.test, "limit": args.limit}
+    eval_args = {"agent": plan_from_recipe(args.rl_recipe).fingerprint(), "test": args.test, "limit": args.limit}
     for m in models:
         label, spec = m.split("=", 1)
         board_dir = out / "leaderboards" / label

@@ -29,11 +29,12 @@ SETTINGS: dict = {}  # filled from the command line before the runner calls the 
 
 @register_evaluator("search_heldout")
 def search_heldout(model_dir: str, recipe) -> dict[str, float]:
-    """The search agent's held-out metrics for one trained size (eval.run's own code)."""
-    from eval.run import evaluate_search, recipe_defaults
+    """The search agent's held-out metrics for one trained size (eval.run's own code, the RL recipe's agent)."""
+    from eval.run import evaluate, plan_from_recipe
 
-    res = evaluate_search(model_dir, {"test": SETTINGS["test"]}, limit=SETTINGS["limit"],
-                          label=f"n={recipe.data.max_train_rows}", **recipe_defaults(SETTINGS["rl_recipe"]))
+    plan = plan_from_recipe(SETTINGS["rl_recipe"])
+    res = evaluate(model_dir, {"test": SETTINGS["test"]}, limit=SETTINGS["limit"],
+                   label=f"n={recipe.data.max_train_rows}", **plan.evaluate_kwargs())
     avg = res["avg"]
     return {k: avg[k] for k in ("em", "f1", "answer_rate", "invalid_action_rate")}
 

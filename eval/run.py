@@ -1,11 +1,24 @@
-"""Leaderboard evaluator for the Search-R1 search agent: models x QA datasets -> EM, F1, ...
+"""The leaderboard runner for every paper: any environment's agent x models x datasets -> metrics tables.
 
-    python -m eval.run --model smollm2-135m --model trained=outputs/search_r1pp_cpu \\
-        --data dev=data/wiki10k_qa/dev.jsonl --data data/nq/test.parquet \\
-        [--retriever CORPUS_PATH_OR_URL] [--retriever-kind bm25|dense] [--topk 3] [--template fast|slow] \\
-        [--max-turns 4] [--max-new-tokens 128] [--max-obs-tokens 500] [--max-response-tokens N] \\
-        [--temperature 0.0] [--limit N] [--batch-size 32] [--seed 0] [--dtype auto] \\
-        [--out DIR] [--overwrite]
+    python -m eval.run --recipe RECIPE --model [LABEL=]SPEC [--model ...] [--data [NAME=]PATH ...] \
+        [--limit N] [--out DIR] [--overwrite] [--batch-size 32] [--temperature T] [--seed 0] \
+        [--max-new-tokens N] [--dtype auto] [--agent NAME] [--agent-kwarg KEY=VALUE ...] \
+        [--env-kwarg KEY=VALUE ...] [--metrics NAME] [--plugin MODULE ...]
+
+The recipe says what to evaluate, exactly as it is trained: its `plugins:` are loaded, its
+`rollout.agent` runs with its `rollout.agent_kwargs` (the environment and the loop options),
+`data.prompt_builder` builds prompts the environment leaves to the recipe, `rollout.max_new_tokens`
+is the per-turn budget and `rollout.eval_temperature` the temperature (0 = greedy; `--seed` makes
+sampling reproducible). The recipe's rewards score every trajectory (`traj.reward`, for metric sets
+that use them). Flags override it: `--agent-kwarg KEY=VALUE` sets `rollout.agent_kwargs.KEY`
+(dotted keys reach into dicts; VALUE is YAML: `max_turns=2`, `final_answer_turn=false`),
+`--env-kwarg KEY=VALUE` is short for `--agent-kwarg env_kwargs.KEY=VALUE` (e.g. the search
+environment's `retriever=http://127.0.0.1:8000` or `topk=3`).
+
+Metrics: the metric set `--metrics NAME` (`rl.registry.METRICS`), else the one the environment
+names (`Environment.metrics`, e.g. `search`), else `rewards` (means of the recipe's rewards); see
+eval/metrics.py. Before any model loads, the environment checks its settings (`Environment.check`,
+e.g. a missing corpus) and every dataset is loaded.
 
 `--model [LABEL=]SPEC` (repeatable; LABEL names the model in the table), SPEC is one of
   * a registered short name (`smollm2-135m`), a Hugging Face hub id or checkpoint dir
@@ -14,29 +27,22 @@
   * a training output dir: the checkpoint named in its `latest` file, else the highest
     `checkpoint-<step>`.
   A LoRA adapter (`adapter_config.json`) is loaded on its base model and merged.
-`--data [NAME=]PATH` (repeatable): FlashRAG jsonl or Search-R1 parquet
-(`envs.search.qa_data.load_qa`); without `NAME=` the file stem names the dataset.
-`--retriever`: a corpus jsonl (in-process BM25, or `--retriever-kind dense`) or the
-http(s) URL of a retrieval server; default: the wiki10k corpus in the agentrl cache.
-Decoding is greedy unless `--temperature` > 0 (then `--seed` makes it reproducible).
+`--data [NAME=]PATH` (repeatable): a file the metric set's loader reads (search: FlashRAG jsonl or
+Search-R1 parquet via `envs.search.qa_data.load_qa`; otherwise jsonl/parquet/csv or a
+`save_to_disk` dir), or a registered dataset / `module:function` (its `test` split); without
+`NAME=` the file stem names the dataset. No `--data`: the recipe's `data.eval` (as `eval`).
 
 Outputs in `--out` (default `outputs/eval/<timestamp>`; an existing non-empty dir is
 refused unless `--overwrite`):
   leaderboard.md                      one row per model x dataset, plus an `avg` row per model
   leaderboard.json                    settings, every number, paths of the prediction files
-  predictions/<label>__<dataset>.jsonl  per question: question, golds, prediction, em, f1,
-                                      searches, termination, ...
-Metrics: EM and F1 (`agents.search.search_em` / `search_f1`, i.e. `eval.qa_metrics`),
-answer rate (an answer action was taken), average searches, average response length in
-tokens (whole response incl. observations) and in model-generated tokens, invalid-action
-rate (invalid actions / all actions), number of questions. `avg` = the mean of the
-per-dataset metrics (each dataset counts once, whatever its size); its `n` is the total.
+  predictions/<label>__<dataset>.jsonl  one record per example (the metric set's)
+`avg` = the mean of the per-dataset metrics (each dataset counts once, whatever its size); its
+`n` is the total.
 
-From Python (recipes, the README main job):
-
-    from eval.run import evaluate_search
-    res = evaluate_search("outputs/search_r1pp_cpu", {"dev": "data/wiki10k_qa/dev.jsonl"}, limit=100)
-    res["datasets"]["dev"]["metrics"]["em"], res["avg"]["f1"]
+From Python: `evaluate(model, {"dev": path_or_rows}, agent=..., agent_kwargs=..., metrics=...)`
+(one model), `write_results(out, [result, ...], data)`; the search paper's shortcut is
+`envs.search.metrics.evaluate_search`.
 """
 
 from __future__ import annotations
@@ -46,45 +52,31 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from envs.search.corpus import atomic_write_text
+from rl.common import atomic_write_text
 
 __all__ = [
-    "METRICS",
+    "EvalPlan",
     "ModelSpecError",
-    "aggregate",
-    "average_metrics",
-    "default_retriever",
-    "evaluate_search",
+    "evaluate",
+    "get_metric_set",
     "leaderboard_markdown",
     "load_datasets",
     "load_policy_for_eval",
     "main",
     "parse_data_arg",
     "parse_model_arg",
+    "plan_from_recipe",
     "prepare_out_dir",
-    "question_record",
     "resolve_policy_path",
     "write_results",
 ]
 
-# metric key -> column title in leaderboard.md (order = column order)
-METRICS = {
-    "n": "n",
-    "em": "EM",
-    "f1": "F1",
-    "answer_rate": "answer rate",
-    "avg_searches": "searches",
-    "avg_response_tokens": "response tokens",
-    "avg_model_tokens": "model tokens",
-    "invalid_action_rate": "invalid rate",
-}
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -93,13 +85,6 @@ class ModelSpecError(ValueError):
 
 
 # ----------------------------------------------------------------------------- specs
-
-
-def default_retriever() -> str:
-    """The wiki10k corpus in the agentrl cache (`$AGENTRL_CACHE` or ~/.cache/agentrl)."""
-    from envs.search.corpus import corpus_filename, wiki_dir
-
-    return str(wiki_dir() / corpus_filename(None))
 
 
 def _split_named(arg: str) -> tuple[str | None, str]:
@@ -137,11 +122,6 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
     return (name or Path(path).stem), path
 
 
-def _slug(label: str) -> str:
-    """A file-name-safe version of a label (labels may hold `/`)."""
-    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -165,7 +145,7 @@ def _checkpoint_policy(ckpt: Path) -> Path | None:
 
 def _from_output_dir(out: Path) -> Path | None:
     """The policy of the checkpoint named in `latest`, else of the highest checkpoint-N."""
-    from rl.checkpoint import list_checkpoints
+    from rl.common import list_checkpoints
 
     latest = out / "latest"
     if latest.is_file():
@@ -215,15 +195,10 @@ def resolve_policy_path(spec: str | os.PathLike) -> str:
 
 
 def _torch_dtype(dtype: str):
-    import torch
+    """`auto`: bf16 where the GPU has it (halves memory and time), fp32 on CPU."""
+    from rl.common import resolve_dtype
 
-    if dtype == "auto":  # bf16 where the GPU has it (halves memory and time), fp32 on CPU
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *table]}")
-    return table[dtype]
+    return resolve_dtype(dtype)
 
 
 def _load_tokenizer(path: str, fallback: str | None = None):
@@ -276,117 +251,121 @@ def load_policy_for_eval(spec: str | os.PathLike, *, dtype: str = "auto", device
     return model.to(device).eval(), tok
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- metric sets and data
 
 
-def _check_rows(rows: Sequence[Mapping], name: str) -> list[dict]:
-    """In-memory rows need what the agent and the rewards read; say which row lacks it."""
-    from envs.search.qa_data import QADataError
+def get_metric_set(metrics: Any = None):
+    """A `MetricSet` (given, or by name from `rl.registry.METRICS`; None: `rewards`)."""
+    from eval.metrics import MetricSet
+    from rl.registry import METRICS
 
-    out = []
+    if isinstance(metrics, MetricSet):
+        return metrics
+    found = METRICS.get(metrics or "rewards")
+    if not isinstance(found, MetricSet):
+        raise TypeError(f"metric set {metrics!r} is a {type(found).__name__}, not an eval.metrics.MetricSet")
+    return found
+
+
+def _env_of(agent_kwargs: Mapping[str, Any]):
+    """The environment class an agent's kwargs name (`env`), or None (e.g. single_turn)."""
+    from rl.registry import ENVIRONMENTS
+
+    env = agent_kwargs.get("env")
+    if env is None:
+        return None
+    return env if isinstance(env, type) else ENVIRONMENTS.get(env)
+
+
+def default_metrics(agent_kwargs: Mapping[str, Any]) -> str:
+    """The metric set of the agent's environment (its `metrics` attribute), else `rewards`."""
+    env_cls = _env_of(agent_kwargs)
+    return getattr(env_cls, "metrics", None) or "rewards"
+
+
+def _is_registered_source(src: str) -> bool:
+    from rl.data import DATASETS
+
+    return (":" in src or src in DATASETS) and not Path(src).expanduser().exists()
+
+
+def _check_columns(rows: list[dict], columns: Sequence[str], name: str) -> None:
     for i, r in enumerate(rows):
-        if not isinstance(r, Mapping):
-            raise QADataError(f"dataset {name!r}: row {i} is a {type(r).__name__}, expected a dict")
-        q = r.get("question")
-        if not isinstance(q, str) or not q.strip():
-            raise QADataError(f"dataset {name!r}: row {i}: missing field 'question'")
-        if not r.get("golden_answers"):
-            raise QADataError(f"dataset {name!r}: row {i}: missing field 'golden_answers'")
-        out.append(dict(r))
-    return out
+        missing = [c for c in columns if c not in r]
+        if missing:
+            raise ValueError(f"dataset {name!r}: row {i} lacks column(s) {missing} (the recipe's "
+                             f"data.required_columns); it has {sorted(r)}")
 
 
-def load_datasets(datasets: Mapping[str, str | os.PathLike | Sequence[Mapping]], limit: int | None = None) -> dict:
-    """`{name: rows}`: files loaded with `load_qa` (its errors name file and row), first `limit` rows."""
-    from envs.search.qa_data import load_qa
+def load_datasets(
+    datasets: Mapping[str, Any],
+    limit: int | None = None,
+    metric_set: Any = None,
+    required_columns: Sequence[str] = (),
+    source_kwargs: Mapping[str, Mapping] | None = None,
+) -> dict[str, list[dict]]:
+    """`{name: rows}`, first `limit` rows of each. A source is a path (the metric set's loader, else
+    `rl.data.load_source`), a registered dataset or "module:function" (`load_source`, split `test`,
+    with `source_kwargs[name]`), or in-memory rows (the metric set's `check_rows`)."""
+    from rl.data import load_source
 
+    ms = get_metric_set(metric_set)
     if not datasets:
-        raise ValueError("no datasets: give at least one --data NAME=PATH")
+        raise ValueError("no datasets: give at least one --data NAME=PATH (or a recipe with data.eval)")
     out: dict[str, list[dict]] = {}
     for name, src in datasets.items():
-        rows = list(load_qa(src)) if isinstance(src, (str, os.PathLike)) else _check_rows(src, name)
+        if isinstance(src, (str, os.PathLike)):
+            s = os.fspath(src)
+            if ms.load is not None and not _is_registered_source(s):
+                rows = [dict(r) for r in ms.load(s)]
+            else:
+                rows = [dict(r) for r in load_source(s, dict((source_kwargs or {}).get(name) or {}), split="test")]
+        else:
+            rows = ms.check_rows(src, name) if ms.check_rows is not None else [dict(r) for r in src]
         rows = rows[:limit] if limit is not None else rows
         if not rows:
             raise ValueError(f"dataset {name!r} ({src if isinstance(src, (str, os.PathLike)) else 'rows'}) "
-                             "has no questions")
+                             "has no examples")
+        _check_columns(rows, required_columns, name)
         out[name] = rows
-    return out
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def question_record(traj) -> dict:
-    """One prediction line: the row, the answer, its scores (the training rewards) and the episode stats."""
-    from agents.search import search_em, search_f1
-
-    info, row = traj.info, traj.row
-    return {
-        "id": row.get("id"),
-        "question": row["question"],
-        "golds": list(row["golden_answers"]) if not isinstance(row["golden_answers"], str) else [row["golden_answers"]],
-        "prediction": info.get("answer"),
-        "em": search_em(row, traj),
-        "f1": search_f1(row, traj),
-        "answered": bool(info.get("answered", False)),
-        "searches": int(info.get("searches", 0)),
-        "turns": int(info.get("turns", 0)),
-        "valid_actions": int(info.get("valid_actions", 0)),
-        "invalid_actions": int(info.get("invalid_actions", 0)),
-        "response_tokens": len(traj.response_ids),
-        "model_tokens": info.get("model_tokens"),
-        "termination": info.get("termination"),
-    }
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def aggregate(records: Sequence[dict]) -> dict:
-    """Metrics of one model x dataset from its question records."""
-    actions = sum(r["valid_actions"] + r["invalid_actions"] for r in records)
-    model_tokens = [r["model_tokens"] for r in records if r.get("model_tokens") is not None]
-    return {
-        "n": len(records),
-        "em": _mean([r["em"] for r in records]),
-        "f1": _mean([r["f1"] for r in records]),
-        "answer_rate": _mean([float(r["answered"]) for r in records]),
-        "avg_searches": _mean([r["searches"] for r in records]),
-        "avg_response_tokens": _mean([r["response_tokens"] for r in records]),
-        # only when every episode reports it (other agents' info may not)
-        "avg_model_tokens": _mean(model_tokens) if len(model_tokens) == len(records) else None,
-        "invalid_action_rate": sum(r["invalid_actions"] for r in records) / actions if actions else 0.0,
-    }
-
-
-def average_metrics(per_dataset: Sequence[dict]) -> dict:
-    """The `avg` row: mean of each per-dataset metric (datasets weigh equally); `n` is the total."""
-    out: dict[str, Any] = {"n": sum(m["n"] for m in per_dataset)}
-    for key in METRICS:
-        if key == "n":
-            continue
-        vals = [m[key] for m in per_dataset if m.get(key) is not None]
-        out[key] = _mean(vals) if vals else None
     return out
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_search(
+def _flat_settings(agent: Any, agent_kwargs: Mapping[str, Any]) -> dict:
+    """The agent's settings as one flat mapping (the environment's kwargs next to the loop's)."""
+    kw = dict(agent_kwargs)
+    env_kwargs = kw.pop("env_kwargs", None) or {}
+    env = kw.pop("env", None)
+    out = {"agent": agent if isinstance(agent, str) else getattr(agent, "__name__", type(agent).__name__)}
+    if env is not None:
+        out["env"] = env if isinstance(env, str) else getattr(env, "__name__", type(env).__name__)
+    for k, v in {**env_kwargs, **kw}.items():
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else type(v).__name__
+    return out
+
+
+def _resolved(agent_fn: Any, agent_kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The agent's kwargs with its defaults filled in, when the agent can say (`agent.resolved_kwargs`)."""
+    resolve = getattr(agent_fn, "resolved_kwargs", None)
+    return resolve(dict(agent_kwargs)) if callable(resolve) else agent_kwargs
+
+
+def evaluate(
     model_path_or_name: str | os.PathLike | tuple,
-    datasets: Mapping[str, str | os.PathLike | Sequence[Mapping]],
+    datasets: Mapping[str, Any],
     *,
-    retriever: Any = None,
-    retriever_kind: str = "bm25",
-    topk: int = 3,
-    template: str = "fast",
-    max_turns: int = 4,
+    agent: Any = "single_turn",
+    agent_kwargs: Mapping[str, Any] | None = None,
+    metrics: Any = None,
+    prompt_builder: Any = None,
+    reward_fns: Sequence[Any] = (),
+    reward_fallback: float = 0.0,
     max_new_tokens: int = 128,
-    max_obs_tokens: int | None = 500,
-    max_response_tokens: int | None = None,
     temperature: float = 0.0,
+    stop: Sequence[str] = (),
     limit: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -395,26 +374,43 @@ def evaluate_search(
     engine: Any = None,
     tokenizer: Any = None,
     progress: bool = True,
+    required_columns: Sequence[str] = (),
+    source_kwargs: Mapping[str, Mapping] | None = None,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Run the search agent on every question of every dataset; metrics and predictions.
+    """Run `agent` on every example of every dataset; the metric set's records and metrics.
 
-    `model_path_or_name`: a model spec (see the module docstring) or a loaded
-    `(model, tokenizer)`. `engine` + `tokenizer`: use this rollout engine instead of
-    loading the model (tests, other engines). `retriever`: corpus path, URL or an object
-    with `search(queries, topk)`; None = `default_retriever()`.
+    `model_path_or_name`: a model spec (see the module docstring) or a loaded `(model, tokenizer)`.
+    `engine` + `tokenizer`: use this rollout engine instead of loading the model (tests, other
+    engines). `agent`: a registered agent name, "module:function" or the function; `agent_kwargs`
+    its keyword arguments (for `multi_turn`: env, env_kwargs, loop options). `metrics`: a metric
+    set or its name (None: the environment's, else `rewards`). `prompt_builder`: a registered
+    name or a function (default `messages`). `reward_fns`: `rl.rewards.RewardFn`s that score each
+    trajectory before it is recorded.
     Returns `{"label", "model", "model_path", "settings", "datasets": {name: {"metrics",
     "predictions"}}, "avg"}`.
     """
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from agents.search import search_agent
+    from eval.metrics import average_metrics, mean
+    from rl.data import PROMPT_BUILDERS
     from rl.engines import HFEngine, SamplingParams
+    from rl.plugins import load_plugins
+    from rl.registry import AGENTS
+    from rl.rewards import score_trajectories
 
+    load_plugins(())  # the generic agents (idempotent)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows_by_name = load_datasets(datasets, limit)  # before loading the model: bad data fails fast
-    retriever = default_retriever() if retriever is None else retriever
+    agent_kwargs = dict(agent_kwargs or {})
+    agent_fn = AGENTS.get(agent) if isinstance(agent, str) else agent
+    if metrics is None:
+        metrics = default_metrics(agent_kwargs)
+    ms = get_metric_set(metrics)
+    builder = PROMPT_BUILDERS.get(prompt_builder or "messages") if not callable(prompt_builder) else prompt_builder
+    # before loading the model: bad data fails fast
+    rows_by_name = load_datasets(datasets, limit, ms, required_columns, source_kwargs)
     spec = model_path_or_name if isinstance(model_path_or_name, (str, os.PathLike)) else None
     label = label or (parse_model_arg(os.fspath(spec))[0] if spec is not None else "model")
     model_path = None
@@ -428,44 +424,45 @@ def evaluate_search(
             model, tokenizer = model_path_or_name
         engine = HFEngine(model, tokenizer, batch_size=batch_size)
     elif tokenizer is None:
-        raise ValueError("evaluate_search: an explicit engine needs its tokenizer")
+        raise ValueError("evaluate: an explicit engine needs its tokenizer")
 
     settings = {
-        "retriever": retriever if isinstance(retriever, str) else type(retriever).__name__,
-        "retriever_kind": retriever_kind, "topk": topk, "template": template, "max_turns": max_turns,
-        "max_new_tokens": max_new_tokens, "max_obs_tokens": max_obs_tokens,
-        "max_response_tokens": max_response_tokens, "temperature": temperature, "limit": limit,
-        "batch_size": batch_size, "seed": seed, "dtype": dtype,
+        **(extra_settings or {}), **_flat_settings(agent, _resolved(agent_fn, agent_kwargs)),
+        "metrics": metrics if isinstance(metrics, str) else ms.title,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "limit": limit, "batch_size": batch_size,
+        "seed": seed, "dtype": dtype,
     }  # fmt: skip
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    agent_kwargs = {
-        "retriever": retriever, "retriever_kind": retriever_kind, "topk": topk, "template": template,
-        "max_turns": max_turns, "max_obs_tokens": max_obs_tokens, "max_response_tokens": max_response_tokens,
-    }  # fmt: skip
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop))
     set_seed(seed)  # per model, so each model's sampled run is reproducible on its own
     results: dict[str, dict] = {}
     total = sum(len(rows) for rows in rows_by_name.values())
-    with tqdm(total=total, desc=f"eval {label}", unit="q", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"eval {label}", unit="ex", disable=not progress) as bar:
         for name, rows in rows_by_name.items():
             records: list[dict] = []
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                # one agent call per batch: every turn is one batched generate + one batched retrieval
-                trajs = search_agent(
-                    engine, tokenizer, batch, prompt_builder=None, params=params, group_size=1,
+                # one agent call per batch: every turn is one batched generate (+ one batched env step)
+                trajs = agent_fn(
+                    engine, tokenizer, batch, prompt_builder=builder, params=params, group_size=1,
                     first_group_id=start, **agent_kwargs,
                 )  # fmt: skip
-                records.extend(question_record(t) for t in trajs)
+                if reward_fns:
+                    score_trajectories(trajs, list(reward_fns), reward_fallback)
+                records.extend(ms(t) for t in trajs)
                 bar.update(len(batch))
-                bar.set_postfix(dataset=name, em=f"{_mean([r['em'] for r in records]):.3f}")
-            results[name] = {"metrics": aggregate(records), "predictions": records}
+                if ms.progress:
+                    vals = [r[ms.progress] for r in records if isinstance(r.get(ms.progress), (int, float))]
+                    bar.set_postfix({"dataset": name, ms.progress: f"{mean(vals):.3f}"})
+            results[name] = {"metrics": ms.aggregate(records), "predictions": records}
+    keys = list(ms.columns) if ms.columns else None
     return {
         "label": label,
         "model": os.fspath(spec) if spec is not None else None,
         "model_path": model_path,
         "settings": settings,
+        "metric_set": ms,
         "datasets": results,
-        "avg": average_metrics([r["metrics"] for r in results.values()]),
+        "avg": average_metrics([r["metrics"] for r in results.values()], keys),
     }
 
 
@@ -474,21 +471,12 @@ def evaluate_search(
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Create `out`; refuse a non-empty one unless `overwrite` (then drop old prediction files only)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"--out {out} exists and is not empty; pass --overwrite to replace its results, or choose another --out"
-            )
-        # never rmtree the whole dir (it may be a user's dir given by mistake): only what we wrote before,
-        # so stale prediction files of models/datasets not in this run do not linger
-        pred = out / "predictions"
-        if pred.is_dir():
-            shutil.rmtree(pred)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    from rl.common import prepare_output_dir
+
+    # never rmtree the whole dir (it may be a user's dir given by mistake): only what we wrote before,
+    # so stale prediction files of models/datasets not in this run do not linger
+    return prepare_output_dir(out, overwrite=overwrite, what="--out", overwrite_hint="--overwrite",
+                              resume_hint=None, owned=("predictions",), create=True)
 
 
 def _cell(v: Any) -> str:
@@ -497,15 +485,28 @@ def _cell(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def leaderboard_markdown(results: Sequence[dict]) -> str:
+def _columns(results: Sequence[dict]) -> dict[str, str]:
+    """Metric key -> title: the metric set's columns, else every key the results have (in order)."""
+    ms = results[0].get("metric_set") if results else None
+    if ms is not None and ms.columns:
+        return dict(ms.columns)
+    keys: dict[str, str] = {}
+    for res in results:
+        for d in [*res["datasets"].values()]:
+            keys.update({k: k for k in d["metrics"]})
+    return keys
+
+
+def leaderboard_markdown(results: Sequence[dict], columns: Mapping[str, str] | None = None) -> str:
     """One row per model x dataset, then the model's `avg` row; floats with 3 decimals."""
     from eval.report import markdown_table
 
+    columns = dict(columns) if columns is not None else _columns(results)
     rows = []
     for res in results:
         named = [(name, d["metrics"]) for name, d in res["datasets"].items()] + [("avg", res["avg"])]
-        rows += [[res["label"], name] + [_cell(m.get(k)) for k in METRICS] for name, m in named]
-    return markdown_table(["model", "dataset", *METRICS.values()], rows)
+        rows += [[res["label"], name] + [_cell(m.get(k)) for k in columns] for name, m in named]
+    return markdown_table(["model", "dataset", *columns.values()], rows)
 
 
 def _json_safe(v: Any) -> Any:
@@ -519,9 +520,16 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str, str]) -> str:
+def _slug(label: str) -> str:
+    """A file-name-safe version of a label (labels may hold `/`)."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
+
+
+def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str, Any]) -> str:
     """Write predictions/*.jsonl, leaderboard.json and leaderboard.md (all atomically); return the table."""
-    table = leaderboard_markdown(results)
+    columns = _columns(results)
+    table = leaderboard_markdown(results, columns)
+    ms = results[0].get("metric_set") if results else None
     models = {}
     for res in results:
         entry = {"model": res["model"], "model_path": res["model_path"], "datasets": {}, "avg": res["avg"]}
@@ -534,38 +542,124 @@ def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str,
     summary = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": results[0]["settings"] if results else {},
-        "data": dict(data_sources),
-        "metrics": list(METRICS),
+        "data": {k: (os.fspath(v) if isinstance(v, (str, os.PathLike)) else "rows") for k, v in data_sources.items()},
+        "metrics": list(columns),
         "results": models,
     }
     atomic_write_text(out / "leaderboard.json", json.dumps(_json_safe(summary), indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out / "leaderboard.md", f"# Search agent leaderboard\n\n{table}\n")
+    title = ms.title if ms is not None else "Leaderboard"
+    atomic_write_text(out / "leaderboard.md", f"# {title}\n\n{table}\n")
     return table
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- recipes and the CLI
+
+
+class EvalPlan(dict):
+    """What a recipe (+ flags) says to evaluate: the keyword arguments of `evaluate` (minus the model
+    and the datasets), plus `default_data` (the recipe's `data.eval`) and `env` (the class, or None)."""
+
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `evaluate`: `evaluate(model, datasets, **plan.evaluate_kwargs())`."""
+        return {k: v for k, v in self.items() if k not in ("default_data", "env")}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the numbers depend on, JSON-safe (to tell whether a stored leaderboard is still valid)."""
+        keys = ("agent", "agent_kwargs", "metrics", "prompt_builder", "max_new_tokens", "temperature", "stop")
+        return json.loads(json.dumps({k: self[k] for k in keys}, default=str))
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"--agent-kwarg {dotted}: '{k}' is not a mapping")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _parse_kv(items: Sequence[str], flag: str) -> list[tuple[str, Any]]:
+    import yaml
+
+    out = []
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def plan_from_recipe(
+    recipe: str | os.PathLike,
+    *,
+    agent: str | None = None,
+    agent_kwargs: Sequence[str] = (),
+    env_kwargs: Sequence[str] = (),
+    metrics: str | None = None,
+    plugins: Sequence[str] = (),
+) -> EvalPlan:
+    """Load the recipe (and its plugins) and say what to evaluate; flags as in the CLI (KEY=VALUE strings)."""
+    import copy
+
+    from rl.config import load_config
+    from rl.data import PROMPT_BUILDERS
+    from rl.plugins import load_plugins
+    from rl.registry import AGENTS
+    from rl.rewards import build_rewards
+
+    cfg = load_config(recipe)
+    load_plugins([*cfg.plugins, *plugins], source=os.fspath(recipe))
+    kwargs = copy.deepcopy(dict(cfg.rollout.agent_kwargs))
+    for key, value in _parse_kv(agent_kwargs, "--agent-kwarg"):
+        _set_dotted(kwargs, key, value)
+    for key, value in _parse_kv(env_kwargs, "--env-kwarg"):
+        _set_dotted(kwargs, f"env_kwargs.{key}", value)
+    agent_name = agent or cfg.rollout.agent
+    AGENTS.get(agent_name)  # unknown agents fail here, listing the registered ones
+    env_cls = _env_of(kwargs)
+    if env_cls is not None and callable(getattr(env_cls, "check", None)):
+        env_cls.check(**(kwargs.get("env_kwargs") or {}))
+    metric_name = metrics or default_metrics(kwargs)
+    get_metric_set(metric_name)
+    PROMPT_BUILDERS.get(cfg.data.prompt_builder)
+    default_data = {"eval": cfg.data.eval} if cfg.data.eval else {}
+    return EvalPlan(
+        agent=agent_name, agent_kwargs=kwargs, metrics=metric_name, prompt_builder=cfg.data.prompt_builder,
+        reward_fns=build_rewards(cfg.rewards), reward_fallback=cfg.reward_fallback,
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
+        stop=list(cfg.rollout.stop), required_columns=list(cfg.data.required_columns),
+        source_kwargs={"eval": dict(cfg.data.eval_kwargs)}, default_data=default_data,
+        extra_settings={"recipe": os.fspath(recipe)}, env=env_cls,
+    )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--recipe", required=True, help="RL recipe: plugins, agent + agent_kwargs (environment, loop "
+                    "options), prompt builder, rewards, max_new_tokens, eval_temperature")
     ap.add_argument("--model", action="append", required=True, metavar="[LABEL=]SPEC",
                     help="short name, HF path/id, checkpoint dir or training output dir (repeatable)")
-    ap.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
-                    help="FlashRAG jsonl or Search-R1 parquet (repeatable; NAME defaults to the file stem)")
-    ap.add_argument("--recipe", default=None, help="RL recipe whose rollout settings (retriever, topk, template, "
-                    "max_turns, max_obs_tokens, max_response_tokens, max_new_tokens) become the defaults")
-    ap.add_argument("--retriever", default=None, help="corpus jsonl or retrieval server URL (default: wiki10k)")
-    ap.add_argument("--retriever-kind", choices=["bm25", "dense"], default="bm25")
-    ap.add_argument("--topk", type=int, default=3)
-    ap.add_argument("--template", choices=["fast", "slow"], default="fast")
-    ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="per turn")
-    ap.add_argument("--max-obs-tokens", type=int, default=500)
-    ap.add_argument("--max-response-tokens", type=int, default=None, help="cap on the whole response")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--limit", type=int, default=None, help="first N questions of each dataset")
-    ap.add_argument("--batch-size", type=int, default=32, help="questions per agent call")
+    ap.add_argument("--data", action="append", default=None, metavar="[NAME=]PATH",
+                    help="dataset file or registered dataset (repeatable; NAME defaults to the file stem; "
+                    "default: the recipe's data.eval)")
+    ap.add_argument("--agent", default=None, help="agent (default: the recipe's rollout.agent)")
+    ap.add_argument("--agent-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override rollout.agent_kwargs.KEY (dotted; YAML value), e.g. max_turns=2")
+    ap.add_argument("--env-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override rollout.agent_kwargs.env_kwargs.KEY, e.g. retriever=http://127.0.0.1:8000")
+    ap.add_argument("--metrics", default=None, help="metric set (default: the environment's, else rewards)")
+    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="extra plugin to import")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="per turn (default: the recipe's)")
+    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the recipe's "
+                    "rollout.eval_temperature)")
+    ap.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
+    ap.add_argument("--batch-size", type=int, default=32, help="examples per agent call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     ap.add_argument("--out", default=None, help="output dir (default outputs/eval/<timestamp>)")
@@ -582,68 +676,40 @@ def _unique(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
     return out
 
 
-def _check_retriever(retriever: str | None) -> str:
-    """Fail before loading any model when the corpus is missing (and say how to get the default one)."""
-    spec = retriever or default_retriever()
-    if not spec.startswith(("http://", "https://")) and not Path(os.path.expanduser(spec)).exists():
-        hint = "" if retriever else " (fetch it with `python -m envs.search.corpus fetch-wiki`, or pass --retriever)"
-        raise FileNotFoundError(f"retriever corpus not found: {spec}{hint}")
-    return spec
-
-
-def _setup(args) -> tuple[dict, dict, dict, Path, str]:
-    """Everything that can fail fast (specs, out dir, corpus, data, model paths), before any model loads."""
+def _setup(args) -> tuple[EvalPlan, dict, dict, dict, Path]:
+    """Everything that can fail fast (recipe, plugins, environment settings, data, model paths, out
+    dir), before any model loads."""
     models = _unique([parse_model_arg(m) for m in args.model], "models")
-    data = _unique([parse_data_arg(d) for d in args.data], "datasets")
-    retriever = _check_retriever(args.retriever)
-    rows = load_datasets(data, args.limit)
+    plan = plan_from_recipe(args.recipe, agent=args.agent, agent_kwargs=args.agent_kwarg,
+                            env_kwargs=args.env_kwarg, metrics=args.metrics, plugins=args.plugin)  # fmt: skip
+    data = _unique([parse_data_arg(d) for d in args.data], "datasets") if args.data else plan["default_data"]
+    rows = load_datasets(data, args.limit, plan["metrics"], plan["required_columns"],
+                         plan["source_kwargs"] if not args.data else None)  # fmt: skip
     for spec in models.values():
         resolve_policy_path(spec)
     out = prepare_out_dir(args.out or Path("outputs/eval") / time.strftime("%Y%m%d-%H%M%S"), args.overwrite)
-    return models, data, rows, out, retriever
-
-
-_RECIPE_AGENT_KEYS = ("retriever", "retriever_kind", "topk", "template", "max_turns", "max_obs_tokens",
-                      "max_response_tokens")  # fmt: skip
-
-
-def recipe_defaults(path: str) -> dict[str, Any]:
-    """The search-agent settings of an RL recipe, as `eval.run` argument defaults: evaluate as you trained."""
-    from agents.search import load_search_recipe
-
-    cfg = load_search_recipe(path)
-    kw = cfg.rollout.agent_kwargs
-    out = {k: kw[k] for k in _RECIPE_AGENT_KEYS if k in kw and kw[k] is not None}
-    out["max_new_tokens"] = cfg.rollout.max_new_tokens
-    return out
+    return plan, models, data, rows, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.recipe:
-        try:
-            parser.set_defaults(**recipe_defaults(args.recipe))
-        except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-            print(f"python -m eval.run: error: {e}", file=sys.stderr)
-            return 1
-        args = parser.parse_args(argv)  # flags given on the command line still win
+    args = _parser().parse_args(argv)
     try:
-        models, data, rows, out, retriever = _setup(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # ModelSpecError, QADataError are ValueErrors
+        plan, models, data, rows, out = _setup(args)
+    except (ValueError, TypeError, ImportError, FileExistsError, FileNotFoundError) as e:
+        # ConfigError, ModelSpecError, QADataError are ValueErrors; PluginError is an ImportError
         print(f"python -m eval.run: error: {e}", file=sys.stderr)
         return 1
+    kwargs = plan.evaluate_kwargs()
+    if args.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
     results: list[dict] = []
     table = ""
     for label, spec in models.items():
         try:
-            res = evaluate_search(
-                spec, rows, retriever=retriever, retriever_kind=args.retriever_kind, topk=args.topk,
-                template=args.template, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                max_obs_tokens=args.max_obs_tokens, max_response_tokens=args.max_response_tokens,
-                temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-                label=label,
-            )  # fmt: skip
+            res = evaluate(spec, rows, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, label=label,
+                           **kwargs)  # fmt: skip
         except ModelSpecError as e:  # e.g. a hub id that turned out not to exist
             print(f"python -m eval.run: error: {e}", file=sys.stderr)
             return 1

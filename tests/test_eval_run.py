@@ -1,5 +1,6 @@
-"""eval/run.py: the search-agent leaderboard (CLI end to end on the tiny model, metrics against the rewards
-with a scripted engine, model-spec resolution incl. LoRA adapters, output-dir safety)."""
+"""eval/run.py with the search environment's metric set: the search leaderboard (CLI end to end on the
+tiny model, its output pinned to what it was before the generic runner; metrics against the rewards with
+a scripted engine), model-spec resolution incl. LoRA adapters, output-dir safety."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from test_multi_turn import R, ScriptedEngine, chat
 from test_search_agent import write_corpus
 from tiny import make_tiny_llama, make_tiny_tokenizer, save_tiny_checkpoint
 
-from agents.search import search_agent, search_em, search_f1
+from envs.search.metrics import SEARCH_METRICS, evaluate_search
 from envs.search.qa_data import QADataError, make_prompt
+from envs.search.rewards import search_em, search_f1
 from eval import run
+from eval.metrics import average_metrics
+from rl.registry import AGENTS
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "search_r1pp_cpu.yaml")
 
 QA = [
     {"question": "What is the capital of France?", "golden_answers": ["Paris"]},
@@ -45,17 +52,26 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, corpus_path, tmp_path,
     qa = write_jsonl(tmp_path / "qa.jsonl", QA)
     extra = write_jsonl(tmp_path / "extra_set.jsonl", QA[:1])  # no NAME=: named after the file stem
     out = tmp_path / "out"
-    argv = ["--model", f"tiny={tiny_model_dir}", "--data", f"qa={qa}", "--data", str(extra),
-            "--retriever", corpus_path, "--max-turns", "2", "--max-new-tokens", "6", "--batch-size", "2",
-            "--out", str(out)]  # fmt: skip
+    argv = ["--recipe", RECIPE, "--model", f"tiny={tiny_model_dir}", "--data", f"qa={qa}", "--data", str(extra),
+            "--env-kwarg", f"retriever={corpus_path}", "--agent-kwarg", "max_turns=2", "--max-new-tokens", "6",
+            "--batch-size", "2", "--out", str(out)]  # fmt: skip
     assert run.main(argv) == 0
     printed = capsys.readouterr().out
     md = (out / "leaderboard.md").read_text()
     assert "| model | dataset | n | EM | F1 | answer rate |" in md and "| model | dataset |" in printed
     assert [ln.split(" | ")[1] for ln in md.splitlines() if ln.startswith("| tiny |")] == ["qa", "extra_set", "avg"]
+    # what the search leaderboard printed for this run before it became the search environment's metric set
+    # (agents/search.py + the search-only eval.run: `--recipe ... --retriever C --max-turns 2 --max-new-tokens 6`)
+    assert md.startswith("# Search agent leaderboard\n") and md.splitlines()[4:] == [
+        "| tiny | qa | 3 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
+        "| tiny | extra_set | 1 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
+        "| tiny | avg | 4 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
+    ]
 
     summary = json.loads((out / "leaderboard.json").read_text())
     assert summary["settings"]["max_turns"] == 2 and summary["settings"]["temperature"] == 0.0
+    assert summary["settings"]["max_obs_tokens"] == 160 and summary["settings"]["topk"] == 1  # the recipe's
+    assert summary["settings"]["metrics"] == "search" and summary["settings"]["recipe"] == RECIPE
     assert summary["settings"]["retriever"] == corpus_path and summary["data"] == {"qa": str(qa), "extra_set": str(extra)}
     res = summary["results"]["tiny"]
     assert res["model_path"] == tiny_model_dir
@@ -105,15 +121,17 @@ def test_metrics_equal_the_rewards_on_a_scripted_engine(tiny_tokenizer, corpus_p
     engine = ScriptedEngine(tok, [chat(tok, make_prompt(r["question"], "fast")) for r in rows], scripts)
     seen, calls = [], []
 
+    real = AGENTS.get("multi_turn")
+
     def recording(*args, **kwargs):  # the real agent, observed
         calls.append(len(args[2]))
-        trajs = search_agent(*args, **kwargs)
+        trajs = real(*args, **kwargs)
         seen.extend(trajs)
         return trajs
 
-    monkeypatch.setattr("agents.search.search_agent", recording)
-    res = run.evaluate_search("scripted", {"a": rows[:3], "b": rows[3:]}, retriever=corpus_path, engine=engine,
-                              tokenizer=tok, batch_size=2, progress=False)  # fmt: skip
+    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
+    res = evaluate_search("scripted", {"a": rows[:3], "b": rows[3:]}, retriever=corpus_path, engine=engine,
+                          tokenizer=tok, batch_size=2, progress=False)  # fmt: skip
     assert calls == [2, 1, 1]  # batches of --batch-size questions, per dataset
     assert [c[0] for c in engine.calls[:2]] == [2, 2]  # both questions of a batch advance together
 
@@ -142,7 +160,7 @@ def test_metrics_equal_the_rewards_on_a_scripted_engine(tiny_tokenizer, corpus_p
 def test_markdown_table_has_three_decimals():
     m = {"n": 3, "em": 1 / 3, "f1": 0.5, "answer_rate": 2 / 3, "avg_searches": 1.0, "avg_response_tokens": 12.25,
          "avg_model_tokens": None, "invalid_action_rate": 0.0}  # fmt: skip
-    res = {"label": "m", "datasets": {"d": {"metrics": m}}, "avg": run.average_metrics([m])}
+    res = {"label": "m", "datasets": {"d": {"metrics": m}}, "avg": average_metrics([m]), "metric_set": SEARCH_METRICS}
     lines = run.leaderboard_markdown([res]).splitlines()
     assert lines[2] == "| m | d | 3 | 0.333 | 0.500 | 0.667 | 1.000 | 12.250 | - | 0.000 |"
     assert lines[3].startswith("| m | avg | 3 | 0.333 |")
@@ -237,23 +255,26 @@ def test_data_args_and_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(QA[0]) + "\n" + json.dumps({"question": "no golds"}) + "\n")
     with pytest.raises(QADataError, match=r"bad\.jsonl:2: missing field 'golden_answers'"):
-        run.load_datasets({"bad": str(bad)})
+        run.load_datasets({"bad": str(bad)}, metric_set="search")
     with pytest.raises(QADataError, match=r"row 1: missing field 'question'"):
-        run.load_datasets({"mem": [QA[0], {"golden_answers": ["x"]}]})
+        run.load_datasets({"mem": [QA[0], {"golden_answers": ["x"]}]}, metric_set="search")
     good = write_jsonl(tmp_path / "good.jsonl", QA)
-    rows = run.load_datasets({"g": str(good)}, limit=2)["g"]
+    rows = run.load_datasets({"g": str(good)}, limit=2, metric_set="search")["g"]
     assert [r["question"] for r in rows] == [r["question"] for r in QA[:2]]
 
 
 def test_cli_errors_before_loading_anything(tmp_path, corpus_path, capsys):
     qa = write_jsonl(tmp_path / "qa.jsonl", QA)
-    common = ["--retriever", corpus_path, "--out", str(tmp_path / "o")]
+    common = ["--recipe", RECIPE, "--env-kwarg", f"retriever={corpus_path}", "--out", str(tmp_path / "o")]
     assert run.main(["--model", str(tmp_path / "nothing"), "--data", str(qa), *common]) == 1
     assert "nothing" in capsys.readouterr().err
     assert run.main(["--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"), *common]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
-    assert run.main(["--model", "x", "--data", str(qa), "--retriever", str(tmp_path / "no_corpus.jsonl")]) == 1
+    assert run.main(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--env-kwarg",
+                     f"retriever={tmp_path / 'no_corpus.jsonl'}"]) == 1  # fmt: skip
     assert "no_corpus.jsonl" in capsys.readouterr().err
+    assert run.main(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--metrics", "nope", *common[2:]]) == 1
+    assert "unknown metric set 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on a failed setup
 
 

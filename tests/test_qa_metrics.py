@@ -1,20 +1,18 @@
-"""Tests for eval/qa_metrics.py (normalisation, EM/F1, F1+, Search-R1 format-aware reward)."""
+"""Tests for eval/qa_metrics.py (normalisation, EM/F1) and the Search-R1 scores built on them in
+envs/search/rewards.py (answer extraction, F1+, format-aware reward)."""
 
 import unicodedata
 
 import pytest
 
-from eval.qa_metrics import (
-    exact_match,
+from envs.search.rewards import (
     extract_answer,
     f1_plus,
     format_aware_reward,
     is_valid_search_r1_sequence,
-    normalize_answer,
-    substring_exact_match,
-    token_f1,
     validate_search_r1_sequence,
 )
+from eval.qa_metrics import exact_match, normalize_answer, substring_exact_match, token_f1
 
 # --------------------------------------------------------------------------- normalisation
 

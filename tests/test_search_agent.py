@@ -1,5 +1,5 @@
-"""agents/search.py: the Search-R1 agent (scripted engine + in-process BM25), its rewards, and a
-1-step trainer run on the tiny model with `rollout.agent: search`."""
+"""envs/search: the Search-R1 environment driven by the generic `multi_turn` agent (scripted engine +
+in-process BM25), its rewards, and 2-step trainer runs on the tiny model with each search recipe."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents import AGENTS
-from agents.search import (
+import envs.search  # noqa: F401  (the plugin: registers the environment, rewards and metric set)
+from agents.multi_turn import multi_turn
+from envs.search.corpus import RETRIEVAL_UNAVAILABLE_TEXT
+from envs.search.env import (
     FINAL_TURN_TEXT,
     INVALID_ACTION_TEXT,
+    SearchEnvironment,
     get_cached_retriever,
     parse_action,
-    search_agent,
 )
-from envs.search.corpus import RETRIEVAL_UNAVAILABLE_TEXT
 from envs.search.qa_data import make_prompt
 from rl.engines import SamplingParams
+from rl.registry import AGENTS, ENVIRONMENTS, METRICS
 from rl.rewards import REWARDS
 from rl.trajectory import Trajectory
 from test_multi_turn import R, ScriptedEngine, check_structure, chat
@@ -38,6 +40,21 @@ ROWS = [
     {"question": "What is the capital of Germany?", "golden_answers": ["Berlin", "Berlin, Germany"]},
 ]
 PARAMS = SamplingParams(max_new_tokens=64)
+# the search environment's constructor arguments; every other keyword is a loop option of multi_turn
+ENV_KEYS = ("retriever", "retriever_kind", "retriever_kwargs", "topk", "template", "question_column",
+            "final_turn_text", "invalid_action_text")
+
+
+def search_kwargs(**flat) -> dict:
+    """`rollout.agent_kwargs` of the multi_turn agent over the search environment, from flat settings."""
+    env_kwargs = {k: flat.pop(k) for k in ENV_KEYS if k in flat}
+    return {"env": "search", "env_kwargs": env_kwargs, **flat}
+
+
+def search_agent(engine, tok, rows, **kw):
+    """The registered multi_turn agent over the search environment (flat settings split as a recipe has them)."""
+    base = {k: kw.pop(k) for k in ("prompt_builder", "params", "group_size", "first_group_id") if k in kw}
+    return AGENTS.get("multi_turn")(engine, tok, rows, **base, **search_kwargs(**kw))
 
 
 def write_corpus(path: Path) -> Path:
@@ -145,8 +162,8 @@ def test_search_then_answer(tiny_tokenizer, corpus_path):
     assert a.prompt_ids == chat(tok, make_prompt(ROWS[0]["question"], "fast"))
     # every turn stops at the action's closing tag
     assert all(set(c[1].stop) >= {"</search>", "</answer>"} for c in eng.calls)
-    assert REWARDS["search_em"](a.row, a) == 1.0 and REWARDS["search_f1_plus"](a.row, a) == 1.0
-    assert REWARDS["search_f1_plus"](b.row, b) == pytest.approx(0.9)  # answered without searching
+    assert REWARDS.get("search_em")(a.row, a) == 1.0 and REWARDS.get("search_f1_plus")(a.row, a) == 1.0
+    assert REWARDS.get("search_f1_plus")(b.row, b) == pytest.approx(0.9)  # answered without searching
 
 
 def _as_episode(t: Trajectory):
@@ -182,8 +199,8 @@ def test_max_turns_and_final_answer_turn(tiny_tokenizer, corpus_path):
     assert t.info["invalid_actions"] == 1  # searching in the final turn
     # the prompt's example `<answer> Beijing </answer>` is never taken as the answer
     assert "<answer> Beijing </answer>" in tok.decode(t.prompt_ids)
-    assert REWARDS["search_em"](t.row, t) == 0.0
-    assert REWARDS["search_f1_plus"](t.row, t) == pytest.approx(-0.1)
+    assert REWARDS.get("search_em")(t.row, t) == 0.0
+    assert REWARDS.get("search_f1_plus")(t.row, t) == pytest.approx(-0.1)
 
     eng, (t,) = run_agent(tok, corpus_path, [searching], rows=ROWS[:1], max_turns=2, final_answer_turn=False)
     assert [c[0] for c in eng.calls] == [1, 1] and t.info["searches"] == 1  # the last turn's search is not run
@@ -259,7 +276,8 @@ def test_template_choice_and_prompt_builder(tiny_tokenizer, corpus_path):
     with pytest.raises(ValueError, match="template"):
         search_agent(None, tok, ROWS[:1], prompt_builder=None, params=PARAMS, group_size=1, retriever=corpus_path,
                      template="medium")
-    assert AGENTS["search"] is search_agent
+    assert AGENTS.get("multi_turn") is multi_turn and ENVIRONMENTS.get("search") is SearchEnvironment
+    assert METRICS.get("search").title == "Search agent leaderboard"
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -275,7 +293,7 @@ def make_traj(response: str, answer=None, searches=0, answered=None, template="f
 
 
 def test_rewards():
-    em, f1, f1p, fmt = (REWARDS[n] for n in ("search_em", "search_f1", "search_f1_plus", "search_format"))
+    em, f1, f1p, fmt = (REWARDS.get(n) for n in ("search_em", "search_f1", "search_f1_plus", "search_format"))
     good = (
         "<search> q </search>\n\n<information>Doc 1(Title: Paris) Paris.</information>\n\n"
         "<answer> the Paris </answer>"
@@ -316,12 +334,14 @@ def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, 
 
     seen: list[Trajectory] = []
 
+    real = AGENTS.get("multi_turn")
+
     def recording(*args, **kwargs):  # the registered agent, observed
-        trajs = search_agent(*args, **kwargs)
+        trajs = real(*args, **kwargs)
         seen.extend(trajs)
         return trajs
 
-    monkeypatch.setitem(AGENTS, "search", recording)
+    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -332,7 +352,7 @@ def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, 
             f"model.name_or_path={tiny_model_dir}",
             f"data.train={data}",
             "data.eval=''",
-            f"rollout.agent_kwargs.retriever={corpus_path}",
+            f"rollout.agent_kwargs.env_kwargs.retriever={corpus_path}",
             "rollout.agent_kwargs.max_turns=2",
             "rollout.agent_kwargs.max_obs_tokens=32",
             "rollout.group_size=2",
@@ -345,7 +365,8 @@ def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, 
             *extra,
         ],
     )
-    assert cfg.rollout.agent == "search" and cfg.rewards[0].name == first_reward
+    assert cfg.rollout.agent == "multi_turn" and cfg.rollout.agent_kwargs["env"] == "search"
+    assert cfg.plugins == ["envs.search"] and cfg.rewards[0].name == first_reward
     assert cfg.algorithm.name == algorithm
     result = train(cfg)
     steps = [h for h in result["history"] if "reward/mean" in h]

@@ -1,4 +1,4 @@
-"""agents/search_oracle.py: oracle warm-start episodes are RL-loop renderings with exact loss masks."""
+"""envs/search/oracle.py: oracle warm-start episodes are RL-loop renderings with exact loss masks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.search import FINAL_TURN_TEXT
-from agents.search_oracle import generate_oracle_trajectories, main, oracle_queries
+from envs.search.env import FINAL_TURN_TEXT
+from envs.search.oracle import generate_oracle_trajectories, main, oracle_queries
 from rl.common import read_jsonl
-from test_search_agent import DOCS, write_corpus
+from test_search_agent import DOCS, search_kwargs, write_corpus
 
 ROWS = [
     {"id": "a", "question": "What is the capital of France?", "golden_answers": ["Paris"]},
@@ -33,7 +33,7 @@ ROWS = [
         "metadata": {"qtype": "bridge", "titles": ["Mona Lisa", "Leonardo da Vinci"]},
     },
 ]
-KW = {"template": "fast", "topk": 1, "max_turns": 2, "max_obs_tokens": 64}
+KW = {"template": "fast", "topk": 1, "max_turns": 2, "max_obs_tokens": 64}  # flat: see search_kwargs
 
 
 def runs(ids, mask, value):
@@ -59,7 +59,7 @@ def test_oracle_queries():
 def test_oracle_episodes_masks_and_grounding(tiny_tokenizer, tmp_path):
     corpus = str(write_corpus(tmp_path / "c.jsonl"))
     rows, counts = generate_oracle_trajectories(
-        tiny_tokenizer, ROWS, {**KW, "retriever": corpus}, keep_ungrounded=True, progress=False
+        tiny_tokenizer, ROWS, search_kwargs(**KW, retriever=corpus), keep_ungrounded=True, progress=False
     )
     assert counts == {"episodes": 4, "grounded": 3, "answered": 4, "kept": 4}
     by_id = {r["id"]: r for r in rows}
@@ -77,17 +77,17 @@ def test_oracle_episodes_masks_and_grounding(tiny_tokenizer, tmp_path):
     d = by_id["d"]
     assert d["searches"] == 2 and FINAL_TURN_TEXT.strip() in d["text"]
     # grounded-only by default
-    kept, counts = generate_oracle_trajectories(tiny_tokenizer, ROWS, {**KW, "retriever": corpus}, progress=False)
+    kept, counts = generate_oracle_trajectories(tiny_tokenizer, ROWS, search_kwargs(**KW, retriever=corpus), progress=False)
     assert [r["id"] for r in kept] == ["a", "b", "c"] and counts["kept"] == 3
 
 
 def test_slow_template_oracle_thinks_before_every_action(tiny_tokenizer, tmp_path):
-    from agents.search import search_format
+    from envs.search.rewards import search_format
     from rl.trajectory import Trajectory
 
     corpus = str(write_corpus(tmp_path / "c.jsonl"))
     rows, counts = generate_oracle_trajectories(
-        tiny_tokenizer, ROWS[:3], {**KW, "template": "slow", "retriever": corpus}, progress=False
+        tiny_tokenizer, ROWS[:3], search_kwargs(**{**KW, "template": "slow"}, retriever=corpus), progress=False
     )
     assert counts["kept"] == 3
     for r in rows:
@@ -111,7 +111,7 @@ def test_oracle_answers_from_the_evidence_it_saw(tiny_tokenizer, tmp_path_factor
     gold = text.rstrip(".").split()[-1]  # the last word of the passage: cut off by short observations
     row = {"id": "x", "question": f"{title}?", "golden_answers": [gold]}
     (r,), _ = generate_oracle_trajectories(
-        tiny_tokenizer, [row], {**KW, "retriever": corpus, "max_obs_tokens": max_obs, "max_turns": 1},
+        tiny_tokenizer, [row], search_kwargs(**{**KW, "max_obs_tokens": max_obs, "max_turns": 1}, retriever=corpus),
         keep_ungrounded=True, progress=False,
     )  # fmt: skip
     seen = " ".join(tiny_tokenizer.decode(p) for p in runs(r["input_ids"], r["completion_mask"], 0)[1:2])
@@ -126,8 +126,10 @@ def test_cli_keeps_metadata_and_refuses_overwrite(tiny_model_dir, tmp_path, caps
     recipe.write_text(
         f"model: {{name_or_path: {tmp_path / 'sft_output_not_trained_yet'}}}\n"
         f"data: {{train: {data}}}\n"
-        "rollout:\n  agent: search\n  max_new_tokens: 32\n"
-        f"  agent_kwargs: {{retriever: {corpus}, topk: 1, max_turns: 2, max_obs_tokens: 64, template: fast}}\n"
+        "plugins: [envs.search]\n"
+        "rollout:\n  agent: multi_turn\n  max_new_tokens: 32\n"
+        f"  agent_kwargs: {{env: search, env_kwargs: {{retriever: {corpus}, topk: 1, template: fast}}, max_turns: 2, "
+        "max_obs_tokens: 64}\n"
         "rewards: [{name: search_em}]\n"
     )
     out = tmp_path / "o.jsonl"

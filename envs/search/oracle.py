@@ -3,8 +3,8 @@
 A scripted policy plays the search agent: it searches with a query derived from the
 question (the quoted description or the article title; two hops for
 bridge questions), reads what came back, and answers with the gold answer. It plays
-through the very same code path as RL rollouts — `agents.search.search_agent` with an
-`OracleEngine` in place of the model — so the prompt, the `<information>` blocks, the
+through the very same code path as RL rollouts — the `multi_turn` agent driving the search
+environment, with an `OracleEngine` in place of the model — so the prompt, the `<information>` blocks, the
 corrective/final messages, truncation and token ids are rendered exactly as in
 training, and the loss mask marks environment tokens 0 exactly as there.
 
@@ -16,11 +16,12 @@ answer appeared in a retrieved passage before the oracle answered), `searches` a
 default (`--keep-ungrounded` keeps them): a warm-start should teach answering from
 the evidence, not from memory the model does not have.
 
-    python -m agents.search_oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m \
+    python -m envs.search.oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m \
         --data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 128
 
-`--recipe` takes the agent settings (template, topk, max_obs_tokens, retriever, ...)
-from an RL recipe's `rollout.agent_kwargs`, so the warm-start data matches the RL run.
+`--recipe` takes the agent settings (the environment's template, topk, retriever, ... and the
+loop's max_turns, max_obs_tokens, ...) from an RL recipe's `rollout.agent_kwargs`, so the
+warm-start data matches the RL run.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from agents.search import FINAL_TURN_TEXT, load_search_recipe, search_agent, search_prompt_ids
-from envs.search.corpus import atomic_write_text
+from envs.search.env import FINAL_TURN_TEXT, load_search_recipe, search_agent_kwargs, search_prompt_ids
 from envs.search.qa_data import row_metadata
-from eval.qa_metrics import extract_information_blocks, normalize_answer
+from envs.search.rewards import extract_information_blocks
+from eval.qa_metrics import normalize_answer
+from rl.common import atomic_write_text
 from rl.engines import BaseEngine, Generation, SamplingParams
 
 __all__ = ["oracle_queries", "OracleEngine", "generate_oracle_trajectories", "main"]
@@ -143,23 +145,33 @@ def generate_oracle_trajectories(
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[list[dict], dict[str, int]]:
-    """Oracle episodes for `rows` through `search_agent`; returns (SFT rows, counts)."""
-    template = agent_kwargs.get("template", "fast")
+    """Oracle episodes for `rows` through the `multi_turn` agent; returns (SFT rows, counts).
+
+    `agent_kwargs`: the agent's kwargs as in a recipe (`env: search` by default, `env_kwargs`, loop options).
+    """
+    from rl.registry import AGENTS
+
+    kw = search_agent_kwargs(agent_kwargs)
+    env_kwargs = dict(kw.get("env_kwargs") or {})
+    template = env_kwargs.get("template", "fast")
     if template is None:
-        raise ValueError("the oracle builds prompts from the question column: set agent_kwargs.template (fast|slow)")
+        raise ValueError("the oracle builds prompts from the question column: set env_kwargs.template (fast|slow)")
+    question_column = env_kwargs.get("question_column", "question")
+    agent = AGENTS.get("multi_turn")
     out, counts = [], {"episodes": 0, "grounded": 0, "answered": 0, "kept": 0}
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="oracle episodes", disable=not progress):
-        prompts = [search_prompt_ids(tokenizer, r, template) for r in batch]  # what search_agent will render
+        # what the agent will render: the engine recognises each sample by its prompt
+        prompts = [search_prompt_ids(tokenizer, r, template, question_column=question_column) for r in batch]
         engine = OracleEngine(tokenizer, prompts, batch, think=template == "slow")
-        trajs = search_agent(
+        trajs = agent(
             engine,
             tokenizer,
             batch,
             prompt_builder=None,
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
             group_size=1,
-            **agent_kwargs,
+            **kw,
         )
         for row, tr in zip(batch, trajs):
             grounded = engine.grounded.get(row.get("id", row["question"]), False)
@@ -185,7 +197,7 @@ def generate_oracle_trajectories(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agents.search_oracle", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m envs.search.oracle", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", required=True, help="RL recipe whose rollout.agent_kwargs and model to match")
     ap.add_argument("--data", required=True, help="QA file (FlashRAG jsonl or Search-R1 parquet)")
     ap.add_argument("--out", required=True, help="output jsonl (tokenized SFT rows)")
