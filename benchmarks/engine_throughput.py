@@ -13,7 +13,7 @@ protocol (`rl.engines`):
 Two modes, each at every batch size of `--batches` (episodes / prompts per rollout call):
   single  one generate call on B chat prompts (the QA questions as user messages),
           `--new-tokens` max new tokens, sampled at `--temperature`;
-  multi   the real Search-R1++ agent (`agents.search.search_agent` through the multi-turn
+  multi   the real Search-R1++ agent (the `multi_turn` agent over `envs.search` through the multi-turn
           loop) on B questions, with the agent settings of `--recipe` (the CPU recipe:
           topk, max_turns, max_obs_tokens, final answer turn, response cap, max_new_tokens
           per turn) and the in-process BM25 retriever over the wiki10k corpus.
@@ -178,12 +178,13 @@ def run_single(engine, prompts: list[list[int]], params: SamplingParams) -> dict
 
 
 def run_multi(engine, tokenizer, rows: list[dict], params: SamplingParams, retriever, agent_kwargs: dict) -> dict:
-    from agents.search import search_agent
+    from agents.multi_turn import multi_turn
 
     timed = TimedEngine(engine)  # forwards `session` (HF) and times the generate calls
     t0 = time.perf_counter()
-    trajs = search_agent(timed, tokenizer, rows, prompt_builder=None, params=params, group_size=1,
-                         retriever=retriever, **agent_kwargs)
+    env_kwargs = {**agent_kwargs.get("env_kwargs", {}), "retriever": retriever}
+    trajs = multi_turn(timed, tokenizer, rows, prompt_builder=None, params=params, group_size=1,
+                       **{**agent_kwargs, "env_kwargs": env_kwargs})
     wall = time.perf_counter() - t0
     return {
         "wall": wall,
@@ -302,12 +303,13 @@ def main(argv: list[str] | None = None) -> dict:
     retriever = None
     multi_params = None
     if "multi" in args.modes:
-        from agents.search import get_cached_retriever, load_search_recipe
+        from envs.search.env import get_cached_retriever, load_search_recipe
 
         cfg = load_search_recipe(args.recipe)
         agent_kwargs = dict(cfg.rollout.agent_kwargs)
+        env_kwargs = agent_kwargs["env_kwargs"] = dict(agent_kwargs.get("env_kwargs") or {})
         t0 = time.perf_counter()  # built before any vLLM engine starts, as in a search-agent run
-        retriever = get_cached_retriever(agent_kwargs.pop("retriever"), agent_kwargs.pop("retriever_kind", "bm25"))
+        retriever = get_cached_retriever(env_kwargs.pop("retriever"), env_kwargs.pop("retriever_kind", "bm25"))
         log(f"BM25 retriever ready in {time.perf_counter() - t0:.1f} s")
         multi_params = SamplingParams(max_new_tokens=args.turn_tokens or cfg.rollout.max_new_tokens,
                                       temperature=args.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
