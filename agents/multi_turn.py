@@ -317,15 +317,18 @@ def resolve_environment(env: Any) -> type:
             f"multi_turn agent: set rollout.agent_kwargs.env to a registered environment {ENVIRONMENTS.names()} "
             f"or 'module:Class' (and name the module that registers it in the recipe's plugins:), got {env!r}"
         )
-    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
-    if missing:
-        raise TypeError(f"environment {env!r} ({cls!r}) has no {' / '.join(missing)} method: see agents/environment.py")
+    from agents.environment import Environment
+
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        # the base class gives every optional part of the protocol its default: no probing here
+        raise TypeError(f"environment {env!r} ({cls!r}) must subclass agents.environment.Environment "
+                        "(see envs/README.md)")
     return cls
 
 
 def loop_options(env_cls: type, given: dict[str, Any]) -> dict[str, Any]:
     """The loop options of one run: `LOOP_DEFAULTS` < the environment's `loop_defaults` < `given`."""
-    env_defaults = dict(getattr(env_cls, "loop_defaults", None) or {})
+    env_defaults = dict(env_cls.loop_defaults)
     unknown = sorted(set(env_defaults) - set(LOOP_DEFAULTS))
     if unknown:
         raise ValueError(f"{env_cls.__name__}.loop_defaults: unknown loop option(s) {unknown}; "
@@ -415,9 +418,9 @@ def multi_turn(
             rendered[key] = render_prompt(tokenizer, messages)
         prompts.append(rendered[key])
 
-    stops = list(getattr(environment, "stop", ()) or ())
+    stops = list(environment.stop)
     final = bool(opts["final_answer_turn"])
-    final_message = getattr(environment, "final_turn_message", None)
+    final_message = environment.final_turn_message
     episodes = run_episodes(
         engine,
         tokenizer,
@@ -431,7 +434,6 @@ def multi_turn(
         max_response_tokens=opts["max_response_tokens"],
         stop_on_eos=opts["stop_on_eos"],
     )
-    info_of = getattr(environment, "info", None)
     trajs = []
     for k, ep in enumerate(episodes):
         i = k // group_size
@@ -444,7 +446,7 @@ def multi_turn(
                 group_id=first_group_id + i,
                 row=rows[i],
                 response_text=tokenizer.decode(ep.response_ids, skip_special_tokens=True),
-                info={**ep.info, **(info_of(k) if callable(info_of) else {})},
+                info={**ep.info, **environment.info(k)},
             )
         )
     return trajs

@@ -280,7 +280,7 @@ def _env_of(agent_kwargs: Mapping[str, Any]):
 def default_metrics(agent_kwargs: Mapping[str, Any]) -> str:
     """The metric set of the agent's environment (its `metrics` attribute), else `rewards`."""
     env_cls = _env_of(agent_kwargs)
-    return getattr(env_cls, "metrics", None) or "rewards"
+    return (env_cls.metrics if env_cls is not None else None) or "rewards"
 
 
 def _is_registered_source(src: str) -> bool:

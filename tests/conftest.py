@@ -57,3 +57,21 @@ def hf(vdir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(vdir).eval(), AutoTokenizer.from_pretrained(vdir)
+
+
+@pytest.fixture
+def recorded_trajectories(monkeypatch) -> list:
+    """Every trajectory the registered `multi_turn` agent returns during the test (the agent, observed)."""
+    import agents  # noqa: F401  (registers multi_turn)
+    from rl.registry import AGENTS
+
+    seen: list = []
+    real = AGENTS.get("multi_turn")
+
+    def recording(*args, **kwargs):
+        trajs = real(*args, **kwargs)
+        seen.extend(trajs)
+        return trajs
+
+    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
+    return seen

@@ -236,19 +236,11 @@ def toy_recipe(model_dir: str, out: Path, **extra) -> dict:
     }  # fmt: skip
 
 
-def test_two_trainer_steps_with_the_toy_plugin(tiny_model_dir, tmp_path, monkeypatch):
+def test_two_trainer_steps_with_the_toy_plugin(tiny_model_dir, tmp_path, recorded_trajectories):
     from rl.config import config_from_dict
     from rl.trainer import train
 
-    seen = []
-    real = AGENTS.get("multi_turn")
-
-    def recording(*args, **kwargs):  # the registered agent, observed
-        trajs = real(*args, **kwargs)
-        seen.extend(trajs)
-        return trajs
-
-    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
+    seen = recorded_trajectories
     result = train(config_from_dict(toy_recipe(tiny_model_dir, tmp_path / "run", eval_before_training=False), "toy"))
     steps = [h for h in result["history"] if "reward/mean" in h]
     assert [h["step"] for h in steps] == [1, 2]

@@ -327,21 +327,12 @@ def test_rewards():
      ("search_r1_cpu", "ppo", "search_em", ["algorithm.critic_layers=1"]),  # the tiny model has 2 layers
      ("search_grpo_cpu", "grpo", "search_f1_plus", [])],
 )
-def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, tmp_path, monkeypatch, recipe,
+def test_two_trainer_steps_with_each_search_recipe(tiny_model_dir, corpus_path, tmp_path, recorded_trajectories, recipe,
                                                    algorithm, first_reward, extra):
     from rl.config import load_config
     from rl.trainer import train
 
-    seen: list[Trajectory] = []
-
-    real = AGENTS.get("multi_turn")
-
-    def recording(*args, **kwargs):  # the registered agent, observed
-        trajs = real(*args, **kwargs)
-        seen.extend(trajs)
-        return trajs
-
-    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
+    seen: list[Trajectory] = recorded_trajectories
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

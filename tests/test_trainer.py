@@ -13,38 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl import algorithms
 from rl.config import ConfigError, config_from_dict, load_config
 from rl.forward import forward_logprobs
 from rl.packing import make_micro_batch
 from rl.trainer import train
 from rl.trajectory import Trajectory
-from tiny import with_overrides
+from tiny import arithmetic_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe(model_dir: str, out: Path, **overrides) -> dict:
-    base = {
-        "model": {"name_or_path": model_dir},
-        "data": {
-            "train": "envs.arithmetic:make_dataset",
-            "train_kwargs": {"n_train": 24, "n_test": 4},
-            "eval": "envs.arithmetic:make_dataset",
-            "eval_kwargs": {"n_train": 24, "n_test": 4},
-            "required_columns": ["messages", "answer"],
-        },
-        "rollout": {"group_size": 4, "max_new_tokens": 6},
-        "rewards": [{"name": "helpers_rewards:digit_fraction"}],
-        "algorithm": {"name": "grpo"},
-        "optim": {"lr": 1e-2},
-        "steps": 2,
-        "prompts_per_step": 2,
-        "micro_batch_tokens": 64,
-        "output_dir": str(out),
-        "seed": 3,
-    }
-    return with_overrides(base, **overrides)
+    return arithmetic_recipe(model_dir, out, **overrides)
 
 
 def run(model_dir, out, **overrides):

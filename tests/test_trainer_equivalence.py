@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from rl.config import config_from_dict
 from rl.trainer import train
-from tiny import with_overrides
+from tiny import arithmetic_recipe
 
 DATA = Path(__file__).resolve().parent / "data" / "trainer_equivalence.json"
 RECORD = os.environ.get("AGENTRL_RECORD_EQUIVALENCE") == "1"
@@ -42,27 +42,7 @@ RUNS = {
 
 
 def _recipe(model_dir: str, out: Path, **overrides) -> dict:
-    base = {
-        "model": {"name_or_path": model_dir},
-        "data": {
-            "train": "envs.arithmetic:make_dataset",
-            "train_kwargs": {"n_train": 24, "n_test": 4},
-            "eval": "envs.arithmetic:make_dataset",
-            "eval_kwargs": {"n_train": 24, "n_test": 4},
-            "required_columns": ["messages", "answer"],
-        },
-        "rollout": {"group_size": 4, "max_new_tokens": 6},
-        "rewards": [{"name": "helpers_rewards:digit_fraction"}],
-        "algorithm": {"name": "grpo"},
-        "optim": {"lr": 1e-2},
-        "steps": 4,
-        "prompts_per_step": 2,
-        "micro_batch_tokens": 64,
-        "output_dir": str(out),
-        "seed": 5,
-        "eval_before_training": False,
-    }
-    return with_overrides(base, **overrides)
+    return arithmetic_recipe(model_dir, out, **{"steps": 4, "seed": 5, "eval_before_training": False, **overrides})
 
 
 def _fingerprint(out: Path, history: list[dict]) -> dict:

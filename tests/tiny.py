@@ -30,6 +30,8 @@ __all__ = [
     "make_tiny_tokenizer",
     "make_tiny_llama",
     "save_tiny_checkpoint",
+    "arithmetic_recipe",
+    "with_overrides",
 ]
 
 # Same order, hence same ids (0, 1, 2), as SmolLM2.
@@ -122,6 +124,31 @@ def save_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **overrides) ->
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def arithmetic_recipe(model_dir: str, out, **overrides) -> dict:
+    """The RL recipe most trainer tests run: the arithmetic task on the tiny model, 2 steps of GRPO
+    over 2 prompts x 4 samples of 6 tokens, with `section__key=value` overrides."""
+    base = {
+        "model": {"name_or_path": model_dir},
+        "data": {
+            "train": "envs.arithmetic:make_dataset",
+            "train_kwargs": {"n_train": 24, "n_test": 4},
+            "eval": "envs.arithmetic:make_dataset",
+            "eval_kwargs": {"n_train": 24, "n_test": 4},
+            "required_columns": ["messages", "answer"],
+        },
+        "rollout": {"group_size": 4, "max_new_tokens": 6},
+        "rewards": [{"name": "helpers_rewards:digit_fraction"}],
+        "algorithm": {"name": "grpo"},
+        "optim": {"lr": 1e-2},
+        "steps": 2,
+        "prompts_per_step": 2,
+        "micro_batch_tokens": 64,
+        "output_dir": str(out),
+        "seed": 3,
+    }
+    return with_overrides(base, **overrides)
 
 
 def with_overrides(base: dict, **overrides) -> dict:

@@ -22,6 +22,20 @@ says which) or "length".
 Also here, the helpers more than one engine uses: `eos_ids` (the ids that end a sample),
 `group_prompts` (runs of identical prompts, sent once with n samples) and `map_finish`
 (vLLM's finish / stop reasons -> the protocol's).
+
+What both vLLM engines (`vllm_colocate`, `vllm_server`) share:
+- Log-probs: vLLM's default `logprobs_mode="raw_logprobs"` gives the log-softmax of the *raw*
+  logits (before temperature), which is wrong for importance ratios at temperature != 1, so
+  both run vLLM with `processed_logprobs`. Greedy requests (temperature 0) get the raw
+  log-probs in both modes, as the HF engine does.
+- Finish reasons (`map_finish`): vLLM `length` -> "length"; `stop` with no `stop_reason` (the
+  model's eos) or an integer one (a stop token id: we pass the eos ids the HF engine uses) ->
+  "eos"; `stop` with a string `stop_reason` -> "stop" with that string. As in the HF engine,
+  the eos token and the token that completes a stop string are the last token of `token_ids`
+  (vLLM keeps them; only its text drops them). Stop strings are matched on text decoded with
+  special tokens kept, like the HF engine's `tokenizer.decode`.
+- Prompts that repeat consecutively (single-turn agents send each prompt G times in a row) are
+  sent as one request with `n` = the repeat count: one prefill per group (`group_prompts`).
 """
 
 from __future__ import annotations

@@ -5,24 +5,8 @@ Needs httpx only; vLLM itself is imported only for the "nccl" / "ipc" weight syn
 imports this module only when a recipe builds "vllm_server". The policy's weights come from
 `rl.weights.export_weights`.
 
-Log-probs: for each sampled token, the log-prob under the distribution it was sampled
-from (after temperature / top-k / top-p), as the protocol requires: vLLM's default
-`logprobs_mode="raw_logprobs"` gives the log-softmax of the *raw* logits (before
-temperature), which is wrong for importance ratios at temperature != 1, so the server must be started
-with `--logprobs-mode processed_logprobs`.
-Greedy requests (temperature 0) get the raw log-probs in both modes, as the HF engine does.
-
-Finish reasons map to the protocol's (`rl.engines.base.map_finish`): vLLM `length` ->
-"length"; `stop` with no `stop_reason` (the model's eos) or an integer one (a stop token id,
-we pass the eos ids the HF engine uses) -> "eos"; `stop` with a string `stop_reason` ->
-"stop" with that string. As in the HF engine, the eos token and the token that completes a
-stop string are the last token of `token_ids` (vLLM keeps them; only its text drops them).
-Stop strings are matched on text decoded with special tokens kept, like the HF engine's
-`tokenizer.decode`.
-
-Prompts that repeat consecutively (single-turn agents send each prompt G times in a row)
-are sent as one request with `n` = the repeat count: one prefill per group
-(`rl.engines.base.group_prompts`).
+Log-probs, finish reasons and grouped prompts work as in both vLLM engines (`rl.engines.base`):
+the server must be started with `--logprobs-mode processed_logprobs`.
 """
 
 from __future__ import annotations
