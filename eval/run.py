@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rl.common import atomic_write_text
+from rl.common import CHECKPOINT_PREFIX, atomic_write_text, latest_checkpoint
 
 __all__ = [
     "EvalPlan",
@@ -77,7 +77,6 @@ __all__ = [
     "write_results",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class ModelSpecError(ValueError):
@@ -144,20 +143,9 @@ def _checkpoint_policy(ckpt: Path) -> Path | None:
 
 
 def _from_output_dir(out: Path) -> Path | None:
-    """The policy of the checkpoint named in `latest`, else of the highest checkpoint-N."""
-    from rl.common import list_checkpoints
-
-    latest = out / "latest"
-    if latest.is_file():
-        named = _checkpoint_policy(out / latest.read_text().strip())
-        if named is not None:
-            return named
-        # `latest` naming a pruned/missing checkpoint: fall back to what is there
-    for ckpt in reversed(list_checkpoints(out)):
-        policy = _checkpoint_policy(ckpt)
-        if policy is not None:
-            return policy
-    return None
+    """The policy of the checkpoint named in `latest`, else of the highest checkpoint-N that has one."""
+    ckpt = latest_checkpoint(out, complete=lambda c: _checkpoint_policy(c) is not None)
+    return None if ckpt is None else ckpt / "policy"
 
 
 def _spec_error(spec: str, detail: str = "") -> ModelSpecError:

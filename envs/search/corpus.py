@@ -22,10 +22,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from rl.common import JsonlError, atomic_write_lines, atomic_write_text, cache_root, fetch_from_wheel, iter_jsonl
 
-# cache_root, atomic_write_text and _atomic_write_lines stay importable from here only for
-# envs/search/qa_data.py and envs/search/retrievers.py until they import rl.common themselves.
-_atomic_write_lines = atomic_write_lines
-
 __all__ = [
     "CorpusFormatError",
     "wiki_dir",

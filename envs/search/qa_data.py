@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from eval.qa_metrics import normalize_answer
+from rl.common import JsonlError, atomic_write_lines, atomic_write_text, iter_jsonl, read_jsonl
 
 __all__ = [
     "QADataError",
@@ -220,37 +221,32 @@ def load_flashrag_jsonl(path: str | os.PathLike, *, data_source: str | None = No
     path = Path(path)
     default_ds = data_source or path.resolve().parent.name or path.stem
     rows = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QADataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise QADataError(f"{where}: expected a JSON object")
-            q = r.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise QADataError(f"{where}: missing field 'question'")
-            if "golden_answers" not in r:
-                raise QADataError(f"{where}: missing field 'golden_answers'")
-            golds = _answers_list(r["golden_answers"], where, "golden_answers")
-            meta = r.get("metadata", {})
-            if meta is not None and not isinstance(meta, dict):
-                raise QADataError(f"{where}: 'metadata' must be a JSON object, got {type(meta).__name__}")
-            rid = r.get("id")
-            ds = data_source or (r.get("data_source") if isinstance(r.get("data_source"), str) else None) or default_ds
-            rows.append(
-                {
-                    "id": str(rid) if rid not in (None, "") else f"{ds}_{lineno - 1}",
-                    "question": q.strip(),
-                    "golden_answers": golds,
-                    "data_source": ds,
-                    "metadata": meta,
-                }
-            )
+    try:
+        lines = list(iter_jsonl(path))
+    except JsonlError as e:
+        raise QADataError(str(e)) from None
+    for lineno, r in lines:
+        where = f"{path}:{lineno}"
+        q = r.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise QADataError(f"{where}: missing field 'question'")
+        if "golden_answers" not in r:
+            raise QADataError(f"{where}: missing field 'golden_answers'")
+        golds = _answers_list(r["golden_answers"], where, "golden_answers")
+        meta = r.get("metadata", {})
+        if meta is not None and not isinstance(meta, dict):
+            raise QADataError(f"{where}: 'metadata' must be a JSON object, got {type(meta).__name__}")
+        rid = r.get("id")
+        ds = data_source or (r.get("data_source") if isinstance(r.get("data_source"), str) else None) or default_ds
+        rows.append(
+            {
+                "id": str(rid) if rid not in (None, "") else f"{ds}_{lineno - 1}",
+                "question": q.strip(),
+                "golden_answers": golds,
+                "data_source": ds,
+                "metadata": meta,
+            }
+        )
     return _to_dataset(rows)
 
 
@@ -279,11 +275,10 @@ def load_qa(path: str | os.PathLike, **kwargs: Any):
 
 
 def write_flashrag_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    from .corpus import _atomic_write_lines
 
     keys = ("id", "question", "golden_answers", "metadata")
     path = Path(path)
-    _atomic_write_lines(
+    atomic_write_lines(
         path, (json.dumps({k: r[k] for k in keys if k in r}, ensure_ascii=False, sort_keys=False) for r in rows)
     )
     return path
@@ -577,7 +572,6 @@ def write_qa_splits(
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, str]]:
     """Write ``{split}.jsonl`` (FlashRAG) and ``{split}.parquet`` (Search-R1) for each split, plus ``meta.json``."""
-    from .corpus import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -621,8 +615,7 @@ def answer_in_topk(rows: Iterable[Mapping[str, Any]], retriever: Any, *, topk: i
 
 
 def _read_rows(path: str | os.PathLike) -> list[dict]:
-    with open(path, "r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

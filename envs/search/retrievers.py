@@ -35,7 +35,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .corpus import cache_root, file_sha256, load_corpus
+from rl.common import cache_root
+
+from .corpus import file_sha256, load_corpus
 
 __all__ = [
     "Hit",
