@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.models import resolve_model  # noqa: E402
-from rl.trainer import forward_logprobs, make_micro_batch  # noqa: E402
+from rl.forward import forward_logprobs  # noqa: E402
+from rl.packing import make_micro_batch  # noqa: E402
 from rl.trajectory import Trajectory  # noqa: E402
 
 
