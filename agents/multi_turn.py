@@ -379,8 +379,7 @@ def multi_turn(
     info = the loop's keys (turns, actions, valid_actions, invalid_actions, termination, finish_reason,
     obs_truncated, model_tokens, env_tokens) updated with `env.info(k)`.
     """
-    from agents.single_turn import render_prompt
-    from rl.trajectory import Trajectory
+    from agents.single_turn import assemble_trajectories, render_prompt
 
     env_cls = resolve_environment(env)
     name = env if isinstance(env, str) else env_cls.__name__
@@ -434,22 +433,10 @@ def multi_turn(
         max_response_tokens=opts["max_response_tokens"],
         stop_on_eos=opts["stop_on_eos"],
     )
-    trajs = []
-    for k, ep in enumerate(episodes):
-        i = k // group_size
-        trajs.append(
-            Trajectory(
-                prompt_ids=prompts[k],
-                response_ids=ep.response_ids,
-                loss_mask=ep.loss_mask,
-                rollout_logprobs=ep.logprobs,
-                group_id=first_group_id + i,
-                row=rows[i],
-                response_text=tokenizer.decode(ep.response_ids, skip_special_tokens=True),
-                info={**ep.info, **environment.info(k)},
-            )
-        )
-    return trajs
+    return assemble_trajectories(tokenizer, rows, group_size, first_group_id, [
+        (prompts[k], ep.response_ids, ep.loss_mask, ep.logprobs, {**ep.info, **environment.info(k)})
+        for k, ep in enumerate(episodes)
+    ])
 
 
 def _resolved_kwargs(agent_kwargs: dict[str, Any]) -> dict[str, Any]:
