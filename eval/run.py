@@ -487,7 +487,7 @@ def _columns(results: Sequence[dict]) -> dict[str, str]:
 
 def leaderboard_markdown(results: Sequence[dict], columns: Mapping[str, str] | None = None) -> str:
     """One row per model x dataset, then the model's `avg` row; floats with 3 decimals."""
-    from eval.report import markdown_table
+    from rl.report import markdown_table
 
     columns = dict(columns) if columns is not None else _columns(results)
     rows = []
