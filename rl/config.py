@@ -315,6 +315,30 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _check_agent_kwargs(agents, name: str, agent_kwargs: dict, fail) -> None:
+    """`rollout.agent_kwargs` against the agent: every key is a parameter it takes, and an agent that
+    offers `resolved_kwargs(agent_kwargs)` (the multi-turn agent: it resolves the environment name and
+    the loop options) validates its own settings, so a typo fails before any model loads."""
+    import inspect
+
+    agent = agents.get(name)
+    params = inspect.signature(agent).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        reserved = {"engine", "tokenizer", "rows", "prompt_builder", "params", "group_size", "first_group_id"}
+        takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in reserved]
+        for key in agent_kwargs:
+            if key not in takes:
+                close = difflib.get_close_matches(str(key), takes, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                fail(f"rollout.agent_kwargs.{key}: agent '{name}' takes no such option{hint}; it takes {takes}")
+    resolve = agents.meta(name, "resolved_kwargs")
+    if callable(resolve):
+        try:
+            resolve(dict(agent_kwargs))
+        except (ValueError, TypeError) as e:
+            fail(f"rollout.agent_kwargs: {e}")
+
+
 def validate(cfg: TrainConfig, source: str) -> None:
     """Everything a recipe names is checked here, before any model loads: plugins import, every
     registered name resolves, algorithm options match the selected functions' signatures."""
@@ -341,6 +365,7 @@ def validate(cfg: TrainConfig, source: str) -> None:
             fail(f"{key}: {e}")
 
     check_name(AGENTS, "rollout.agent", cfg.rollout.agent)
+    _check_agent_kwargs(AGENTS, cfg.rollout.agent, cfg.rollout.agent_kwargs, fail)
     check_name(ENGINES, "rollout.engine", cfg.rollout.engine)
     check_name(PROMPT_BUILDERS, "data.prompt_builder", cfg.data.prompt_builder)
     for i, spec in enumerate(cfg.rewards):

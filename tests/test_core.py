@@ -177,6 +177,23 @@ def test_recipe_names_are_checked_before_any_model_loads(tmp_path):
     config_from_dict(base, "r.yaml")
 
 
+def test_agent_settings_are_checked_at_recipe_load(tmp_path):
+    """Agent options and the multi-turn agent's environment name fail at load, in one line."""
+    base = _recipe("m", tmp_path, rollout__agent="multi_turn", plugins=["toy_env"])
+    for kwargs, needle in [
+        ({"env": "toy_guess", "max_turn": 2}, "rollout.agent_kwargs.max_turn: agent 'multi_turn' takes no such "
+                                              "option (did you mean 'max_turns'?)"),
+        ({"env": "no_such_env"}, "rollout.agent_kwargs: unknown environment 'no_such_env'"),
+        ({"env": "math:sqrt"}, "must subclass agents.environment.Environment"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            config_from_dict(with_overrides(dict(base), rollout__agent_kwargs=kwargs), "r.yaml")
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="rollout.agent_kwargs.env: agent 'single_turn' takes no such option"):
+        config_from_dict(_recipe("m", tmp_path, rollout__agent_kwargs={"env": "toy_guess"}), "r.yaml")
+    config_from_dict(with_overrides(dict(base), rollout__agent_kwargs={"env": "toy_guess", "max_turns": 2}), "r.yaml")
+
+
 # ----------------------------------------------------------------------------- algorithms
 
 

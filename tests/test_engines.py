@@ -147,14 +147,16 @@ def test_unknown_engine_lists_the_registered_ones(tiny):
     from rl.engines import ENGINES, build_engine
 
     model, tok = tiny
-    with pytest.raises(ValueError, match=r"unknown rollout engine 'hff'; registered: \['hf', 'vllm', 'vllm_server'"):
+    with pytest.raises(ValueError, match=r"unknown rollout engine 'hff'; registered: \[") as e:
         build_engine("hff", model, tok, 4)
+    # other tests may have registered engines of their own: the built-in ones are listed
+    assert all(f"'{name}'" in str(e.value) for name in ("hf", "vllm", "vllm_server"))
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
         build_engine("no_such_module:Engine", model, tok, 4)
     with pytest.raises(TypeError, match=r"lacks \['close', 'session', 'sleep', 'update_weights', 'wake'\].*BaseEngine"):
         build_engine("helpers_engines:NotAnEngine", model, tok, 4)
     assert isinstance(build_engine("hf", model, tok, 4), HFEngine)
-    assert ENGINES.names() == ["hf", "vllm", "vllm_server"]
+    assert {"hf", "vllm", "vllm_server"} <= set(ENGINES.names())
 
 
 def test_base_engine_defaults_do_nothing_and_the_rest_must_be_implemented():
