@@ -338,6 +338,58 @@ def test_server_retriever_exception_is_500_and_server_survives():
         assert c.post("/retrieve", json={"queries": ["q"], "topk": 1}).status_code == 200
 
 
+def test_server_deeply_nested_json_is_a_400_not_a_500(bm25):
+    """The parser's RecursionError on e.g. `[` * 100000 (well under the 1 MiB body limit) is the client's fault."""
+    from fastapi.testclient import TestClient
+
+    from envs.search.server import create_app
+
+    with TestClient(create_app(bm25), raise_server_exceptions=False) as c:
+        for body in (b"[" * 100_000, b'{"queries": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"a":' * 20_000):
+            r = c.post("/retrieve", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            assert "too deeply" in r.json()["detail"]
+        assert c.post("/retrieve", json={"queries": ["capital of Japan"], "topk": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("level, quiet", [("warning", True), ("info", False)])
+def test_server_log_level_silences_retrieval_libraries(tmp_path, monkeypatch, capfd, level, quiet):
+    """`--log-level warning`: no INFO line and no bm25s progress bar, from building the index to a query;
+    `info` shows both (so the check can fail). uvicorn.run is replaced by one in-process request."""
+    import logging
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from envs.search import server
+
+    corpus = write_corpus(tmp_path / "c.jsonl")  # fresh: the index is built (bm25s shows its progress bars)
+    root = logging.getLogger()
+    saved = {n: logging.getLogger(n).level for n in ("", "bm25s", "sentence_transformers", "faiss")}
+    handler = logging.StreamHandler(sys.stderr)  # what basicConfig adds when nothing configured logging before
+    root.addHandler(handler)
+    served = []
+
+    def fake_run(app, **kwargs):
+        assert kwargs["log_level"] == level
+        with TestClient(app) as c:
+            served.append(c.post("/retrieve", json={"queries": ["capital of Japan"], "topk": 1}).json())
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    try:
+        assert server.main(["--corpus", str(corpus), "--log-level", level]) == 0
+        server.main(["--corpus", str(corpus), "--log-level", level])  # again: the cached index is loaded
+    finally:
+        root.removeHandler(handler)
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+    assert served[0]["result"][0][0]["id"] == "7"
+    err = capfd.readouterr().err
+    assert ("INFO" in err or "%|" in err) is not quiet, err
+    if not quiet:
+        assert "loading cached BM25 index" in err and "%|" in err  # a tqdm bar
+
+
 # ---------------------------------------------------------------- real uvicorn + client
 
 
@@ -519,6 +571,9 @@ def test_server_cli_subprocess(corpus_file):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    out = proc.stdout.read().decode()
+    # --log-level warning: no access lines, no INFO from the retrievers, no index-build progress bars
+    assert "INFO" not in out and "%|" not in out, out
 
 
 # =========================================================================== QA data loaders

@@ -6,11 +6,14 @@ without ``return_scores`` each item is the document object itself.
 ``GET /health`` returns ``{"status": "ok", "retriever": ..., "num_docs": ...}``.
 
 Bad requests get a 4xx JSON ``{"detail": "..."}`` and the server keeps serving:
-non-JSON body (400), body larger than ``max_body_bytes`` (413), wrong types,
+non-JSON or too deeply nested body (400), body larger than ``max_body_bytes`` (413), wrong types,
 empty query list, empty query string, too many queries, too long a query,
 topk out of ``[1, max_topk]`` (422).
 
-Run: ``python -m envs.search.server --corpus PATH [--retriever bm25|dense] [--host 127.0.0.1] [--port 8000]``.
+Run: ``python -m envs.search.server --corpus PATH [--retriever bm25|dense] [--host 127.0.0.1] [--port 8000]
+[--log-level info]``. ``--log-level`` is uvicorn's (``info`` logs one access line per request) and also the
+level of this process's other loggers (root, ``bm25s``, ``sentence_transformers``); above ``info`` the
+index-build progress bars are off too, so ``--log-level warning`` prints only warnings and errors.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-__all__ = ["ServerLimits", "create_app", "parse_retrieve_request", "main"]
+__all__ = ["ServerLimits", "configure_logging", "create_app", "parse_retrieve_request", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ def parse_retrieve_request(body: bytes, limits: ServerLimits) -> tuple[list[str]
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        # e.g. b"[" * 100000: the parser recurses once per level; the protocol's body nests 2 deep
+        raise RequestError(400, "request body nests JSON arrays/objects too deeply to parse (the protocol's body "
+                           'is {"queries": [str, ...], "topk": int, "return_scores": bool})') from None
     if not isinstance(payload, dict):
         raise RequestError(422, 'request body must be a JSON object {"queries": [...], "topk": int, "return_scores": bool}')
     if "queries" not in payload:
@@ -152,6 +159,20 @@ def create_app(retriever: Any, limits: ServerLimits | None = None, *, name: str 
     return app
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def configure_logging(level: str) -> bool:
+    """Apply `--log-level` to the root logger and the retrieval libraries' loggers (uvicorn sets its own);
+    returns whether progress bars (index building) should show: only at `info` or below."""
+    num = logging.DEBUG if level.lower() == "trace" else getattr(logging, level.upper())
+    logging.basicConfig(level=num, format="%(levelname)s:%(name)s:%(message)s")
+    # basicConfig leaves an already configured root alone (e.g. when embedded): set the levels explicitly
+    for name in ("", "bm25s", "sentence_transformers", "faiss"):
+        logging.getLogger(name).setLevel(num)
+    return num <= logging.INFO
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m envs.search.server", description="Search-R1 protocol retrieval server")
     ap.add_argument("--corpus", required=True, help="Search-R1 jsonl corpus")
@@ -166,13 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-query-chars", type=int, default=d.max_query_chars)
     ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     ap.add_argument("--default-topk", type=int, default=d.default_topk)
-    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                    help="uvicorn's log level and this process's (default %(default)s)")
     args = ap.parse_args(argv)
 
-    logging.basicConfig(level=args.log_level.upper())
+    show_progress = configure_logging(args.log_level)
     from .retrievers import make_retriever
 
-    kw: dict[str, Any] = {"index_dir": args.index_dir}
+    kw: dict[str, Any] = {"index_dir": args.index_dir, "show_progress": show_progress}
     if args.retriever == "dense" and args.model:
         kw["model"] = args.model
     retriever = make_retriever(args.retriever, args.corpus, **kw)
