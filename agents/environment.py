@@ -21,7 +21,8 @@ Life cycle, for one rollout call of the agent (one batch of rows, `group_size` s
 What the loop (`agents.multi_turn.multi_turn`) owns, so that no environment re-does it: prompt
 rendering through the chat template, G-fold copying, group ids, stop strings (the loop adds the
 environment's `stop` to the sampling params), turn and token limits, the final answer-only turn,
-tokenising observations (alone, `split_special_tokens=True`, loss mask 0), and `Trajectory` assembly.
+tokenising observations (alone, `split_special_tokens=True`, loss mask 0; a chat-message observation
+through the chat template), and `Trajectory` assembly.
 
 The first observation (`Prompt`) gives the prompt: chat `messages` rendered with the tokenizer's
 chat template and the generation prompt, or `prompt_ids` used as they are (structured), or nothing
@@ -31,7 +32,15 @@ stage's) builds the messages from the row. `reset` may also return plain message
 Observations after a turn (`StepResult`): `observation` is text, tokenised on its own (mask 0) and
 truncated to the loop's `max_obs_tokens`; `observation_suffix` follows it and is never truncated
 (e.g. a closing tag); `observation_ids` is a structured observation: token ids appended as they are
-(mask 0, truncated like text; give text or ids, not both). `images` is the slot of VLM observations
+(mask 0, truncated like text; give text or ids, not both). Text and ids stay inside the assistant
+turn (Search-R1's `<information>...</information>`: no role turn). `message` is an observation as a
+chat turn of its own, e.g. `{"role": "user", "content": "not quite"}` or `{"role": "tool", ...}`: the
+loop closes the policy's assistant turn, appends the message and opens the next assistant turn, all
+through the tokenizer's chat template (the delta between the rendering of the conversation so far and
+the rendering with the message and the generation prompt), so the structural tokens (`<|im_end|>`,
+`<|im_start|>`) are the real special tokens while the content stays plain text (`split_special_tokens`:
+a retrieved page that contains `<|im_start|>` cannot forge a turn). The content is truncated to
+`max_obs_tokens`; a message excludes the other observation fields. `images` is the slot of VLM observations
 (screens, figures): the multimodal issue fills it; until then the loop raises NotImplementedError when
 an environment sets it (here or in `Prompt.images`).
 
@@ -86,6 +95,9 @@ class StepResult:
     valid: bool = True  # counted in info["valid_actions"] / info["invalid_actions"]
     observation_ids: list[int] | None = None  # structured observation: token ids appended as is (mask 0)
     images: list[Any] | None = None  # VLM observations: filled by the multimodal issue (NotImplementedError now)
+    # an observation as a chat turn of its own: {"role": "user" | "tool" | ..., "content": str}, rendered
+    # through the chat template (closes the assistant turn, opens the next one); not with the fields above
+    message: dict[str, Any] | None = None
 
 
 class Environment:

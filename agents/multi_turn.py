@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -77,7 +78,7 @@ from rl.engines import Generation, RolloutEngine, SamplingParams
 
 __all__ = [
     "Environment", "Prompt", "Turn", "StepResult", "Episode", "LOOP_DEFAULTS", "run_episodes", "tokenize_env_text",
-    "multi_turn", "resolve_environment", "loop_options",
+    "multi_turn", "resolve_environment", "loop_options", "message_delta", "encode_frame",
 ]
 
 
@@ -104,6 +105,14 @@ def _check_step_result(res: Any) -> None:
         )
     if res.observation_ids is not None and res.observation:
         raise ValueError("StepResult: give the observation as text or as observation_ids, not both")
+    if res.message is not None:
+        m = res.message
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"StepResult.message must be a dict with a str 'role' and a str 'content', got {m!r}")
+        if m["role"] == "assistant":  # the loop opens every assistant turn itself; its tokens are the policy's
+            raise ValueError("StepResult.message: an environment message cannot have the role 'assistant'")
+        if res.observation or res.observation_ids is not None or res.observation_suffix:
+            raise ValueError("StepResult: give the observation as a message or as text / observation_ids, not both")
 
 
 def tokenize_env_text(tokenizer, text: str) -> list[int]:
@@ -111,6 +120,93 @@ def tokenize_env_text(tokenizer, text: str) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+# Stands in for a message's content when rendering its turn's frame (see `message_delta`); no template
+# alters it (no whitespace at its ends, no markup).
+_CONTENT = "AGENTRLENVCONTENT7f3a9c"
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _special_split(tokenizer, text: str) -> list[str]:
+    """`text` cut before and after every special-token string (the pieces alternate text / special)."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    if not specials:
+        return [text]
+    return re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+
+
+def encode_frame(tokenizer, before: str, content: str, after: str) -> list[int]:
+    """Ids of `before + content + after` where special-token strings in `before` / `after` (the template's
+    structure) are the special tokens and `content` is plain text (`split_special_tokens=True`).
+
+    Tokenisers cut text at special tokens before pre-tokenising, so this equals tokenising the whole
+    string in one go whenever `content` holds no special-token string: the text between two
+    structural special tokens (e.g. "tool\n" + content) is tokenised as one piece, as it is there."""
+    head, tail = _special_split(tokenizer, before), _special_split(tokenizer, after)
+    # the text around the content joins it: [..., special, text + content + text, special, ...]
+    pieces = head[:-1] + [head[-1] + content + tail[0]] + tail[1:]
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2:  # re.split with one group: odd pieces are the separators (special tokens)
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        else:
+            ids.extend(tokenize_env_text(tokenizer, piece))
+    return ids
+
+
+def message_delta(tokenizer, conversation: list[dict], rendered: str, assistant_text: str, message: dict,
+                  policy_closed: bool = False) -> tuple[list[int], str]:
+    """The ids that end the assistant turn whose text so far is `assistant_text`, append `message` as a
+    chat turn and open the next assistant turn: the chat template's rendering of
+    `conversation + [assistant, message]` with the generation prompt, minus `rendered` (the rendering of
+    `conversation` with the generation prompt, which the ids so far are) and `assistant_text`.
+    Returns (ids, the new rendering). `policy_closed`: the policy's ids already end with the eos token,
+    which the template's closing then starts with (it is not appended twice).
+
+    Raises ValueError, naming the tokenizer, when the template renders the conversation so far
+    differently once the message follows (templates that strip earlier thinking or trim content):
+    the ids the policy saw would not be what the template renders, so nothing is appended silently.
+    """
+    convo = conversation + [{"role": "assistant", "content": assistant_text}]
+
+    def render(msg):
+        return tokenizer.apply_chat_template(convo + [msg], add_generation_prompt=True, tokenize=False)
+
+    full, frame = render(message), render({**message, "content": _CONTENT})
+    head = rendered + assistant_text
+    if not (full.startswith(head) and frame.startswith(head) and frame.count(_CONTENT) == 1):
+        raise ValueError(
+            f"chat template of tokenizer {_tokenizer_name(tokenizer)!r}: the rendering of the conversation so far "
+            f"is not a prefix of its rendering with the environment's {message['role']!r} message (the template "
+            "rewrites earlier turns, e.g. strips thinking or trims whitespace), so the message's ids cannot be "
+            "appended token-exactly; return the observation as text (StepResult.observation) instead"
+        )
+    before, _, after = frame[len(head):].partition(_CONTENT)
+    delta = full[len(head):]
+    if not (delta.startswith(before) and delta.endswith(after) and len(delta) >= len(before) + len(after)):
+        raise ValueError(
+            f"chat template of tokenizer {_tokenizer_name(tokenizer)!r}: the {message['role']!r} turn's frame "
+            "depends on its content, so its ids cannot be split into template tokens and content"
+        )
+    content = delta[len(before):len(delta) - len(after)]
+    eos = tokenizer.eos_token
+    if policy_closed and eos and before.startswith(eos):
+        before = before[len(eos):]
+    return encode_frame(tokenizer, before, content, after), full
+
+
+class _Chat:
+    """A sample's conversation as chat messages, for message observations: the closed turns, their
+    rendering with the generation prompt, and where the open assistant turn starts in the response."""
+
+    __slots__ = ("messages", "rendered", "start")
+
+    def __init__(self, messages: list[dict], rendered: str):
+        self.messages, self.rendered, self.start = messages, rendered, 0
 
 
 class _State:
@@ -162,6 +258,7 @@ def run_episodes(
     final_message: str | Callable[[int], str | None] | None = None,
     max_response_tokens: int | None = None,
     stop_on_eos: bool = True,
+    prompt_messages: Sequence[list[dict] | None] | None = None,
 ) -> list[Episode]:
     """Run all samples to termination; returns one `Episode` per prompt, in order.
 
@@ -172,13 +269,16 @@ def run_episodes(
     tokens): a turn is given at most the remaining budget and an environment reply
     that would fill it ends the episode (`length_cap`) without being appended.
     `stop_on_eos`: a turn that ends with the eos token and no terminal action ends the
-    episode (`eos`) instead of receiving an environment reply.
+    episode (`eos`) instead of receiving an environment reply. `prompt_messages[k]`: the chat
+    messages prompt k was rendered from (`render_prompt`); a `StepResult.message` needs them,
+    since its ids are a delta of the chat template's rendering of the conversation (`message_delta`).
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     if max_response_tokens is not None and max_response_tokens < 1:
         raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
     states = [_State() for _ in prompts_ids]
+    chats: dict[int, _Chat] = {}  # sample -> its conversation, made on its first message observation
     active = list(range(len(prompts_ids)))
     n_turns = max_turns + (1 if final_turn_params is not None else 0)
 
@@ -252,7 +352,32 @@ def run_episodes(
                         finish(i, "max_turns")
                     continue
                 env_ids: list[int] = []
-                if res.observation_ids is not None:  # structured: the environment's ids, as they are
+                chat_after: tuple[str, str, dict] | None = None  # (rendering, assistant text, message)
+                if res.message is not None:
+                    chat = chats.get(i)
+                    if chat is None:
+                        msgs = prompt_messages[i] if prompt_messages is not None else None
+                        if msgs is None:
+                            raise ValueError(
+                                f"sample {i}: a StepResult.message needs the prompt as chat messages (Prompt.messages "
+                                "or the recipe's prompt builder), not as prompt ids"
+                            )
+                        chat = chats[i] = _Chat(list(msgs), tokenizer.apply_chat_template(
+                            list(msgs), add_generation_prompt=True, tokenize=False))
+                    content = res.message["content"]
+                    if max_obs_tokens is not None:
+                        c_ids = tokenize_env_text(tokenizer, content)
+                        if len(c_ids) > max_obs_tokens:  # the content is cut, the turn's frame never is
+                            content = tokenizer.decode(c_ids[:max_obs_tokens])
+                            st.info["obs_truncated"] += 1
+                    own = st.ids[chat.start:]
+                    closed = bool(own) and own[-1] == tokenizer.eos_token_id
+                    assistant_text = tokenizer.decode(own[:-1] if closed else own, skip_special_tokens=False)
+                    message = {**res.message, "content": content}
+                    env_ids, rendered = message_delta(tokenizer, chat.messages, chat.rendered, assistant_text,
+                                                      message, policy_closed=closed)
+                    chat_after = (rendered, assistant_text, message)
+                elif res.observation_ids is not None:  # structured: the environment's ids, as they are
                     obs = [int(x) for x in res.observation_ids]
                     if max_obs_tokens is not None and len(obs) > max_obs_tokens:
                         obs = obs[:max_obs_tokens]
@@ -277,6 +402,10 @@ def run_episodes(
                     continue
                 for piece in pieces:
                     st.add("env", piece, None)
+                if chat_after is not None:  # the next assistant turn starts after the message (+ final text)
+                    chat, (rendered, assistant_text, message) = chats[i], chat_after
+                    chat.messages += [{"role": "assistant", "content": assistant_text}, message]
+                    chat.rendered, chat.start = rendered, len(st.ids) - sum(map(len, pieces[1:]))
                 next_active.append(i)
             active = next_active
 
@@ -397,6 +526,7 @@ def multi_turn(
 
     rendered: dict[str, list[int]] = {}  # the G copies of a row (and equal prompts) are rendered once
     prompts: list[list[int]] = []
+    prompt_messages: list[list[dict] | None] = []  # what each prompt was rendered from (message observations)
     for k, (row, obs) in enumerate(zip(samples, first)):
         obs = _as_prompt(obs, k, name)
         if obs.images is not None:
@@ -406,6 +536,7 @@ def multi_turn(
             )
         if obs.prompt_ids is not None:
             prompts.append([int(x) for x in obs.prompt_ids])
+            prompt_messages.append(None)
             continue
         messages = obs.messages
         if messages is None:
@@ -416,6 +547,7 @@ def multi_turn(
         if key not in rendered:
             rendered[key] = render_prompt(tokenizer, messages)
         prompts.append(rendered[key])
+        prompt_messages.append(messages)
 
     stops = list(environment.stop)
     final = bool(opts["final_answer_turn"])
@@ -432,6 +564,7 @@ def multi_turn(
         final_message=final_message if final else None,
         max_response_tokens=opts["max_response_tokens"],
         stop_on_eos=opts["stop_on_eos"],
+        prompt_messages=prompt_messages,
     )
     return assemble_trajectories(tokenizer, rows, group_size, first_group_id, [
         (prompts[k], ep.response_ids, ep.loss_mask, ep.logprobs, {**ep.info, **environment.info(k)})
