@@ -197,6 +197,12 @@ class BM25Retriever:
     ):
         import bm25s
 
+        # bm25s sets its logger to DEBUG when imported, which lets its per-query INFO line ("The query is empty",
+        # for a query of stop words only) through any level the application set on the root logger: hand the
+        # decision back to the application (the logger then inherits the root's level)
+        bm25s_logger = logging.getLogger("bm25s")
+        if bm25s_logger.level == logging.DEBUG:
+            bm25s_logger.setLevel(logging.NOTSET)
         self._bm25s = bm25s
         self.ids, self.contents, self.corpus_path = _corpus_columns(corpus)
         if not self.ids:

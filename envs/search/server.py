@@ -167,7 +167,8 @@ def configure_logging(level: str) -> bool:
     returns whether progress bars (index building) should show: only at `info` or below."""
     num = logging.DEBUG if level.lower() == "trace" else getattr(logging, level.upper())
     logging.basicConfig(level=num, format="%(levelname)s:%(name)s:%(message)s")
-    # basicConfig leaves an already configured root alone (e.g. when embedded): set the levels explicitly
+    # basicConfig leaves an already configured root alone (e.g. when embedded): set the levels explicitly.
+    # bm25s resets its logger to DEBUG on import; BM25Retriever undoes that, so bm25s inherits this level.
     for name in ("", "bm25s", "sentence_transformers", "faiss"):
         logging.getLogger(name).setLevel(num)
     return num <= logging.INFO
