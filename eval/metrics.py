@@ -21,8 +21,16 @@ its own set).
 The trajectories a metric set sees are already scored by the recipe's reward functions
 (`traj.reward`, `traj.reward_parts`), so a record may use them or compute its own numbers from
 `traj.row` / `traj.info` (the search set calls its rewards, so the leaderboard's EM is the training
-reward's EM by construction). Every leaderboard gets an `avg` row per model: the mean of each
-per-dataset metric (datasets weigh equally) and the total `n`.
+reward's EM by construction). `eval.run` adds `segments` to every record: the whole response as
+`[{"role": "policy"|"env", "text": ...}]`, decoded from the trajectory's ids split where its
+loss_mask changes (`response_segments`), so a record shows what the model wrote and what the
+environment inserted. A model evaluated on 2+ datasets gets an `avg` row: the mean of each
+per-dataset metric (datasets weigh equally), the sum for the set's `totals` (`n`, counts).
+
+`check(metrics, settings)` (optional) looks at one model x dataset's metrics and the run's settings
+and returns `(message, fatal)` or None: `eval.run` logs the message as a warning, stores it in
+leaderboard.json, and after writing the results exits 1 when it is fatal (the search set: every
+retrieval was unavailable, e.g. a retrieval server that is not running).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from rl.registry import METRICS
 
-__all__ = ["MetricSet", "mean", "average_metrics", "REWARD_METRICS", "reward_record", "reward_aggregate"]
+__all__ = ["MetricSet", "mean", "average_metrics", "response_segments", "REWARD_METRICS", "reward_record",
+           "reward_aggregate"]
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -53,13 +62,18 @@ class MetricSet:
     load: Callable[[str], Sequence[Mapping]] | None = None
     check_rows: Callable[[Sequence[Mapping], str], list[dict]] | None = None  # validates in-memory rows (name)
     progress: str | None = None  # a record key whose running mean the progress bar shows
+    totals: Sequence[str] = ("n",)  # counts: the `avg` row has their sum, not their mean
+    # (metrics of one model x dataset, the run's settings) -> (warning message, fatal) or None
+    check: Callable[[Mapping, Mapping], tuple[str, bool] | None] | None = None
 
     def __call__(self, traj) -> dict:
         return self.record(traj)
 
 
-def average_metrics(per_dataset: Sequence[Mapping], keys: Sequence[str] | None = None) -> dict:
-    """The `avg` row: mean of each per-dataset metric (datasets weigh equally); `n` is the total."""
+def average_metrics(
+    per_dataset: Sequence[Mapping], keys: Sequence[str] | None = None, totals: Sequence[str] = ("n",)
+) -> dict:
+    """The `avg` row: mean of each per-dataset metric (datasets weigh equally); `totals` (`n`) are summed."""
     if keys is None:
         keys = list(dict.fromkeys(k for m in per_dataset for k in m))
     out: dict[str, Any] = {"n": sum(m.get("n", 0) for m in per_dataset)}
@@ -68,8 +82,23 @@ def average_metrics(per_dataset: Sequence[Mapping], keys: Sequence[str] | None =
             continue
         vals = [m[key] for m in per_dataset if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
         vals = [v for v in vals if v is not None]
-        out[key] = mean(vals) if vals else None
+        out[key] = (sum(vals) if key in totals else mean(vals)) if vals else None
     return out
+
+
+def response_segments(traj, tokenizer) -> list[dict]:
+    """The whole response as `[{"role": "policy"|"env", "text": ...}]`: the trajectory's own token ids,
+    split where `loss_mask` changes (1 = the policy generated it, 0 = the environment inserted it) and
+    decoded run by run with special tokens kept, so the texts joined give the response."""
+    segments: list[dict] = []
+    start = 0
+    ids, mask = list(traj.response_ids), list(traj.loss_mask)
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or bool(mask[i]) != bool(mask[start]):
+            text = tokenizer.decode(ids[start:i], skip_special_tokens=False)
+            segments.append({"role": "policy" if mask[start] else "env", "text": text})
+            start = i
+    return segments
 
 
 # ----------------------------------------------------------------------------- rewards (the default set)

@@ -24,9 +24,12 @@ e.g. a missing corpus) and every dataset is loaded.
   * a registered short name (`smollm2-135m`), a Hugging Face hub id or checkpoint dir
     (via `rl.models.resolve_model`);
   * a training checkpoint `<output_dir>/checkpoint-<step>` (its `policy/` is loaded);
-  * a training output dir: the checkpoint named in its `latest` file, else the highest
-    `checkpoint-<step>`.
-  A LoRA adapter (`adapter_config.json`) is loaded on its base model and merged.
+  * a training output dir: its `final/` (a finished run's model), else the checkpoint named in
+    its `latest` file, else the highest `checkpoint-<step>` (an unfinished run).
+  A LoRA adapter (`adapter_config.json`) is loaded on its base model and merged. A SPEC that is a
+  path (it starts with `.`, `/` or `~`, has 2+ slashes, starts with `outputs/`, or its first
+  component is a local directory) but does not exist is an error at once: it is never tried as a
+  hub id (hub ids are `owner/name`), which would spend a minute on HTTP retries offline.
 `--data [NAME=]PATH` (repeatable): a file the metric set's loader reads (search: FlashRAG jsonl or
 Search-R1 parquet via `envs.search.qa_data.load_qa`; otherwise jsonl/parquet/csv or a
 `save_to_disk` dir), or a registered dataset / `module:function` (its `test` split); without
@@ -35,10 +38,19 @@ Search-R1 parquet via `envs.search.qa_data.load_qa`; otherwise jsonl/parquet/csv
 Outputs in `--out` (default `outputs/eval/<timestamp>`; an existing non-empty dir is
 refused unless `--overwrite`):
   leaderboard.md                      one row per model x dataset, plus an `avg` row per model
-  leaderboard.json                    settings, every number, paths of the prediction files
-  predictions/<label>__<dataset>.jsonl  one record per example (the metric set's)
+                                      evaluated on 2+ datasets
+  leaderboard.json                    settings, every number (`avg` for every model), the metric
+                                      set's warnings, paths of the prediction files
+  predictions/<label>__<dataset>.jsonl  one record per example: the metric set's, plus `segments`,
+                                      the whole response as [{"role": "policy"|"env", "text"}]
 `avg` = the mean of the per-dataset metrics (each dataset counts once, whatever its size); its
-`n` is the total.
+`n` (and any count the metric set names in `totals`) is the total.
+
+Exit status: 0; 2 with one line `error: ...` on stderr for a known error (bad flag, recipe, data
+file, model spec, an existing --out); 1 with one line `error: ...` when the metric set's check
+fails for a model x dataset after its results are written (search: every retrieval was
+unavailable, e.g. `--env-kwarg retriever=http://...` with no server running; partial failures
+are warnings and a `retrieval errors` column). Unknown errors keep their traceback.
 
 From Python: `evaluate(model, {"dev": path_or_rows}, agent=..., agent_kwargs=..., metrics=...)`
 (one model), `write_results(out, [result, ...], data)`; the search paper's shortcut is
@@ -49,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -77,6 +90,7 @@ __all__ = [
     "write_results",
 ]
 
+logger = logging.getLogger("eval.run")
 
 
 class ModelSpecError(ValueError):
@@ -104,7 +118,7 @@ def _default_label(spec: str) -> str:
     p = p.resolve()
     if p.name == "policy":  # checkpoint-N/policy
         p = p.parent
-    if p.name.startswith(CHECKPOINT_PREFIX):
+    if p.name.startswith(CHECKPOINT_PREFIX) or p.name == FINAL_DIR:
         return f"{p.parent.name}/{p.name}"
     return p.name or str(p)
 
@@ -137,13 +151,19 @@ def _is_model_dir(p: Path) -> bool:
         return False
 
 
+FINAL_DIR = "final"  # a finished training run's model (the trainer writes it last; LoRA merged)
+
+
 def _checkpoint_policy(ckpt: Path) -> Path | None:
     policy = ckpt / "policy"
     return policy if _is_model_dir(policy) else None
 
 
 def _from_output_dir(out: Path) -> Path | None:
-    """The policy of the checkpoint named in `latest`, else of the highest checkpoint-N that has one."""
+    """A finished run's `final/`, else the policy of the checkpoint named in `latest`, else of the highest
+    checkpoint-N that has one (an interrupted run)."""
+    if _is_model_dir(out / FINAL_DIR):
+        return out / FINAL_DIR
     ckpt = latest_checkpoint(out, complete=lambda c: _checkpoint_policy(c) is not None)
     return None if ckpt is None else ckpt / "policy"
 
@@ -155,8 +175,16 @@ def _spec_error(spec: str, detail: str = "") -> ModelSpecError:
         f"--model {spec!r}: {detail or 'nothing loadable found'}. Looked for: a registered model name "
         f"({', '.join(sorted(MODELS))}), a Hugging Face checkpoint dir (config.json) or hub id, a LoRA adapter "
         f"dir (adapter_config.json), a training checkpoint dir ({CHECKPOINT_PREFIX}N/policy/), or a training "
-        f"output dir (a `latest` file or {CHECKPOINT_PREFIX}N/ subdirs)"
+        f"output dir ({FINAL_DIR}/, a `latest` file or {CHECKPOINT_PREFIX}N/ subdirs)"
     )
+
+
+def _is_path_spec(s: str) -> bool:
+    """Whether a spec that names nothing local is still meant as a path (not a hub id `owner/name`)."""
+    if s.startswith((".", "/", "~")) or "\\" in s or s.count("/") >= 2 or s.startswith("outputs/"):
+        return True
+    # `outputs/run` and `owner/name` look alike: an existing local first component decides
+    return "/" in s and Path(s.split("/", 1)[0]).is_dir()
 
 
 def resolve_policy_path(spec: str | os.PathLike) -> str:
@@ -176,6 +204,8 @@ def resolve_policy_path(spec: str | os.PathLike) -> str:
         return str(found)
     if p.exists():
         raise _spec_error(s, f"{p} is a file, not a directory")
+    if _is_path_spec(s):
+        raise _spec_error(s, f"no such path {p}")
     try:
         return resolve_model(s)  # hub ids pass through; missing local paths raise
     except FileNotFoundError:
@@ -251,7 +281,7 @@ def get_metric_set(metrics: Any = None):
         return metrics
     found = METRICS.get(metrics or "rewards")
     if not isinstance(found, MetricSet):
-        raise TypeError(f"metric set {metrics!r} is a {type(found).__name__}, not an eval.metrics.MetricSet")
+        raise ValueError(f"metric set {metrics!r} is a {type(found).__name__}, not an eval.metrics.MetricSet")
     return found
 
 
@@ -376,12 +406,14 @@ def evaluate(
     name or a function (default `messages`). `reward_fns`: `rl.rewards.RewardFn`s that score each
     trajectory before it is recorded.
     Returns `{"label", "model", "model_path", "settings", "datasets": {name: {"metrics",
-    "predictions"}}, "avg"}`.
+    "predictions"[, "warning"][, "error"]}}, "avg"}`: each record gets the response's `segments`
+    (`eval.metrics.response_segments`); the metric set's `check` of a dataset's metrics gives a
+    `warning` (also logged) and, when fatal, the same text as `error` (the CLI then exits 1).
     """
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from eval.metrics import average_metrics, mean
+    from eval.metrics import average_metrics, mean, response_segments
     from rl.data import PROMPT_BUILDERS
     from rl.engines import HFEngine, SamplingParams
     from rl.plugins import load_plugins
@@ -436,12 +468,22 @@ def evaluate(
                 )  # fmt: skip
                 if reward_fns:
                     score_trajectories(trajs, list(reward_fns), reward_fallback)
-                records.extend(ms(t) for t in trajs)
+                for t in trajs:
+                    rec = ms(t)
+                    rec.setdefault("segments", response_segments(t, tokenizer))
+                    records.append(rec)
                 bar.update(len(batch))
                 if ms.progress:
                     vals = [r[ms.progress] for r in records if isinstance(r.get(ms.progress), (int, float))]
                     bar.set_postfix({"dataset": name, ms.progress: f"{mean(vals):.3f}"})
             results[name] = {"metrics": ms.aggregate(records), "predictions": records}
+            problem = ms.check(results[name]["metrics"], settings) if ms.check is not None else None
+            if problem:
+                message, fatal = problem
+                logger.warning("%s on %s: %s", label, name, message)
+                results[name]["warning"] = message
+                if fatal:
+                    results[name]["error"] = message
     keys = list(ms.columns) if ms.columns else None
     return {
         "label": label,
@@ -450,7 +492,7 @@ def evaluate(
         "settings": settings,
         "metric_set": ms,
         "datasets": results,
-        "avg": average_metrics([r["metrics"] for r in results.values()], keys),
+        "avg": average_metrics([r["metrics"] for r in results.values()], keys, ms.totals),
     }
 
 
@@ -486,13 +528,16 @@ def _columns(results: Sequence[dict]) -> dict[str, str]:
 
 
 def leaderboard_markdown(results: Sequence[dict], columns: Mapping[str, str] | None = None) -> str:
-    """One row per model x dataset, then the model's `avg` row; floats with 3 decimals."""
+    """One row per model x dataset, then the model's `avg` row if it has 2+ datasets (with one it would
+    repeat the dataset's row); floats with 3 decimals."""
     from rl.report import markdown_table
 
     columns = dict(columns) if columns is not None else _columns(results)
     rows = []
     for res in results:
-        named = [(name, d["metrics"]) for name, d in res["datasets"].items()] + [("avg", res["avg"])]
+        named = [(name, d["metrics"]) for name, d in res["datasets"].items()]
+        if len(named) >= 2:
+            named.append(("avg", res["avg"]))
         rows += [[res["label"], name] + [_cell(m.get(k)) for k in columns] for name, m in named]
     return markdown_table(["model", "dataset", *columns.values()], rows)
 
@@ -525,7 +570,8 @@ def write_results(out: Path, results: Sequence[dict], data_sources: Mapping[str,
             rel = f"predictions/{_slug(res['label'])}__{_slug(name)}.jsonl"
             lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in d["predictions"])
             atomic_write_text(out / rel, lines)
-            entry["datasets"][name] = {**d["metrics"], "predictions": rel}
+            entry["datasets"][name] = {**d["metrics"], "predictions": rel,
+                                       **{k: d[k] for k in ("warning", "error") if d.get(k)}}  # fmt: skip
         models[res["label"]] = entry
     summary = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -600,7 +646,7 @@ def plan_from_recipe(
     from rl.registry import AGENTS
     from rl.rewards import build_rewards
 
-    cfg = load_config(recipe)
+    cfg = load_config(recipe, check_files=False)  # the recipe's data files need not exist: eval brings its own
     load_plugins([*cfg.plugins, *plugins], source=os.fspath(recipe))
     kwargs = copy.deepcopy(dict(cfg.rollout.agent_kwargs))
     for key, value in _parse_kv(agent_kwargs, "--agent-kwarg"):
@@ -679,14 +725,23 @@ def _setup(args) -> tuple[EvalPlan, dict, dict, dict, Path]:
     return plan, models, data, rows, out
 
 
+def _error(message: Any) -> None:
+    """A known error: one line on stderr (the message names the flag, file, row or key), no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; returns the exit status (0 ok, 2 known error, 1 a fatal metric-set check; module docstring)."""
     args = _parser().parse_args(argv)
+    # warnings (e.g. retrievals that failed) reach stderr as `WARNING eval.run: ...` lines
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         plan, models, data, rows, out = _setup(args)
-    except (ValueError, TypeError, ImportError, FileExistsError, FileNotFoundError) as e:
-        # ConfigError, ModelSpecError, QADataError are ValueErrors; PluginError is an ImportError
-        print(f"python -m eval.run: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, ImportError, FileExistsError, FileNotFoundError) as e:
+        # ConfigError, ModelSpecError, QADataError are ValueErrors; PluginError is an ImportError. Not TypeError:
+        # a wrong call in the code (e.g. an unexpected keyword argument) must keep its traceback
+        _error(e)
+        return 2
     kwargs = plan.evaluate_kwargs()
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens
@@ -699,12 +754,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = evaluate(spec, rows, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype, label=label,
                            **kwargs)  # fmt: skip
         except ModelSpecError as e:  # e.g. a hub id that turned out not to exist
-            print(f"python -m eval.run: error: {e}", file=sys.stderr)
-            return 1
+            _error(e)
+            return 2
         res["settings"]["limit"] = args.limit  # the rows were cut in _setup: record the flag
         results.append(res)
         # rewritten after every model: a crash on model k keeps the results of models 1..k-1
         table = write_results(out, results, data)
+        failed = [(name, d["error"]) for name, d in res["datasets"].items() if d.get("error")]
+        if failed:  # e.g. no retrieval server: the remaining models would score ~0 for the same reason
+            name, message = failed[0]
+            _error(f"{label} on {name}: {message} (results so far in {out})")
+            return 1
     print(table)
     print(f"\nwrote {out / 'leaderboard.md'}, {out / 'leaderboard.json'} and {out / 'predictions'}/")
     return 0

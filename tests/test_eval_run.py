@@ -5,7 +5,9 @@ a scripted engine), model-spec resolution incl. LoRA adapters, output-dir safety
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,10 @@ from test_multi_turn import R, ScriptedEngine, chat
 from test_search_agent import write_corpus
 from tiny import make_tiny_llama, make_tiny_tokenizer, save_tiny_checkpoint
 
+from envs.search.corpus import RETRIEVAL_UNAVAILABLE_TEXT
 from envs.search.metrics import SEARCH_METRICS, evaluate_search
 from envs.search.qa_data import QADataError, make_prompt
+from envs.search.retrievers import BM25Retriever, UnavailableHits
 from envs.search.rewards import search_em, search_f1
 from eval import run
 from eval.metrics import average_metrics
@@ -59,13 +63,15 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, corpus_path, tmp_path,
     printed = capsys.readouterr().out
     md = (out / "leaderboard.md").read_text()
     assert "| model | dataset | n | EM | F1 | answer rate |" in md and "| model | dataset |" in printed
+    assert md.splitlines()[2].endswith("| invalid rate | retrieval errors |")
     assert [ln.split(" | ")[1] for ln in md.splitlines() if ln.startswith("| tiny |")] == ["qa", "extra_set", "avg"]
     # what the search leaderboard printed for this run before it became the search environment's metric set
-    # (agents/search.py + the search-only eval.run: `--recipe ... --retriever C --max-turns 2 --max-new-tokens 6`)
+    # (agents/search.py + the search-only eval.run: `--recipe ... --retriever C --max-turns 2 --max-new-tokens 6`),
+    # plus the retrieval errors column (the tiny model never searches: 0)
     assert md.startswith("# Search agent leaderboard\n") and md.splitlines()[4:] == [
-        "| tiny | qa | 3 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
-        "| tiny | extra_set | 1 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
-        "| tiny | avg | 4 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 |",
+        "| tiny | qa | 3 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 | 0 |",
+        "| tiny | extra_set | 1 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 | 0 |",
+        "| tiny | avg | 4 | 0.000 | 0.000 | 0.000 | 0.000 | 281.000 | 18.000 | 1.000 | 0 |",
     ]
 
     summary = json.loads((out / "leaderboard.json").read_text())
@@ -87,6 +93,8 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, corpus_path, tmp_path,
             assert p["em"] in (0.0, 1.0) and 0.0 <= p["f1"] <= 1.0 and p["em"] <= p["f1"] + 1e-9
             assert p["termination"] in ("answered", "eos", "max_turns", "length_cap")
             assert p["model_tokens"] <= p["response_tokens"]
+            assert p["queries"] == [] and p["retrieval_unavailable"] == 0  # the tiny model never searches
+            assert {seg["role"] for seg in p["segments"]} <= {"policy", "env"} and p["segments"][0]["role"] == "policy"
         n = len(preds)
         assert m["em"] == pytest.approx(sum(p["em"] for p in preds) / n) and 0.0 <= m["em"] <= 1.0
         assert m["f1"] == pytest.approx(sum(p["f1"] for p in preds) / n)
@@ -102,11 +110,11 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_model_dir, corpus_path, tmp_path,
     for k in ("em", "f1", "answer_rate", "avg_searches", "avg_response_tokens", "invalid_action_rate"):
         assert avg[k] == pytest.approx((per["qa"][k] + per["extra_set"][k]) / 2)
 
-    # the same command again: refused, results untouched
+    # the same command again: refused (one line, exit 2), results untouched
     before = (out / "leaderboard.json").read_text()
-    assert run.main(argv) == 1
+    assert run.main(argv) == 2
     err = capsys.readouterr().err
-    assert "--overwrite" in err and str(out) in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err and str(out) in err
     assert (out / "leaderboard.json").read_text() == before
 
 
@@ -156,14 +164,114 @@ def test_metrics_equal_the_rewards_on_a_scripted_engine(tiny_tokenizer, corpus_p
     assert res["avg"]["em"] == pytest.approx((1 / 3 + 1) / 2) and res["avg"]["n"] == 4
     assert res["label"] == "scripted" and res["settings"]["temperature"] == 0.0
 
+    # each record carries the actions (queries in order, the final answer) and the whole response, split into
+    # what the policy wrote and what the environment inserted
+    assert [p["queries"] for p in preds] == [["capital city"], ["capital city"], [], []]
+    for p, t in zip(preds, seen):
+        segs = p["segments"]
+        assert "".join(x["text"] for x in segs) == tok.decode(t.response_ids, skip_special_tokens=False)
+        assert all(a["role"] != b["role"] for a, b in zip(segs, segs[1:]))  # maximal runs
+        policy_ids = [i for i, m in zip(t.response_ids, t.loss_mask) if m]
+        assert sum(len(tok(x["text"], add_special_tokens=False)["input_ids"]) for x in segs if x["role"] == "policy") \
+            == len(policy_ids)
+    segs = preds[0]["segments"]
+    assert [x["role"] for x in segs][:3] == ["policy", "env", "policy"]
+    assert "<search> capital city </search>" in segs[0]["text"] and "<information>" in segs[1]["text"]
+    assert "Paris" in segs[1]["text"] and "<answer> Paris </answer>" in segs[2]["text"]
+    assert "warning" not in res["datasets"]["a"] and res["datasets"]["a"]["metrics"]["retrieval_errors"] == 0
 
-def test_markdown_table_has_three_decimals():
+
+class FirstCallDown:
+    """A retriever whose first batch is unavailable (as RetrievalClient answers when the server is down)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def search(self, queries, topk):
+        self.calls += 1
+        if self.calls == 1:
+            return [UnavailableHits("server down") for _ in queries]
+        return self.inner.search(queries, topk)
+
+
+def test_some_retrievals_unavailable_are_counted_and_warned(tiny_tokenizer, corpus_path, caplog):
+    tok = tiny_tokenizer
+    search, paris = R("<search> capital city </search>"), R("<answer> Paris </answer>")
+    engine = ScriptedEngine(tok, [chat(tok, make_prompt(r["question"], "fast")) for r in QA[:2]],
+                            [[search, paris], [search, search, paris]])  # fmt: skip
+    retriever = FirstCallDown(BM25Retriever(corpus_path, show_progress=False))
+    with caplog.at_level(logging.WARNING):
+        res = evaluate_search("scripted", {"a": QA[:2]}, retriever=retriever, engine=engine, tokenizer=tok,
+                              progress=False)  # fmt: skip
+    d = res["datasets"]["a"]
+    assert [p["retrieval_unavailable"] for p in d["predictions"]] == [1, 1]  # turn 1's batch; turn 2 retrieved
+    assert [p["queries"] for p in d["predictions"]] == [["capital city"], ["capital city", "capital city"]]
+    assert d["metrics"]["retrieval_errors"] == 2 and d["metrics"]["retrievals"] == 3
+    assert "2 of 3 retrievals were unavailable" in d["warning"] and "error" not in d  # some failed: not fatal
+    warned = [r.getMessage() for r in caplog.records if r.name == "eval.run"]
+    assert len(warned) == 1 and "scripted on a: 2 of 3 retrievals" in warned[0]
+    assert any("server down" in r.getMessage() for r in caplog.records if r.name == "envs.search.env")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_unreachable_retrieval_server_warns_counts_and_fails(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                 monkeypatch, capsys, caplog):  # fmt: skip
+    tok = tiny_tokenizer
+    search, paris = R("<search> capital city </search>"), R("<answer> Paris </answer>")
+    engine = ScriptedEngine(tok, [chat(tok, make_prompt(r["question"], "fast")) for r in QA[:2]],
+                            [[search, paris], [search, search, paris]])  # fmt: skip
+    # the model is the scripted engine (so the policy does search); everything else is the real CLI
+    monkeypatch.setattr(run, "load_policy_for_eval", lambda spec, **kw: (None, tok))
+    monkeypatch.setattr("rl.engines.HFEngine", lambda model, tokenizer, batch_size: engine)
+    url = f"http://127.0.0.1:{closed_port()}"
+    qa, out = write_jsonl(tmp_path / "qa.jsonl", QA[:2]), tmp_path / "out"
+    argv = ["--recipe", RECIPE, "--model", f"m={tiny_model_dir}", "--data", f"qa={qa}", "--out", str(out),
+            "--env-kwarg", f"retriever={url}", "--env-kwarg", "retriever_kwargs={max_retries: 0}",
+            "--max-new-tokens", "64"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert run.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: m on qa: every retrieval failed: 3 of 3 retrievals were unavailable (retriever: {url}); "
+                       f"those searches showed 'retrieval unavailable' to the model; is the retrieval server running? "
+                       f"(results so far in {out})")  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if r.name == "eval.run"]
+    assert len(warned) == 1 and "3 of 3" in warned[0] and url in warned[0]
+    # the results are written (what the model saw is inspectable), with the count in the table
+    md = (out / "leaderboard.md").read_text().splitlines()
+    assert md[2].endswith("| retrieval errors |") and md[4].startswith("| m | qa | 2 |") and md[4].endswith("| 3 |")
+    assert len(md) == 5  # one dataset: no avg row
+    summary = json.loads((out / "leaderboard.json").read_text())
+    assert "every retrieval failed" in summary["results"]["m"]["datasets"]["qa"]["error"]
+    preds = read_jsonl(out / "predictions" / "m__qa.jsonl")
+    assert [p["retrieval_unavailable"] for p in preds] == [1, 2]
+    assert any(RETRIEVAL_UNAVAILABLE_TEXT.strip() in x["text"] for x in preds[0]["segments"] if x["role"] == "env")
+
+
+def test_markdown_table_has_three_decimals_and_avg_rows_only_for_two_datasets(tmp_path):
     m = {"n": 3, "em": 1 / 3, "f1": 0.5, "answer_rate": 2 / 3, "avg_searches": 1.0, "avg_response_tokens": 12.25,
-         "avg_model_tokens": None, "invalid_action_rate": 0.0}  # fmt: skip
-    res = {"label": "m", "datasets": {"d": {"metrics": m}}, "avg": average_metrics([m]), "metric_set": SEARCH_METRICS}
-    lines = run.leaderboard_markdown([res]).splitlines()
-    assert lines[2] == "| m | d | 3 | 0.333 | 0.500 | 0.667 | 1.000 | 12.250 | - | 0.000 |"
-    assert lines[3].startswith("| m | avg | 3 | 0.333 |")
+         "avg_model_tokens": None, "invalid_action_rate": 0.0, "retrieval_errors": 2}  # fmt: skip
+    m2 = {**m, "n": 1, "em": 1.0, "retrieval_errors": 1}
+    totals = SEARCH_METRICS.totals
+
+    def res(label, per):
+        return {"label": label, "model": label, "model_path": None, "settings": {}, "metric_set": SEARCH_METRICS,
+                "datasets": {k: {"metrics": v, "predictions": []} for k, v in per.items()},
+                "avg": average_metrics(list(per.values()), list(SEARCH_METRICS.columns), totals)}  # fmt: skip
+
+    one, two = res("m", {"d": m}), res("m2", {"d": m, "e": m2})
+    lines = run.leaderboard_markdown([one, two]).splitlines()
+    assert lines[2] == "| m | d | 3 | 0.333 | 0.500 | 0.667 | 1.000 | 12.250 | - | 0.000 | 2 |"
+    # one dataset: no avg row (it would repeat the dataset's); two: an avg row, counts summed, rates averaged
+    assert [ln.split(" | ")[:2] for ln in lines[2:]] == [["| m", "d"], ["| m2", "d"], ["| m2", "e"], ["| m2", "avg"]]
+    assert lines[5] == "| m2 | avg | 4 | 0.667 | 0.500 | 0.667 | 1.000 | 12.250 | - | 0.000 | 3 |"
+    run.write_results(tmp_path, [one, two], {"d": "d.jsonl", "e": "e.jsonl"})
+    summary = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert summary["results"]["m"]["avg"]["n"] == 3 and summary["results"]["m2"]["avg"]["retrieval_errors"] == 3
 
 
 # ----------------------------------------------------------------------------- model specs
@@ -195,6 +303,14 @@ def test_output_dir_resolution(tiny_model_dir, tmp_path):
     assert run.parse_model_arg(str(out / "checkpoint-3")) == ("run/checkpoint-3", str(out / "checkpoint-3"))
     assert run.parse_model_arg(str(out)) == ("run", str(out))
     assert run.parse_model_arg(f"mine={out}") == ("mine", str(out))
+
+    # a finished run: its final/ (the trainer writes it last; LoRA merged) wins over every checkpoint
+    save_tiny_checkpoint(out / "final", seed=11)
+    assert run.resolve_policy_path(str(out)) == str(out / "final")
+    model, _ = run.load_policy_for_eval(str(out))
+    assert torch.equal(first_weight(model), first_weight(make_tiny_llama(make_tiny_tokenizer(), seed=11)))
+    assert run.parse_model_arg(str(out / "final")) == ("run/final", str(out / "final"))
+    assert run.resolve_policy_path(str(out / "checkpoint-3")) == str(out / "checkpoint-3" / "policy")  # still
 
 
 def test_bad_model_specs_name_what_was_looked_for(tmp_path):
@@ -263,19 +379,48 @@ def test_data_args_and_errors(tmp_path):
     assert [r["question"] for r in rows] == [r["question"] for r in QA[:2]]
 
 
-def test_cli_errors_before_loading_anything(tmp_path, corpus_path, capsys):
+def test_cli_errors_before_loading_anything(tmp_path, corpus_path, capsys, monkeypatch):
+    import transformers
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     qa = write_jsonl(tmp_path / "qa.jsonl", QA)
     common = ["--recipe", RECIPE, "--env-kwarg", f"retriever={corpus_path}", "--out", str(tmp_path / "o")]
-    assert run.main(["--model", str(tmp_path / "nothing"), "--data", str(qa), *common]) == 1
-    assert "nothing" in capsys.readouterr().err
-    assert run.main(["--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"), *common]) == 1
-    assert "missing.jsonl" in capsys.readouterr().err
-    assert run.main(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--env-kwarg",
-                     f"retriever={tmp_path / 'no_corpus.jsonl'}"]) == 1  # fmt: skip
-    assert "no_corpus.jsonl" in capsys.readouterr().err
-    assert run.main(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--metrics", "nope", *common[2:]]) == 1
-    assert "unknown metric set 'nope'" in capsys.readouterr().err
+
+    def one_line_error(argv, *fragments):  # exit 2, `error: ...` naming what is wrong, no traceback
+        assert run.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        for f in fragments:
+            assert f in err, err
+
+    one_line_error(["--model", str(tmp_path / "nothing"), "--data", str(qa), *common], "nothing")
+    one_line_error(["--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"), *common], "missing.jsonl")
+    one_line_error(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--env-kwarg",
+                    f"retriever={tmp_path / 'no_corpus.jsonl'}"], "no_corpus.jsonl")  # fmt: skip
+    one_line_error(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--metrics", "nope", *common[2:]],
+                   "unknown metric set 'nope'")  # fmt: skip
+    one_line_error(["--recipe", str(tmp_path / "no_recipe.yaml"), "--model", "x", "--data", str(qa)], "no_recipe.yaml")
+    # a path that does not exist is never tried as a hub id (a minute of HTTP retries offline): `outputs/` is a
+    # local dir here, so `outputs/no_such_run` is a path, as are ./x, x/y/z and outputs/... without the dir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for spec in ("outputs/no_such_run", "./no_such_run", "a/b/c", "~/no_such_run_here"):
+        one_line_error(["--model", spec, "--data", str(qa), *common], f"--model {spec!r}", "no such path")
     assert not (tmp_path / "o").exists()  # nothing written on a failed setup
+
+
+def test_path_like_model_specs_are_never_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spec in ("outputs/run", "./run", "/no/such/run", "~/no_such_run_here", "a/b/c", "a\\b"):
+        with pytest.raises(run.ModelSpecError, match="no such path"):
+            run.resolve_policy_path(spec)
+    assert run.resolve_policy_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id
+    (tmp_path / "HuggingFaceTB").mkdir()  # ... unless its first component is a local dir
+    with pytest.raises(run.ModelSpecError, match="no such path"):
+        run.resolve_policy_path("HuggingFaceTB/SmolLM2-135M")
 
 
 def test_prepare_out_dir_refuses_then_overwrites(tmp_path):

@@ -22,7 +22,9 @@ Retrieval: `retriever` is a corpus path (in-process BM25, or `retriever_kind: de
 an `http(s)://` URL of a Search-R1 retrieval server (`RetrievalClient`), or any object
 with `search(queries, topk)`. Built once per process and cached. A failed retrieval
 (server down, or an in-process exception) becomes the "retrieval unavailable"
-observation and is counted in `info["retrieval_unavailable"]`; it never raises.
+observation and is counted in `info["retrieval_unavailable"]`; it never raises. The first one
+of each retriever in a process is logged as a warning with its reason (`eval.run` then
+reports the count per model x dataset and fails when all of them were unavailable).
 
 `env.info(k)` (merged into `traj.info`) carries `answer` (content of the answer action, from
 generated text only: never the prompt's `<answer> Beijing </answer>` example), `answered`,
@@ -104,6 +106,9 @@ def parse_action(text: Any) -> tuple[str, str]:
 
 _RETRIEVERS: dict[str, Any] = {}
 _RETRIEVERS_LOCK = threading.Lock()
+# ids of the retrievers whose unavailability was logged: once per process, not once per rollout batch
+# (an environment lives for one agent call); the cached retrievers live as long as the process
+_WARNED_UNAVAILABLE: set[int] = set()
 
 
 def default_retriever() -> str:
@@ -201,7 +206,6 @@ class SearchEnvironment(Environment):
         self.final_turn_text = final_turn_text
         self.invalid_action_text = invalid_action_text
         self.state: list[dict[str, Any]] = []
-        self._warned = False
 
     @classmethod
     def check(cls, retriever: Any = None, **_: Any) -> None:
@@ -231,10 +235,15 @@ class SearchEnvironment(Environment):
                 raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
             return results
         except Exception as e:  # an in-process retriever failing must not kill the rollout
-            if not self._warned:
-                logger.warning("retrieval failed (%s: %s); showing 'retrieval unavailable'", type(e).__name__, e)
-                self._warned = True
             return [UnavailableHits(f"{type(e).__name__}: {e}") for _ in queries]
+
+    def _warn_unavailable(self, hits) -> None:
+        if id(self.retriever) in _WARNED_UNAVAILABLE:
+            return
+        _WARNED_UNAVAILABLE.add(id(self.retriever))
+        where = getattr(self.retriever, "retrieve_url", None) or type(self.retriever).__name__
+        logger.warning("retrieval unavailable (%s; retriever %s): the policy sees 'retrieval unavailable' and "
+                       "info['retrieval_unavailable'] counts it", getattr(hits, "reason", "?"), where)  # fmt: skip
 
     def step(self, turns: list[Turn]) -> list[StepResult]:
         from envs.search.corpus import format_docs
@@ -262,6 +271,7 @@ class SearchEnvironment(Environment):
                 st["queries"].append(query)
                 if is_unavailable(hits):
                     st["retrieval_unavailable"] += 1
+                    self._warn_unavailable(hits)
                 results[k] = StepResult(
                     observation="\n\n<information>" + format_docs(hits).strip(),
                     observation_suffix="</information>\n\n",
@@ -293,7 +303,7 @@ def load_search_recipe(path: str):
     from rl.config import load_config
     from rl.plugins import load_plugins
 
-    cfg = load_config(path)
+    cfg = load_config(path, check_files=False)  # settings only: the caller brings its own data
     load_plugins(cfg.plugins, source=str(path))
     if cfg.rollout.agent != "multi_turn":
         raise ValueError(f"{path}: rollout.agent is {cfg.rollout.agent!r}, not 'multi_turn' (with env: search)")

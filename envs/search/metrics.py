@@ -5,11 +5,18 @@ for every model x dataset (the search environment names it in `SearchEnvironment
   EM and F1 (the `search_em` / `search_f1` rewards, so the leaderboard's numbers are the training
   rewards'), answer rate (an answer action was taken), average searches, average response length in
   tokens (whole response incl. observations) and in model-generated tokens, invalid-action rate
-  (invalid actions / all actions), number of questions. `avg` = the mean of the per-dataset metrics
-  (each dataset counts once, whatever its size); its `n` is the total.
+  (invalid actions / all actions), number of questions, retrieval errors (searches answered with
+  "retrieval unavailable": a retrieval server down, an in-process retriever raising). A model on 2+
+  datasets gets an `avg` row = the mean of the per-dataset metrics (each dataset counts once, whatever
+  its size); its `n` and retrieval errors are totals.
+Retrieval errors are warned about (count, of how many, the retriever); when every retrieval of a
+model x dataset failed, `python -m eval.run` exits 1 after writing the results (`check`): near-zero
+scores from a dead server are not a result.
 Datasets load with `envs.search.qa_data.load_qa` (FlashRAG jsonl or Search-R1 parquet; errors name
-file and row). Each prediction line: id, question, golds, prediction, em, f1, answered, searches,
-turns, valid/invalid actions, response and model tokens, termination.
+file and row). Each prediction line: id, question, golds, queries (the searches issued, in order),
+prediction (the final answer), em, f1, answered, searches, retrieval_unavailable, turns, valid/invalid
+actions, response and model tokens, termination; `eval.run` adds the response's `segments`
+(policy / environment texts).
 
 From Python:
 
@@ -28,7 +35,8 @@ from envs.search.rewards import search_em, search_f1
 from eval.metrics import MetricSet, mean
 from rl.registry import METRICS
 
-__all__ = ["COLUMNS", "SEARCH_METRICS", "question_record", "aggregate", "check_rows", "evaluate_search"]
+__all__ = ["COLUMNS", "SEARCH_METRICS", "question_record", "aggregate", "check_retrievals", "check_rows",
+           "evaluate_search"]
 
 # metric key -> column title in leaderboard.md (order = column order)
 COLUMNS = {
@@ -40,6 +48,7 @@ COLUMNS = {
     "avg_response_tokens": "response tokens",
     "avg_model_tokens": "model tokens",
     "invalid_action_rate": "invalid rate",
+    "retrieval_errors": "retrieval errors",
 }
 
 
@@ -50,11 +59,14 @@ def question_record(traj) -> dict:
         "id": row.get("id"),
         "question": row["question"],
         "golds": list(row["golden_answers"]) if not isinstance(row["golden_answers"], str) else [row["golden_answers"]],
+        "queries": [str(q) for q in info.get("queries") or []],  # the search actions, in order
         "prediction": info.get("answer"),
         "em": search_em(row, traj),
         "f1": search_f1(row, traj),
         "answered": bool(info.get("answered", False)),
         "searches": int(info.get("searches", 0)),
+        # None when the agent's info does not count them (the column then shows "-")
+        "retrieval_unavailable": info.get("retrieval_unavailable"),
         "turns": int(info.get("turns", 0)),
         "valid_actions": int(info.get("valid_actions", 0)),
         "invalid_actions": int(info.get("invalid_actions", 0)),
@@ -68,6 +80,7 @@ def aggregate(records: Sequence[dict]) -> dict:
     """Metrics of one model x dataset from its question records."""
     actions = sum(r["valid_actions"] + r["invalid_actions"] for r in records)
     model_tokens = [r["model_tokens"] for r in records if r.get("model_tokens") is not None]
+    unavailable = [r["retrieval_unavailable"] for r in records if r.get("retrieval_unavailable") is not None]
     return {
         "n": len(records),
         "em": mean([r["em"] for r in records]),
@@ -78,7 +91,23 @@ def aggregate(records: Sequence[dict]) -> dict:
         # only when every episode reports it (other agents' info may not)
         "avg_model_tokens": mean(model_tokens) if len(model_tokens) == len(records) else None,
         "invalid_action_rate": sum(r["invalid_actions"] for r in records) / actions if actions else 0.0,
+        "retrieval_errors": sum(unavailable) if len(unavailable) == len(records) else None,
+        "retrievals": sum(r["searches"] for r in records),  # not a column: what check_retrievals compares to
     }
+
+
+def check_retrievals(metrics: Mapping, settings: Mapping) -> tuple[str, bool] | None:
+    """A warning when retrievals were unavailable; fatal when all of them were (nothing was retrieved)."""
+    errors, total = metrics.get("retrieval_errors"), metrics.get("retrievals") or 0
+    if not errors:
+        return None
+    where = settings.get("retriever")
+    msg = (f"{errors} of {total} retrievals were unavailable (retriever: {where}); those searches showed "
+           "'retrieval unavailable' to the model")  # fmt: skip
+    if errors >= total:
+        hint = "; is the retrieval server running?" if str(where).startswith(("http://", "https://")) else ""
+        msg = f"every retrieval failed: {msg}{hint}"
+    return msg, errors >= total
 
 
 def check_rows(rows: Sequence[Mapping], name: str) -> list[dict]:
@@ -107,7 +136,8 @@ def _load_qa(path: str) -> list[dict]:
 SEARCH_METRICS = METRICS.register(
     "search",
     MetricSet(record=question_record, aggregate=aggregate, columns=COLUMNS, title="Search agent leaderboard",
-              load=_load_qa, check_rows=check_rows, progress="em"),
+              load=_load_qa, check_rows=check_rows, progress="em", totals=("n", "retrieval_errors"),
+              check=check_retrievals),
 )
 
 
