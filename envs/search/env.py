@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from typing import Any
 
 from agents.environment import Environment, Prompt, StepResult, Turn
@@ -106,9 +107,9 @@ def parse_action(text: Any) -> tuple[str, str]:
 
 _RETRIEVERS: dict[str, Any] = {}
 _RETRIEVERS_LOCK = threading.Lock()
-# ids of the retrievers whose unavailability was logged: once per process, not once per rollout batch
-# (an environment lives for one agent call); the cached retrievers live as long as the process
-_WARNED_UNAVAILABLE: set[int] = set()
+# the retrievers whose unavailability was logged: once per retriever and process, not once per rollout
+# batch (an environment lives for one agent call); weak, so a new retriever never inherits an old one's id
+_WARNED_UNAVAILABLE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def default_retriever() -> str:
@@ -238,9 +239,14 @@ class SearchEnvironment(Environment):
             return [UnavailableHits(f"{type(e).__name__}: {e}") for _ in queries]
 
     def _warn_unavailable(self, hits) -> None:
-        if id(self.retriever) in _WARNED_UNAVAILABLE:
-            return
-        _WARNED_UNAVAILABLE.add(id(self.retriever))
+        try:
+            if self.retriever in _WARNED_UNAVAILABLE:
+                return
+            _WARNED_UNAVAILABLE.add(self.retriever)
+        except TypeError:  # a retriever without weak references: once per environment
+            if getattr(self, "_warned", False):
+                return
+            self._warned = True
         where = getattr(self.retriever, "retrieve_url", None) or type(self.retriever).__name__
         logger.warning("retrieval unavailable (%s; retriever %s): the policy sees 'retrieval unavailable' and "
                        "info['retrieval_unavailable'] counts it", getattr(hits, "reason", "?"), where)  # fmt: skip
