@@ -1,7 +1,7 @@
 """Does the search agent learn? The Search-R1++ CPU pipeline over seeds, before/after.
 
 For each seed: SFT warm-start on the oracle episodes (`recipes/search_sft_warmstart.yaml`,
-`training.seed=<seed>`), then RL (`--recipe`, default `recipes/search_r1pp_cpu.yaml`,
+`seed=<seed>`), then RL (`--recipe`, default `recipes/search_r1pp_cpu.yaml`,
 `seed=<seed>`, starting from that seed's warm-start), then one `eval.run` leaderboard on
 the held-out test questions over the untrained model (greedy, so one number for all
 seeds), every seed's warm-start and every seed's RL result. Prints, per stage, EM /
@@ -82,7 +82,7 @@ def main() -> None:
     for seed in args.seeds:
         sft_dir, rl_dir = out / f"seed{seed}" / "sft", out / f"seed{seed}" / rl
         if not list((sft_dir / "final").glob("*.safetensors")):  # a dir whose weights were deleted is retrained
-            minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"training.seed={seed}",
+            minutes[f"sft/seed{seed}"] = run([py, "-m", "sft.train", args.sft_recipe, f"seed={seed}",
                                               f"output_dir={sft_dir}", "overwrite_output_dir=true",
                                               *args.sft_override])
         if not list(rl_dir.glob("checkpoint-*")):

@@ -2,7 +2,7 @@
 
 The search agent's SFT warm-start (`recipes/search_sft_warmstart.yaml`) at several
 training-set sizes through the data-scale runner (`sft.scale.run_scale`): one epoch over
-n oracle episodes each (`training.max_steps=0 training.epochs=1`, so the steps grow
+n oracle episodes each (`steps=0 training.epochs=1`, so the steps grow
 with n; nested, seeded subsets), then the search agent (greedy, the RL recipe's agent
 settings, in-process BM25) on the first --limit questions of the test split. One table:
 size, steps, train loss, EM / F1 / answer rate / invalid-action rate, minutes.
@@ -53,7 +53,7 @@ def main() -> None:
         if not (REPO / path).exists():
             sys.exit(f"{path} not found: run `make demo` (or its first steps) to build the QA data and oracle episodes")
     SETTINGS.update(test=args.test, limit=args.limit, rl_recipe=args.rl_recipe)
-    overrides = ["training.max_steps=0", "training.epochs=1", "overwrite_output_dir=true", *args.overrides]
+    overrides = ["steps=0", "training.epochs=1", "overwrite_output_dir=true", *args.overrides]
     run_scale(args.sft_recipe, parse_sizes(args.sizes), args.out, ["search_heldout"], overrides)
     print((Path(args.out) / "results.md").read_text())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # LoRA runs: <output_dir>/final/ holds the adapter (+ tokenizer) instead of the merged model
+    # (smaller; loading it needs the base model, named portably in adapter_config.json)
+    save_adapter_only: bool = False
 
 
 @dataclass
@@ -137,8 +141,15 @@ class OptimConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant"  # any transformers scheduler name
+    lr_scheduler: str = "constant"  # any transformers SchedulerType: constant, linear, cosine, ...
     warmup_steps: int = 0
+    # a fraction of the total optimizer steps, in [0, 1); set warmup_steps or warmup_ratio, not both
+    warmup_ratio: float = 0.0
+
+    def resolved_warmup_steps(self, total_steps: int) -> int:
+        """Warmup in optimizer steps: `warmup_steps`, or `warmup_ratio` of `total_steps` (rounded up,
+        as transformers' `TrainingArguments.get_warmup_steps` does)."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * total_steps)
 
 
 @dataclass
@@ -301,14 +312,16 @@ def read_recipe_mapping(path: str | Path, overrides: list[str] | None = None) ->
     return data
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> TrainConfig:
+def config_from_dict(data: dict, source: str = "<dict>", check_files: bool = True) -> TrainConfig:
+    """`check_files=False`: data files need not exist yet (a recipe read only for its settings,
+    e.g. by `eval.run --recipe`, which brings its own data)."""
     cfg = build_dataclass(TrainConfig, data, source)
-    validate(cfg, source)
+    validate(cfg, source, check_files=check_files)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    return config_from_dict(read_recipe_mapping(path, overrides), str(path))
+def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> TrainConfig:
+    return config_from_dict(read_recipe_mapping(path, overrides), str(path), check_files=check_files)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -339,9 +352,119 @@ def _check_agent_kwargs(agents, name: str, agent_kwargs: dict, fail) -> None:
             fail(f"rollout.agent_kwargs: {e}")
 
 
-def validate(cfg: TrainConfig, source: str) -> None:
+# ----------------------------------------------------------------------------- value checks
+# Shared by RL recipes (`validate`) and SFT recipes (`sft.config.validate_recipe`), which use the
+# same sections for the same things. `fail(msg)` raises the ConfigError naming the recipe.
+# Written as `not (x > 0)` rather than `x <= 0` so that NaN fails too.
+
+
+def check_model(m: ModelConfig, fail) -> None:
+    from rl.common import DTYPES  # local: parsing stays importable without torch
+
+    if not m.name_or_path:
+        fail("model.name_or_path: no model given")
+    if m.dtype not in DTYPES:
+        fail(f"model.dtype '{m.dtype}' is not one of {list(DTYPES)}")
+    if m.lora:
+        if m.lora_r < 1 or m.lora_alpha < 1:
+            fail(f"model.lora_r and model.lora_alpha must be >= 1, got {m.lora_r} and {m.lora_alpha}")
+        if not m.lora_target_modules:
+            fail("model.lora_target_modules: empty (e.g. [q_proj, v_proj], or [all-linear])")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        fail(f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+    if getattr(m, "save_adapter_only", False) and not m.lora:
+        fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
+    if m.save_adapter_only and not m.lora:
+        fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
+
+
+def check_optim(o: OptimConfig, fail) -> None:
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        fail(f"optim.lr must be a number > 0, got {o.lr}")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        fail(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if len(o.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in o.adam_betas):
+        fail(f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}")
+    if not (math.isfinite(o.adam_eps) and o.adam_eps > 0):
+        fail(f"optim.adam_eps must be > 0, got {o.adam_eps}")
+    if not o.max_grad_norm > 0:  # inf = no clipping; 0 would scale every gradient to zero
+        fail(f"optim.max_grad_norm must be > 0, got {o.max_grad_norm}")
+    if o.warmup_steps < 0:
+        fail(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        fail(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    if o.warmup_steps and o.warmup_ratio:
+        fail("optim.warmup_steps and optim.warmup_ratio are both set; set one")
+    from transformers.trainer_utils import SchedulerType  # local: keeps parsing light
+
+    schedulers = [t.value for t in SchedulerType]
+    if o.lr_scheduler not in schedulers:
+        close = difflib.get_close_matches(o.lr_scheduler, schedulers, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        fail(f"optim.lr_scheduler '{o.lr_scheduler}' is not one of {schedulers}{hint}")
+
+
+def check_run_keys(cfg, fail) -> None:
+    """The top-level run keys RL and SFT recipes share: output_dir and the logging / eval / save cadence."""
+    if not cfg.output_dir:
+        fail("output_dir: empty")
+    if cfg.logging_steps < 1:
+        fail(f"logging_steps must be >= 1, got {cfg.logging_steps}")
+    for key in ("eval_steps", "save_steps", "save_total_limit"):
+        if getattr(cfg, key) < 0:
+            fail(f"{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+def check_source(key: str, source: str, fail, check_files: bool = True) -> None:
+    """A dataset source (`rl.data.source_kind`): a registered dataset or "module:function" is
+    resolved (imported, not called: loading may be expensive); a file or directory must exist
+    unless `check_files` is False."""
+    from rl.data import DATASETS, source_kind
+
+    try:
+        if check_files:
+            source_kind(source)
+        elif ":" in source or source in DATASETS:
+            DATASETS.get(source)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        fail(f"{key}: {e}")
+
+
+# Numbers with a range, checked for every RL recipe: (key, test, what the value must be).
+_RL_RANGES: list[tuple[str, Any, str]] = [
+    ("rollout.temperature", lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 = greedy)"),
+    ("rollout.eval_temperature", lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 = greedy)"),
+    ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rollout.top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("rollout.generation_batch_size", lambda v: v >= 1, ">= 1"),
+    ("algorithm.clip_ratio", lambda v: math.isfinite(v) and v > 0, "> 0"),
+    ("algorithm.clip_ratio_high", lambda v: v is None or (math.isfinite(v) and v > 0), "> 0 (or null)"),
+    ("algorithm.dual_clip", lambda v: v is None or v > 1, "> 1 (or null)"),
+    ("algorithm.critic_lr", lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    ("algorithm.kl_coef", lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    ("algorithm.entropy_coef", math.isfinite, "a finite number"),
+    ("algorithm.value_loss_coef", lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    ("algorithm.value_clip", lambda v: v is None or v > 0, "> 0 (or null)"),
+    ("algorithm.gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("algorithm.lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.eval_size", lambda v: v >= 0, ">= 0 (0 = the whole eval split)"),
+    ("micro_batch_tokens", lambda v: v >= 1, ">= 1"),
+    ("pack_row_tokens", lambda v: v >= 1, ">= 1"),
+    ("reward_fallback", math.isfinite, "a finite number"),
+]
+
+
+def _get(cfg, dotted: str):
+    for k in dotted.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
+
+
+def validate(cfg: TrainConfig, source: str, check_files: bool = True) -> None:
     """Everything a recipe names is checked here, before any model loads: plugins import, every
-    registered name resolves, algorithm options match the selected functions' signatures."""
+    registered name resolves (datasets included, without loading them), algorithm options match
+    the selected functions' signatures, numbers are in range, data files exist (`check_files`)."""
     # local imports: parsing stays importable without torch; validation needs the registries
     from rl import algorithms
     from rl.data import PROMPT_BUILDERS
@@ -437,4 +560,24 @@ def validate(cfg: TrainConfig, source: str) -> None:
     for i, stage in enumerate(cfg.stages):
         if stage.steps < 1:
             fail(f"stages[{i}].steps must be >= 1")
+        if stage.kl_coef is not None and not (math.isfinite(stage.kl_coef) and stage.kl_coef >= 0):
+            fail(f"stages[{i}].kl_coef must be >= 0, got {stage.kl_coef}")
+    check_model(cfg.model, fail)
+    check_optim(cfg.optim, fail)
+    check_run_keys(cfg, fail)
+    for key, ok, what in _RL_RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            fail(f"{key} must be {what}, got {value}")
+    for i, spec in enumerate(cfg.rewards):
+        if not math.isfinite(spec.weight):
+            fail(f"rewards[{i}].weight must be a finite number, got {spec.weight}")
+    # datasets last: a file check is the one a settings-only load (check_files=False) skips
+    if cfg.data.train:
+        check_source("data.train", cfg.data.train, fail, check_files)
+    if cfg.data.eval:
+        check_source("data.eval", cfg.data.eval, fail, check_files)
+    for i, stage in enumerate(cfg.stages):
+        if stage.train:
+            check_source(f"stages[{i}].train", stage.train, fail, check_files)
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import datasets
 import numpy as np
 
+from rl.common import JsonlError, iter_jsonl
 from rl.registry import Registry
 
 PROMPT_BUILDERS: Registry[Callable[[dict], list[dict]]] = Registry("prompt builder")
@@ -36,22 +37,57 @@ def prompt_column(row: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+class DataError(ValueError):
+    """Rows that cannot be used as given; a one-line message naming the file (or source) and the row,
+    e.g. ``data/train.jsonl row 17 (line 18): missing column 'answer'``."""
+
+
+def source_kind(source: str) -> str:
+    """What a dataset source names, decided without loading it: "function" (a registered dataset
+    or "module:function", resolved here: a typo fails now, in one line), "dir" (`save_to_disk`)
+    or "file" (a supported data file). Raises ValueError / FileNotFoundError naming `source`.
+    Recipe validation (`rl.config.validate`) calls it for every source before any model loads."""
+    path = Path(source).expanduser()
+    if (":" in source or source in DATASETS) and not path.exists():
+        DATASETS.get(source)  # imports the module and checks the attribute; does not call it
+        return "function"
+    if path.is_dir():
+        return "dir"
+    if path.is_file():
+        if path.suffix not in _FILE_FORMATS:
+            raise ValueError(f"{path}: unsupported data file type '{path.suffix}' (use {sorted(_FILE_FORMATS)})")
+        return "file"
+    raise FileNotFoundError(f"dataset source not found: '{source}' (a file, a directory, a registered dataset "
+                            f"{DATASETS.names()}, or 'module:function')")
+
+
+def _read_jsonl(path: Path) -> datasets.Dataset:
+    """JSON lines parsed here, so a broken line is one error naming the file and the line (the
+    `json` builder of `datasets` reports it as a long DatasetGenerationError without the line)."""
+    try:
+        rows = [row for _, row in iter_jsonl(path)]
+    except JsonlError as e:
+        raise DataError(f"{path} row {e.row} (line {e.lineno}): {e.reason}") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return datasets.Dataset.from_list(rows)
+
+
 def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = "train") -> datasets.Dataset:
     """A dataset from a registered dataset name or "module:function", a data file, or a `save_to_disk` directory."""
     kwargs = kwargs or {}
+    kind = source_kind(source)
     path = Path(source).expanduser()
-    if (":" in source or source in DATASETS) and not path.exists():
+    if kind == "function":
         ds = DATASETS.get(source)(**kwargs)
-    elif path.is_dir():
+    elif kind == "dir":
         ds = datasets.load_from_disk(str(path))
-    elif path.is_file():
-        fmt = _FILE_FORMATS.get(path.suffix)
-        if fmt is None:
-            raise ValueError(f"{path}: unsupported data file type '{path.suffix}' (use {sorted(_FILE_FORMATS)})")
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    elif path.suffix == ".jsonl":
+        ds = _read_jsonl(path)
     else:
-        raise FileNotFoundError(f"dataset source not found: '{source}' (a file, a directory, a registered dataset "
-                                f"{DATASETS.names()}, or 'module:function')")
+        if path.stat().st_size == 0:  # the builders of `datasets` fail on it with a StopIteration traceback
+            raise DataError(f"{path}: no rows")
+        ds = datasets.load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ValueError(f"{source}: no split '{split}' (has {list(ds)})")
@@ -59,14 +95,36 @@ def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = 
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(f"{source}: expected a datasets.Dataset, got {type(ds).__name__}")
     if len(ds) == 0:
-        raise ValueError(f"{source}: the dataset is empty")
+        raise DataError(f"{source}: no rows")
     return ds
 
 
 def check_columns(ds: datasets.Dataset, columns: list[str], source: str) -> None:
+    """Every row has every column in `columns`, with a value (not None): a row without one would
+    reach its reward as None, raise there and quietly score the fallback. Arrow fills a key that
+    some rows of a file lack with None, so the schema alone cannot tell; every row is checked
+    (one pass over the required columns only). `DataError` names the source and the first bad row."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; the dataset has {ds.column_names}")
+        raise DataError(f"{source}: missing column(s) {missing}; the dataset has {ds.column_names}")
+    bad = [(next((i for i, v in enumerate(ds[c]) if v is None), None), c) for c in columns]
+    bad = [(i, c) for i, c in bad if i is not None]
+    if bad:
+        i, column = min(bad)
+        lines = _jsonl_lines(source)
+        where = f"row {i}" + (f" (line {lines[i]})" if lines and i < len(lines) else "")
+        raise DataError(f"{source} {where}: missing column '{column}'")
+
+
+def _jsonl_lines(source: str) -> list[int] | None:
+    """The 1-based line of each row of a .jsonl source (for error messages), else None."""
+    path = Path(source).expanduser()
+    if path.suffix != ".jsonl" or not path.is_file():
+        return None
+    try:
+        return [lineno for lineno, _ in iter_jsonl(path)]
+    except JsonlError:
+        return None
 
 
 class PromptSampler:

@@ -1,19 +1,27 @@
 """SFT recipe YAML -> typed `SFTRecipe`.
 
-Same rules as RL recipes (`rl.config`, whose parser this module reuses): an unknown
-or misspelled key is an error naming the file, the full key path and the closest
-valid key; float fields accept YAML 1.1 strings such as `1e-5`; command-line
-overrides use dotted paths (`training.lr=1e-4 data.max_length=512`).
+SFT and RL recipes share one schema wherever a key means the same thing: the `model`
+section (`rl.config.ModelConfig`, LoRA included), the `optim` section
+(`rl.config.OptimConfig`) and the top-level run keys, parsed by the same strict parser
+(`rl.config`): an unknown or misspelled key is an error naming the file, the full key
+path and the closest valid key; float fields accept YAML 1.1 strings such as `1e-5`;
+command-line overrides use dotted paths (`optim.lr=1e-4 data.max_length=512`).
 
-    model:    {name_or_path, dtype, attn_implementation, gradient_checkpointing}
+    model:    {name_or_path, dtype, attn_implementation, gradient_checkpointing,
+               lora, lora_r, lora_alpha, lora_dropout, lora_target_modules}   (as in RL)
+    optim:    {lr, weight_decay, adam_betas, adam_eps, max_grad_norm, lr_scheduler,
+               warmup_steps, warmup_ratio}                                     (as in RL)
     data:     {train, train_split, eval, eval_split, eval_size, max_train_rows, format,
                messages_column, max_length, end_of_turn}
-    lora:     {enabled, r, alpha, dropout, target_modules}
-    training: {epochs, max_steps, per_device_batch_size, gradient_accumulation_steps, lr,
-               warmup_ratio, lr_scheduler, weight_decay, max_grad_norm, packing,
-               logging_steps, eval_steps, save_steps, save_total_limit, seed, report_to,
-               mixed_precision, num_threads, dataloader_workers}
-    output_dir, overwrite_output_dir
+    training: {epochs, per_device_batch_size, gradient_accumulation_steps, packing,
+               mixed_precision, num_threads, dataloader_workers}               (SFT only)
+    steps, seed, output_dir, overwrite_output_dir, logging_steps, report_to,
+    eval_steps, save_steps, save_total_limit                                   (as in RL)
+
+Keys of the older SFT layout (`training.lr`, `lora.enabled`, `training.max_steps`, ...)
+are errors that name the new key (`training.lr was renamed optim.lr`), in the file as in
+overrides. Defaults differ from RL where the task does: `optim.lr` 2e-5 with a linear
+schedule (RL: 1e-6, constant), `logging_steps` 10, `steps` 0 (= `training.epochs`).
 """
 
 from __future__ import annotations
@@ -22,17 +30,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.common import DTYPES
-
-# The strict recipe parser is the RL recipes' own: same errors, same overrides.
-from rl.config import ConfigError, build_dataclass, read_recipe_mapping
+# The strict recipe parser and the shared sections are the RL recipes' own: same keys, same errors.
+from rl.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    build_dataclass,
+    check_model,
+    check_optim,
+    check_run_keys,
+    read_recipe_mapping,
+)
+from sft.rows import looks_like_local
 
 __all__ = [
     "DATA_FORMATS",
+    "RENAMED",
     "ConfigError",
-    "LoraConfigSection",
+    "ModelConfig",
+    "OptimConfig",
     "SFTDataConfig",
-    "SFTModelConfig",
     "SFTRecipe",
     "SFTTrainingConfig",
     "load_recipe",
@@ -43,19 +60,6 @@ __all__ = [
 
 DATA_FORMATS = ("messages", "tokenized")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
-
-
-@dataclass
-class SFTModelConfig:
-    name_or_path: str = "smollm2-135m"  # a short name from `rl.models`, a local dir or a hub id
-    # dtype of the loaded weights (`rl.common.resolve_dtype`, as in RL recipes and eval):
-    # auto = bfloat16 on a GPU that has it, float32 on CPU. float32 keeps fp32 master
-    # weights on GPU (the forward then runs in bf16 through training.mixed_precision=auto).
-    dtype: str = "auto"
-    # sdpa / eager / flash_attention_2 / ...; all three keep packed examples separate
-    # (see sft.trainer, "Packing").
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -74,40 +78,22 @@ class SFTDataConfig:
     # messages: chat rows (loss on assistant turns only); tokenized: input_ids + completion_mask
     format: str = "messages"
     messages_column: str = "messages"
-    max_length: int | None = 2048  # tokens per example (truncated, keep-start); packed row width with packing
+    # tokens per example; packed row width with packing. A longer example is truncated (keep-start)
+    # and one left with no trained token is dropped, both counted in a warning (`sft.data`).
+    max_length: int | None = 2048
     # Token that closes an assistant turn and is trained with it (the model must learn
     # to stop). Empty = tokenizer.eos_token (<|im_end|> for ChatML models).
     end_of_turn: str = ""
 
 
 @dataclass
-class LoraConfigSection:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # ["all-linear"] = every linear layer but the output head (PEFT's shorthand)
-
-
-@dataclass
 class SFTTrainingConfig:
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0: train exactly this many optimizer steps (overrides epochs)
+    """The keys only SFT has (RL batches by prompts and tokens, see `rl.config.TrainConfig`)."""
+
+    epochs: float = 1.0  # used when steps is 0
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    lr: float = 2e-5
-    warmup_ratio: float = 0.0  # fraction of the total steps, in [0, 1)
-    lr_scheduler: str = "linear"  # any transformers SchedulerType: linear, cosine, constant, ...
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     packing: bool = False  # best-fit-decreasing packing into rows of data.max_length tokens
-    logging_steps: int = 10
-    eval_steps: int = 0  # 0 = evaluate only after training (when there is an eval set)
-    save_steps: int = 0  # 0 = no intermediate checkpoints (final/ is always written)
-    save_total_limit: int = 2  # checkpoints kept (0 = all)
-    seed: int = 0
-    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     mixed_precision: str = "auto"  # auto = bf16 on a GPU that supports it, none on CPU | bf16 | fp16 | no
     # CPU knobs. num_threads > 0: torch intra-op threads (1 is fastest for tiny models and on
     # a shared CPU, where 2 spinning threads wait on each other); 0 = torch's default.
@@ -119,17 +105,69 @@ class SFTTrainingConfig:
 
 @dataclass
 class SFTRecipe:
-    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    # model: the RL section, LoRA included (model.lora: true trains an adapter; final/ holds the
+    # merged full model). ["all-linear"] as lora_target_modules = every linear layer but the head.
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    # optim: the RL section, with SFT's defaults (RL's 1e-6 is far too small for SFT)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, lr_scheduler="linear"))
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    steps: int = 0  # > 0: train exactly this many optimizer steps; 0 = training.epochs
+    seed: int = 0
     output_dir: str = "outputs/sft"
     overwrite_output_dir: bool = False
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
+    eval_steps: int = 0  # 0 = evaluate only after training (when there is an eval set)
+    save_steps: int = 0  # 0 = no intermediate checkpoints (final/ is always written)
+    save_total_limit: int = 2  # checkpoints kept (0 = all)
 
 
-def recipe_from_dict(data: dict, source: str = "<dict>") -> SFTRecipe:
+# Keys of the older SFT layout -> where they live now (`lora` and `training` sections).
+RENAMED = {
+    "lora.enabled": "model.lora",
+    "lora.r": "model.lora_r",
+    "lora.alpha": "model.lora_alpha",
+    "lora.dropout": "model.lora_dropout",
+    "lora.target_modules": "model.lora_target_modules",
+    "training.lr": "optim.lr",
+    "training.max_steps": "steps",
+    "training.seed": "seed",
+    "training.report_to": "report_to",
+    "training.warmup_ratio": "optim.warmup_ratio",
+    "training.lr_scheduler": "optim.lr_scheduler",
+    "training.weight_decay": "optim.weight_decay",
+    "training.max_grad_norm": "optim.max_grad_norm",
+    "training.logging_steps": "logging_steps",
+    "training.eval_steps": "eval_steps",
+    "training.save_steps": "save_steps",
+    "training.save_total_limit": "save_total_limit",
+}
+
+
+def _check_renamed(data: dict, source: str) -> None:
+    """One line naming the new key for a key of the older layout (before the strict parser,
+    which would only say 'unknown key')."""
+    lora = data.get("lora")
+    if "lora" in data:
+        old = next((f"lora.{k}" for k in lora), None) if isinstance(lora, dict) and lora else None
+        if old in RENAMED:
+            raise ConfigError(f"{source}: {old} was renamed {RENAMED[old]}")
+        raise ConfigError(f"{source}: the lora section was merged into model: model.lora, model.lora_r, "
+                          "model.lora_alpha, model.lora_dropout, model.lora_target_modules (as in RL recipes)")
+    training = data.get("training")
+    if isinstance(training, dict):
+        for key in training:
+            old = f"training.{key}"
+            if old in RENAMED:
+                raise ConfigError(f"{source}: {old} was renamed {RENAMED[old]}")
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>", check_files: bool = True) -> SFTRecipe:
+    """`check_files=False`: local data files need not exist yet (reading a recipe for its settings)."""
+    _check_renamed(data, source)
     recipe = build_dataclass(SFTRecipe, data, source)
-    validate_recipe(recipe, source)
+    validate_recipe(recipe, source, check_files=check_files)
     return recipe
 
 
@@ -142,15 +180,27 @@ def recipe_to_dict(recipe: SFTRecipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def validate_recipe(recipe: SFTRecipe, source: str) -> None:
+def _check_data_source(key: str, source: str, fail, check_files: bool) -> None:
+    """As `sft.data.load_rows` will read it: a "module:function" is resolved (not called), a
+    local-looking path must exist; any other name is a hub dataset, checked when it loads."""
+    from rl.config import check_source
+
+    path = Path(source).expanduser()
+    if ":" in source and not looks_like_local(source) and not path.exists():
+        check_source(key, source, fail)
+    elif check_files and looks_like_local(source) and not path.exists():
+        hint = f" (create it with `python -m sft.data smoke {source}`)" if "smoke" in source else ""
+        fail(f"{key}: dataset file not found: {source}{hint}")
+
+
+def validate_recipe(recipe: SFTRecipe, source: str, check_files: bool = True) -> None:
     def fail(msg: str):
         raise ConfigError(f"{source}: {msg}")
 
-    m, d, lo, t = recipe.model, recipe.data, recipe.lora, recipe.training
-    if not m.name_or_path:
-        fail("model.name_or_path: no model given")
-    if m.dtype not in DTYPES:
-        fail(f"model.dtype '{m.dtype}' is not one of {list(DTYPES)}")
+    d, t = recipe.data, recipe.training
+    check_model(recipe.model, fail)
+    check_optim(recipe.optim, fail)
+    check_run_keys(recipe, fail)
     if not d.train:
         fail("data.train: no training dataset given")
     if d.format not in DATA_FORMATS:
@@ -161,33 +211,17 @@ def validate_recipe(recipe: SFTRecipe, source: str) -> None:
         fail("data.eval_size must be >= 0")
     if d.max_train_rows < 0:
         fail("data.max_train_rows must be >= 0 (0 = all rows)")
-    if lo.enabled and (lo.r < 1 or lo.alpha < 1 or not lo.target_modules):
-        fail("lora: r and alpha must be >= 1 and target_modules non-empty")
-    if not 0.0 <= lo.dropout < 1.0:
-        fail("lora.dropout must be in [0, 1)")
-    if t.max_steps < 0 or (t.max_steps == 0 and t.epochs <= 0):
-        fail("nothing to train: set training.max_steps > 0 or training.epochs > 0")
+    if recipe.steps < 0 or (recipe.steps == 0 and not t.epochs > 0):
+        fail("nothing to train: set steps > 0 or training.epochs > 0")
     if t.per_device_batch_size < 1 or t.gradient_accumulation_steps < 1:
         fail("training.per_device_batch_size and training.gradient_accumulation_steps must be >= 1")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        fail(f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    if t.lr <= 0:
-        fail("training.lr must be > 0")
-    if t.logging_steps < 1:
-        fail("training.logging_steps must be >= 1")
-    if t.eval_steps < 0 or t.save_steps < 0 or t.save_total_limit < 0:
-        fail("training.eval_steps, save_steps and save_total_limit must be >= 0")
     if t.mixed_precision not in MIXED_PRECISION:
         fail(f"training.mixed_precision '{t.mixed_precision}' is not one of {list(MIXED_PRECISION)}")
     if t.num_threads < 0 or t.dataloader_workers < 0:
         fail("training.num_threads and training.dataloader_workers must be >= 0")
     if t.packing and d.max_length is None:
         fail("training.packing needs data.max_length (the packed row width)")
-    if not recipe.output_dir:
-        fail("output_dir: empty")
-    # local import: keeps `import sft.config` light
-    from transformers.trainer_utils import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType]
-    if t.lr_scheduler not in schedulers:
-        fail(f"training.lr_scheduler '{t.lr_scheduler}' is not one of {schedulers}")
+    # datasets last: the file check is the one a settings-only load (check_files=False) skips
+    _check_data_source("data.train", d.train, fail, check_files)
+    if d.eval:
+        _check_data_source("data.eval", d.eval, fail, check_files)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from rl.common import JsonlError, iter_jsonl
-from sft.rows import IGNORE_INDEX, RawRows, SFTDataError, format_problems
+from sft.rows import IGNORE_INDEX, RawRows, SFTDataError, format_problems, looks_like_local
 from sft.vlm import is_processor, text_tokenizer, vlm_columns
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "RawRows",
     "SFTDataError",
     "build_datasets",
+    "fit_max_length",
     "format_problems",
     "labels_from_completion_mask",
     "load_rows",
@@ -63,14 +64,9 @@ __all__ = [
 logger = logging.getLogger("sft.data")
 
 ROLES = ("system", "user", "assistant", "tool")
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _looks_like_local(source: str) -> bool:
-    return source.endswith(_LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
 def _read_json_rows(path: Path) -> RawRows:
@@ -105,12 +101,12 @@ def load_rows(source: str, split: str = "train") -> RawRows:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         return _read_json_rows(path)
-    if path.exists() or (":" in source and not _looks_like_local(source)):
+    if path.exists() or (":" in source and not looks_like_local(source)):
         from rl.data import load_source
 
         ds = load_source(source, split=split)
         return RawRows(ds, source, path if path.is_file() else None)
-    if _looks_like_local(source):
+    if looks_like_local(source):
         hint = " (create it with `python -m sft.data smoke " + source + "`)" if "smoke" in source else ""
         raise FileNotFoundError(f"dataset file not found: {source}{hint}")
     import datasets
@@ -390,8 +386,9 @@ def _has_images(raw: RawRows) -> bool:
 
 def build_datasets(data_cfg, tokenizer, seed: int = 0):
     """(train, eval or None) as `datasets.Dataset`s with exactly `input_ids` and `labels`,
-    TRL's pre-tokenized format: the SFTTrainer uses `labels` as given (truncating to
-    max_length, or packing). All rows are validated before any is tokenized.
+    TRL's pre-tokenized format: the SFTTrainer uses `labels` as given (or packs them). All rows
+    are validated before any is tokenized; rows longer than `max_length` are cut here, and rows
+    left without a trained token dropped, with a warning that counts them (`fit_max_length`).
 
     With a vision-language processor as `tokenizer` the columns are `messages` (every
     content a list of parts) and `images` (absolute paths) instead: TRL's vision collator
@@ -420,6 +417,8 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
             columns = _tokenize_messages(raw, tokenizer, data_cfg.messages_column, data_cfg.end_of_turn or None)
         else:
             columns = _tokenized_labels(raw)
+        if not vlm:  # the VLM path refuses rows longer than max_length up front (sft.vlm)
+            columns = fit_max_length(columns, raw, data_cfg.max_length)
         built.append(datasets.Dataset.from_dict(columns))
     train = built[0]
     evals = built[1] if len(built) > 1 else None
@@ -444,6 +443,51 @@ def build_datasets(data_cfg, tokenizer, seed: int = 0):
             )
         train = train.select(train_subset_indices(len(train), max_rows, seed))
     return train, evals
+
+
+def fit_max_length(columns: dict[str, list], raw: RawRows, max_length: int | None) -> dict[str, list]:
+    """Rows cut to `max_length` tokens (keep-start), and rows left without a trained token dropped,
+    each counted in one warning that names the first such row; `SFTDataError` when no row is left.
+
+    TRL would do the same silently (it truncates, then filters out fully masked examples,
+    or with packing truncates and packs them), and on a dataset where every row is dropped
+    fail later with a traceback; done here, the counts are known and said."""
+    if max_length is None:
+        return columns
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    cut: list[int] = []
+    dropped: list[int] = []
+    for i, (ids, labels) in enumerate(zip(columns["input_ids"], columns["labels"])):
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            cut.append(i)
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped.append(i)
+            continue
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    total = len(columns["input_ids"])
+    if not out["input_ids"]:
+        raise SFTDataError(
+            f"{raw.source}: no row left to train on: all {total} rows have no trained token within "
+            f"data.max_length={max_length} tokens (the first: {raw.where(dropped[0])}, "
+            f"{len(columns['input_ids'][dropped[0]])} tokens); raise data.max_length or shorten the prompts"
+        )
+    dropped_set = set(dropped)
+    kept_cut = [i for i in cut if i not in dropped_set]
+    if kept_cut:
+        logger.warning(
+            "%s: %d of %d rows are longer than data.max_length=%d tokens and were cut to it (keep-start), "
+            "the first: %s (%d tokens)", raw.source, len(kept_cut), total, max_length, raw.where(kept_cut[0]),
+            len(columns["input_ids"][kept_cut[0]]),
+        )
+    if dropped:
+        logger.warning(
+            "%s: %d of %d rows were DROPPED: no trained token within data.max_length=%d tokens, the first: "
+            "%s (%d tokens)", raw.source, len(dropped), total, max_length, raw.where(dropped[0]),
+            len(columns["input_ids"][dropped[0]]),
+        )
+    return out
 
 
 def train_subset_indices(total: int, size: int, seed: int) -> list[int]:

@@ -10,10 +10,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["IGNORE_INDEX", "MAX_LISTED", "RawRows", "SFTDataError", "format_problems"]
+__all__ = ["IGNORE_INDEX", "MAX_LISTED", "RawRows", "SFTDataError", "format_problems", "looks_like_local"]
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (transformers' convention)
 MAX_LISTED = 5  # bad rows listed in one error message
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def looks_like_local(source: str) -> bool:
+    """A data source that names a local file (rather than a hub dataset or "module:function")."""
+    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
 class SFTDataError(ValueError):

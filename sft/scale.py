@@ -4,7 +4,7 @@
 
 For every size n (ascending) the recipe runs as `sft.train` would (the same in-process
 `sft.trainer.train`) with ``data.max_train_rows=n`` and ``output_dir=DIR/n<n>``; the
-subsets are seeded by ``training.seed`` and nested (the 32-row set lies inside the
+subsets are seeded by ``seed`` and nested (the 32-row set lies inside the
 64-row set) and are drawn after ``data.eval_size`` rows are held out, so every size is
 evaluated on the same held-out rows (see `sft.data.train_subset_indices`). Then every
 evaluator scores ``DIR/n<n>/final``, and ``DIR/results.md`` + ``DIR/results.json``
@@ -13,8 +13,8 @@ so a crash leaves the finished sizes' table behind. Columns: size, rows used (= 
 `sft.data` refuses a size larger than the data), optimizer steps, final train loss (the
 last logged one), the evaluators' metrics, training minutes.
 
-Training steps follow the recipe: with ``training.max_steps`` every size gets the same
-number of steps; with ``training.epochs`` (``max_steps: 0``) the steps grow with the size.
+Training steps follow the recipe: with ``steps`` every size gets the same
+number of steps; with ``training.epochs`` (``steps: 0``) the steps grow with the size.
 
 A size whose run finished before (``DIR/n<n>/scale_point.json`` with the same recipe and a
 ``final/``) is not trained again, only re-evaluated; ``--retrain`` trains it anew (the
@@ -220,7 +220,7 @@ def _write_results(out: Path, points: list[dict], summary: dict) -> None:
     public = [{k: v for k, v in p.items() if k != "recipe"} for p in points]
     atomic_write_text(out / "results.json", json.dumps({**summary, "results": public}, indent=2) + "\n")
     title = f"# SFT data scale: {summary['recipe']}\n\n"
-    notes = (f"\nEvaluators: {', '.join(summary['evaluators'])}. Subsets seeded by training.seed "
+    notes = (f"\nEvaluators: {', '.join(summary['evaluators'])}. Subsets seeded by the recipe seed "
              f"({summary['seed']}) and nested. Minutes = training time on {summary['device']}.\n")
     if summary["overrides"]:
         notes += "Overrides: " + " ".join(f"`{o}`" for o in summary["overrides"]) + "\n"
@@ -277,7 +277,7 @@ def run_scale(
         "overrides": list(overrides or []),
         "sizes": sizes,
         "evaluators": names,
-        "seed": recipes[sizes[0]].training.seed,
+        "seed": recipes[sizes[0]].seed,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
     }
     points: list[dict] = []
@@ -307,7 +307,7 @@ def run_scale(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sft.scale", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="SFT recipe YAML (as for sft.train)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     parser.add_argument("--sizes", required=True, help="training-set sizes, e.g. 32,64,128")
     parser.add_argument("--out", required=True, help="directory for n<size>/ runs and results.md/.json")
     parser.add_argument("--evaluator", action="append", default=None,

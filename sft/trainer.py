@@ -6,9 +6,14 @@ Output layout of `<output_dir>/`::
     metrics.jsonl        one JSON object per log event: step, loss, lr, grad_norm, entropy,
                          mean_token_accuracy, eval_loss, ... (besides TRL's own trackers)
     checkpoint-<step>/   transformers/TRL checkpoints (weights or LoRA adapter, optimizer,
-                         scheduler, RNG, trainer_state.json), every training.save_steps
+                         scheduler, RNG, trainer_state.json), every save_steps
     latest               the name of the newest checkpoint (as in RL runs)
-    final/               the trained model with LoRA merged + tokenizer, safetensors, written
+    agentrl/             TensorBoard events with report_to: [tensorboard] (the directory RL
+                         runs write theirs to: accelerate's tracker named agentrl under
+                         output_dir); W&B (report_to: [wandb]) logs to the project agentrl,
+                         as RL runs do, unless WANDB_PROJECT says otherwise
+    final/               the trained model with LoRA merged (or, with model.save_adapter_only,
+                         the adapter alone) + tokenizer, safetensors, written
                          as .tmp-final/ and renamed: `AutoModelForCausalLM.from_pretrained`
                          and RL recipes (`model.name_or_path: <output_dir>/final`) load it
                          (VLMs: model + processor; `AutoModelForImageTextToText` and
@@ -103,15 +108,16 @@ def load_model(recipe: SFTRecipe, model_path: str):
 
 
 def build_peft_config(recipe: SFTRecipe):
-    if not recipe.lora.enabled:
+    m = recipe.model
+    if not m.lora:
         return None
     from peft import LoraConfig
 
-    modules = list(recipe.lora.target_modules)
+    modules = list(m.lora_target_modules)
     return LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
         target_modules="all-linear" if modules == ["all-linear"] else modules,
         task_type="CAUSAL_LM",
     )
@@ -122,29 +128,33 @@ def build_sft_config(recipe: SFTRecipe, has_eval: bool, vlm: bool = False):
     the assistant turns itself (`assistant_only_loss`, see `sft.vlm`)."""
     from trl import SFTConfig
 
-    t, d = recipe.training, recipe.data
+    r, t, o, d = recipe, recipe.training, recipe.optim, recipe.data
     bf16, fp16 = _mixed_precision(t.mixed_precision)
     return SFTConfig(
-        output_dir=recipe.output_dir,
+        output_dir=r.output_dir,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        max_steps=r.steps if r.steps > 0 else -1,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.lr,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=t.lr_scheduler,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps if has_eval and t.eval_steps else None,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit or None,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to=list(t.report_to) or "none",
+        learning_rate=o.lr,
+        adam_beta1=o.adam_betas[0],
+        adam_beta2=o.adam_betas[1],
+        adam_epsilon=o.adam_eps,
+        # an int is steps, a float in [0, 1) a ratio of the total steps (validation allows one of them)
+        warmup_steps=o.warmup_steps or o.warmup_ratio,
+        lr_scheduler_type=o.lr_scheduler,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        logging_steps=r.logging_steps,
+        eval_strategy="steps" if has_eval and r.eval_steps else "no",
+        eval_steps=r.eval_steps if has_eval and r.eval_steps else None,
+        save_strategy="steps" if r.save_steps else "no",
+        save_steps=r.save_steps or 500,
+        save_total_limit=r.save_total_limit or None,
+        seed=r.seed,
+        data_seed=r.seed,
+        report_to=list(r.report_to) or "none",
         # without a GPU, accelerate forms a gloo (MULTI_CPU) group under `accelerate launch`
         # only when told it is on CPU; otherwise each process would train alone
         use_cpu=not torch.cuda.is_available(),
@@ -189,6 +199,22 @@ def _run_files_callback(output_dir: Path):
     return RunFiles()
 
 
+def _share_tracker_locations(trainer, output_dir: Path) -> None:
+    """TensorBoard and W&B where RL runs log: `<output_dir>/agentrl/` (transformers' default is
+    `<output_dir>/runs/<date>_<host>/`) and the W&B project `agentrl` (transformers': huggingface),
+    so one `tensorboard --logdir` or W&B project shows SFT and RL runs alike. Environment
+    variables (TENSORBOARD_LOGGING_DIR, WANDB_PROJECT) still win, as transformers documents."""
+    import os
+
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = str(output_dir / "agentrl")
+    if "wandb" in trainer.args.report_to:
+        os.environ.setdefault("WANDB_PROJECT", "agentrl")
+
+
 def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
     """(trainer, tokenizer, model_path): data is validated and tokenized before the model loads."""
     from transformers import set_seed
@@ -199,7 +225,7 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
 
     from sft.vlm import AssistantTurnLabels, is_processor, text_tokenizer
 
-    set_seed(recipe.training.seed)
+    set_seed(recipe.seed)
     if recipe.training.num_threads:
         torch.set_num_threads(recipe.training.num_threads)
     model_path = resolve_model(recipe.model.name_or_path)
@@ -209,7 +235,7 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
         raise ConfigError(
             f"training.packing: not supported for vision-language models ({model_path}); TRL 1.16 packs text only"
         )
-    train_ds, eval_ds = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    train_ds, eval_ds = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
     model = load_model(recipe, model_path)
     trainer = SFTTrainer(
         model=model,
@@ -220,6 +246,7 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
         peft_config=build_peft_config(recipe),
         callbacks=[_run_files_callback(Path(recipe.output_dir)), *(extra_callbacks or [])],
     )
+    _share_tracker_locations(trainer, Path(recipe.output_dir))
     if vlm:  # train the reply + end-of-turn token, not the template's glue after it (as the text path)
         tok = text_tokenizer(tokenizer)
         eot = recipe.data.end_of_turn or tok.eos_token
@@ -247,7 +274,16 @@ def save_final(trainer, recipe: SFTRecipe, tokenizer, model_path: str) -> Path:
         for leftover in (tmp, adapter):  # from a crash mid-save: never merge into it
             shutil.rmtree(leftover, ignore_errors=True)
     acc.wait_for_everyone()
-    if recipe.lora.enabled:
+    if recipe.model.lora and recipe.model.save_adapter_only:
+        trainer.save_model(str(tmp))  # the PEFT adapter + tokenizer (processing_class)
+        if is_main:  # the base the adapter applies to, as the recipe named it (an absolute local path
+            # means nothing on another machine: its last component, as RL's final/ does)
+            name = recipe.model.name_or_path
+            config_file = tmp / "adapter_config.json"
+            adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+            adapter_config["base_model_name_or_path"] = Path(name).name if Path(name).is_absolute() else name
+            config_file.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+    elif recipe.model.lora:
         trainer.save_model(str(adapter))
         if is_main:
             from peft import PeftModel

@@ -88,13 +88,11 @@ def recipe(model_dir: str, out: Path, train: Path, **overrides) -> dict:
     base = {
         "model": {"name_or_path": model_dir},
         "data": {"train": str(train), "format": "messages", "max_length": 256},
-        "training": {
-            "max_steps": 2,
-            "per_device_batch_size": 2,
-            "lr": 1e-2,
-            "logging_steps": 1,
-            "seed": 0,
-        },
+        "optim": {"lr": 1e-2},
+        "training": {"per_device_batch_size": 2},
+        "steps": 2,
+        "logging_steps": 1,
+        "seed": 0,
         "output_dir": str(out),
     }
     return with_overrides(base, **overrides)
@@ -205,6 +203,54 @@ def test_trl_keeps_our_labels(tmp_path, tiny_model_dir, tiny_tokenizer):
     assert batch["labels"][0, :n].tolist() == expected[0]["labels"]
 
 
+# ----------------------------------------------------------------------------- rows longer than max_length
+
+
+def test_long_rows_are_cut_or_dropped_and_counted(tmp_path, tiny_tokenizer, caplog):
+    """A row longer than data.max_length is cut (keep-start); one with no trained token left is
+    dropped; each kind is counted in one warning naming the first such row (TRL would do both
+    silently)."""
+    long_prompt = " ".join(["word"] * 300)
+    rows = [
+        chat("What is 1 plus 2?", "1 plus 2 is 3."),  # row 0: fits
+        chat(long_prompt, "dropped"),  # row 1: the prompt alone fills max_length
+        chat("Say many words.", long_prompt),  # row 2: the reply is cut
+        chat(long_prompt, "dropped too"),  # row 3
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = SFTDataConfig(train=str(path), max_length=64)
+    with caplog.at_level("WARNING", logger="sft.data"):
+        train, _ = build_datasets(cfg, tiny_tokenizer)
+    assert len(train) == 2 and all(len(ids) <= 64 for ids in train["input_ids"])
+    full = [tokenize_conversation(tiny_tokenizer, r["messages"]) for r in rows]
+    assert train["input_ids"] == [full[0]["input_ids"], full[2]["input_ids"][:64]]
+    assert train["labels"][1] == full[2]["labels"][:64]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("long.jsonl: 1 of 4 rows are longer than data.max_length=64 tokens and were cut" in m
+               and "the first: row 2 (line 3)" in m for m in messages), messages
+    assert any("long.jsonl: 2 of 4 rows were DROPPED: no trained token within data.max_length=64" in m
+               and "the first: row 1 (line 2)" in m for m in messages), messages
+
+
+def test_every_row_too_long_is_one_error(tmp_path, tiny_tokenizer):
+    long_prompt = " ".join(["word"] * 300)
+    path = write_jsonl(tmp_path / "long.jsonl", [chat(long_prompt, "a"), chat(long_prompt, "b")])
+    with pytest.raises(SFTDataError) as err:
+        build_datasets(SFTDataConfig(train=str(path), max_length=32), tiny_tokenizer)
+    message = str(err.value)
+    assert message.startswith(f"{path}: no row left to train on: all 2 rows have no trained token within "
+                              "data.max_length=32 tokens (the first: row 0 (line 1), ")
+    assert "\n" not in message
+
+
+def test_tokenized_rows_are_cut_too(tmp_path, tiny_tokenizer):
+    rows = tokenized_rows(tiny_tokenizer)
+    path = write_jsonl(tmp_path / "tok.jsonl", rows)
+    limit = min(len(r["input_ids"]) for r in rows) - 1
+    train, _ = build_datasets(SFTDataConfig(train=str(path), format="tokenized", max_length=limit), tiny_tokenizer)
+    assert len(train) == len(rows) and all(len(ids) == limit for ids in train["input_ids"])
+
+
 # ----------------------------------------------------------------------------- (c) (d) (e) training runs
 
 
@@ -217,7 +263,7 @@ def test_two_step_run_writes_loadable_final(tmp_path, tiny_model_dir, tiny_token
     out = tmp_path / "out"
     data = make_data(tmp_path, fmt, tiny_tokenizer)
     # messages: one of the 4 rows is held out and evaluated at every step
-    held_out = {"data__eval_size": 1, "training__eval_steps": 1} if fmt == "messages" else {}
+    held_out = {"data__eval_size": 1, "eval_steps": 1} if fmt == "messages" else {}
     result = train(recipe_from_dict(recipe(tiny_model_dir, out, data, data__format=fmt, **held_out)))
     assert result["global_step"] == 2
     final = out / "final"
@@ -244,7 +290,8 @@ def test_lora_run_merges_into_full_model(tmp_path, tiny_model_dir, tiny_tokenize
 
     out = tmp_path / "out"
     data = make_data(tmp_path, "messages", tiny_tokenizer)
-    rec = recipe(tiny_model_dir, out, data, lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    rec = recipe(tiny_model_dir, out, data, model__lora=True, model__lora_r=4, model__lora_alpha=8,
+                 model__lora_target_modules=["q_proj", "v_proj"])
     train(recipe_from_dict(rec))
     final = out / "final"
     assert not (final / "adapter_config.json").exists()
@@ -258,18 +305,39 @@ def test_lora_run_merges_into_full_model(tmp_path, tiny_model_dir, tiny_tokenize
     assert not (out / ".tmp-final-adapter").exists()
 
 
+def test_lora_adapter_only_final(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """model.save_adapter_only (the RL key): final/ holds the adapter + tokenizer, loadable on the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.trainer import train
+
+    out = tmp_path / "out"
+    data = make_data(tmp_path, "messages", tiny_tokenizer)
+    rec = recipe(tiny_model_dir, out, data, model__lora=True, model__lora_r=4, model__save_adapter_only=True)
+    train(recipe_from_dict(rec))
+    final = out / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == Path(tiny_model_dir).name  # no absolute local path
+    assert not (final / "model.safetensors").exists() and not (final / "training_args.bin").exists()
+    AutoTokenizer.from_pretrained(final)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(final))
+    with pytest.raises(ConfigError, match="model.save_adapter_only: true needs model.lora: true"):
+        recipe_from_dict(recipe(tiny_model_dir, out, data, model__save_adapter_only=True))
+
+
 def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, tiny_tokenizer):
     from sft.trainer import train
 
     out = tmp_path / "out"
     data = make_data(tmp_path, "messages", tiny_tokenizer)
     # constant lr: a linear schedule leaves lr = 0 in the step-2 optimizer state, so step 3 would not move
-    common = {"training__save_steps": 1, "training__lr_scheduler": "constant"}
+    common = {"save_steps": 1, "optim__lr_scheduler": "constant"}
     first = train(recipe_from_dict(recipe(tiny_model_dir, out, data, **common)))
     assert first["global_step"] == 2
     assert (out / "latest").read_text().strip() == "checkpoint-2"
     final_before = weights(out / "final")
-    resumed = train(recipe_from_dict(recipe(tiny_model_dir, out, data, training__max_steps=3, **common)), resume="latest")
+    resumed = train(recipe_from_dict(recipe(tiny_model_dir, out, data, steps=3, **common)), resume="latest")
     assert resumed["global_step"] == 3
     steps = [m["step"] for m in metrics(out) if "loss" in m]
     assert steps == [1, 2, 3]  # the resumed run logged step 3 only: it started at the checkpoint's step 2
@@ -390,25 +458,44 @@ def test_smoke_dataset_is_valid(tmp_path):
 
 def test_unknown_recipe_key_is_named(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("data: {train: x.jsonl}\ntraining:\n  lr: 1e-5\n  max_step: 2\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'training.max_step' \(did you mean 'max_steps'\?\)"):
+    path.write_text("data: {train: x.jsonl}\ntraining:\n  epochs: 1\n  packin: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'training.packin' \(did you mean 'packing'\?\)"):
         load_recipe(path)
-    path.write_text("data: {train: x.jsonl}\nlora: {enable: true}\n")
-    with pytest.raises(ConfigError, match=r"'lora.enable' \(did you mean 'enabled'\?\)"):
+    path.write_text("data: {train: x.jsonl}\nmodel: {lora_rank: 4}\n")
+    with pytest.raises(ConfigError, match=r"'model.lora_rank' \(did you mean 'lora_r'\?\)"):
         load_recipe(path)
 
 
 def test_recipe_parsing_and_overrides(tmp_path):
-    rec = load_recipe(REPO / "recipes" / "sft_smoke.yaml", ["training.lr=1e-4", "lora.enabled=true"])
-    assert rec.model.name_or_path == "smollm2-135m" and rec.data.train == "data/sft_smoke.jsonl"
-    assert rec.training.lr == 1e-4 and isinstance(rec.training.lr, float) and rec.lora.enabled
+    data = write_smoke_dataset(tmp_path / "smoke.jsonl", rows=4)
+    rec = load_recipe(REPO / "recipes" / "sft_smoke.yaml", [f"data.train={data}", "optim.lr=1e-4", "model.lora=true"])
+    assert rec.model.name_or_path == "smollm2-135m" and rec.data.train == str(data)
+    assert rec.optim.lr == 1e-4 and isinstance(rec.optim.lr, float) and rec.model.lora
+    assert (rec.steps, rec.seed, rec.optim.lr_scheduler, rec.optim.warmup_ratio) == (8, 0, "cosine", 0.1)
     path = tmp_path / "r.yaml"
-    path.write_text("data: {train: x.jsonl, format: chat}\n")
+    path.write_text(f"data: {{train: {data}, format: chat}}\n")
     with pytest.raises(ConfigError, match="data.format 'chat' is not one of"):
         load_recipe(path)
-    path.write_text("data: {train: x.jsonl}\ntraining: {lr_scheduler: cosin}\n")
-    with pytest.raises(ConfigError, match="training.lr_scheduler 'cosin'"):
+    path.write_text(f"data: {{train: {data}}}\noptim: {{lr_scheduler: cosin}}\n")
+    with pytest.raises(ConfigError, match="optim.lr_scheduler 'cosin' .*did you mean 'cosine'"):
         load_recipe(path)
+    path.write_text("data: {train: data/nope_smoke.jsonl}\n")
+    with pytest.raises(ConfigError, match="data.train: dataset file not found: data/nope_smoke.jsonl .*sft.data smoke"):
+        load_recipe(path)
+
+
+def test_sft_warmup_and_adam_settings_reach_trl(tmp_path, tiny_model_dir):
+    from sft.trainer import build_sft_config
+
+    data = write_smoke_dataset(tmp_path / "smoke.jsonl", rows=4)
+    rec = recipe_from_dict(recipe(tiny_model_dir, tmp_path / "out", data, optim__warmup_steps=3,
+                                  optim__adam_betas=[0.8, 0.95], optim__adam_eps=1e-6, optim__weight_decay=0.1))
+    args = build_sft_config(rec, has_eval=False)
+    assert (args.warmup_steps, args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (3, 0.8, 0.95, 1e-6)
+    assert (args.weight_decay, args.max_steps, args.learning_rate, args.seed) == (0.1, 2, 1e-2, 0)
+    rec = recipe_from_dict(recipe(tiny_model_dir, tmp_path / "out", data, optim__warmup_ratio=0.25))
+    assert build_sft_config(rec, has_eval=False).warmup_steps == 0.25  # TRL: a float < 1 is a ratio
+    assert rec.optim.resolved_warmup_steps(10) == 3  # RL's resolution of the same key (rounded up)
 
 
 def test_cli_reports_recipe_errors(tmp_path, capsys):
@@ -418,3 +505,6 @@ def test_cli_reports_recipe_errors(tmp_path, capsys):
     path.write_text("data: {train: x.jsonl}\ntrainin: {}\n")
     assert main([str(path)]) == 2
     assert "unknown key 'trainin' (did you mean 'training'?)" in capsys.readouterr().err
+    path.write_text("data: {train: x.jsonl}\n")
+    assert main([str(path), "training.lr=1e-4"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}: training.lr was renamed optim.lr"

@@ -28,8 +28,11 @@ def write_recipe(tmp_path: Path, model_dir: str, data: Path, **data_keys) -> Pat
     recipe = {
         "model": {"name_or_path": model_dir},
         "data": {"train": str(data), "eval_size": 2, "max_length": 128, **data_keys},
-        # epochs, not max_steps: the number of steps then grows with the training-set size
-        "training": {"epochs": 1, "per_device_batch_size": 2, "lr": 1e-2, "logging_steps": 1, "seed": 0},
+        # epochs, not steps: the number of steps then grows with the training-set size
+        "training": {"epochs": 1, "per_device_batch_size": 2},
+        "optim": {"lr": 1e-2},
+        "logging_steps": 1,
+        "seed": 0,
         "output_dir": str(tmp_path / "unused"),
     }
     path = tmp_path / "recipe.yaml"
@@ -94,12 +97,12 @@ def test_scale_run_two_sizes_writes_one_table(tmp_path, tiny_model_dir, capsys):
     recipe = write_recipe(tmp_path, tiny_model_dir, data)
     out = tmp_path / "scale"
     argv = [str(recipe), "--sizes", "4,2", "--out", str(out), "--evaluator", "heldout_loss",
-            "--evaluator", "test_sft_scale:weight_norm", "training.lr=5e-3"]
+            "--evaluator", "test_sft_scale:weight_norm", "optim.lr=5e-3"]
     assert main(argv) == 0
 
     results = json.loads((out / "results.json").read_text())
     assert results["sizes"] == [2, 4] and results["evaluators"] == ["heldout_loss", "test_sft_scale:weight_norm"]
-    assert results["overrides"] == ["training.lr=5e-3"]
+    assert results["overrides"] == ["optim.lr=5e-3"]
     points = results["results"]
     assert [p["size"] for p in points] == [2, 4] and [p["rows"] for p in points] == [2, 4]
     assert [p["steps"] for p in points] == [1, 2]  # 1 epoch at batch 2
@@ -109,7 +112,7 @@ def test_scale_run_two_sizes_writes_one_table(tmp_path, tiny_model_dir, capsys):
         run = Path(p["run_dir"])
         assert (run / "final" / "model.safetensors").is_file()
         config = json.loads((run / "config.json").read_text())
-        assert config["data"]["max_train_rows"] == p["size"] and config["training"]["lr"] == 5e-3
+        assert config["data"]["max_train_rows"] == p["size"] and config["optim"]["lr"] == 5e-3
         # the table's eval_loss is the one the trainer logged at its last step
         logged = read_jsonl(run / "metrics.jsonl")
         last_eval = [r for r in logged if "eval_loss" in r][-1]
@@ -137,7 +140,7 @@ def test_scale_run_two_sizes_writes_one_table(tmp_path, tiny_model_dir, capsys):
     assert [p["metrics"] for p in again] == [p["metrics"] for p in points]
 
     # the same directory with a different recipe is refused rather than silently mixed
-    assert main([*argv[:-1], "training.lr=1e-3"]) == 1
+    assert main([*argv[:-1], "optim.lr=1e-3"]) == 1
     assert "holds a finished run of a different recipe" in capsys.readouterr().err
 
 

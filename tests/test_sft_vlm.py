@@ -98,8 +98,11 @@ def recipe(model_dir: str, out: Path, train: Path, **overrides) -> dict:
     base = {
         "model": {"name_or_path": model_dir},
         "data": {"train": str(train), "format": "messages", "max_length": 128},
-        "training": {"max_steps": 2, "per_device_batch_size": 2, "lr": 1e-2, "logging_steps": 1, "seed": 0,
-                     "num_threads": 1},
+        "training": {"per_device_batch_size": 2, "num_threads": 1},
+        "optim": {"lr": 1e-2},
+        "steps": 2,
+        "logging_steps": 1,
+        "seed": 0,
         "output_dir": str(out),
     }
     return with_overrides(base, **overrides)
@@ -181,7 +184,7 @@ def test_two_step_cpu_run_writes_a_reloadable_final(tmp_path, vlm_dir, images):
 
     data = write_jsonl(images / "train.jsonl", ROWS)
     out = tmp_path / "out"
-    rec = recipe(vlm_dir, out, data, data__eval_size=1, training__eval_steps=1)
+    rec = recipe(vlm_dir, out, data, data__eval_size=1, eval_steps=1)
     result = train(recipe_from_dict(rec))
     assert result["global_step"] == 2 and result["eval"]["eval_loss"] > 0
     final = out / "final"
@@ -377,8 +380,8 @@ def test_lora_run_merges_into_a_full_vlm(tmp_path, vlm_dir, images):
 
     data = write_jsonl(images / "lora.jsonl", ROWS)
     out = tmp_path / "out"
-    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    train(recipe_from_dict(recipe(vlm_dir, out, data, lora=lora)))
+    lora = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]}
+    train(recipe_from_dict(recipe(vlm_dir, out, data, **{f"model__{k}": v for k, v in lora.items()})))
     before, after = load_file(str(Path(vlm_dir) / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert before.keys() == after.keys()  # a plain Qwen2-VL checkpoint: no lora_A / lora_B keys
     changed = {k for k in before if not torch.equal(before[k], after[k])}
