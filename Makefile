@@ -33,7 +33,9 @@ setup-vllm: $(VLLM_STAMP)
 # build the QA benchmark, warm-start the agent by SFT on oracle search episodes, train it
 # with REINFORCE + F1+ (recipes/search_r1pp_cpu.yaml), then evaluate the untrained, the
 # warm-started and the RL-trained agent on held-out questions and print the leaderboard.
-# Outputs: outputs/search_leaderboard/leaderboard.md, outputs/search_r1pp_cpu/reward_curve.png.
+# Outputs: outputs/search_leaderboard/leaderboard.md, outputs/search_r1pp_cpu/reward_curve.png,
+# the trained agent in outputs/search_r1pp_cpu/final/. The recipes never delete an output dir;
+# the demo says so itself (overwrite_output_dir=true: a second `make demo` replaces its own runs).
 LEADERBOARD_QUESTIONS ?= 64
 demo: setup
 	$(BIN)/python -m rl.models fetch smollm2-135m
@@ -41,16 +43,16 @@ demo: setup
 	$(BIN)/python -m envs.search.qa_data generate --out data/wiki10k_qa --seed 0 --no-check
 	$(BIN)/python -m envs.search.oracle --recipe recipes/search_r1pp_cpu.yaml --tokenizer smollm2-135m --overwrite \
 		--data data/wiki10k_qa/train.jsonl --out data/wiki10k_qa/oracle_sft.jsonl --n 128
-	$(BIN)/python -m sft.train recipes/search_sft_warmstart.yaml
-	$(BIN)/python -m rl.train recipes/search_r1pp_cpu.yaml
+	$(BIN)/python -m sft.train recipes/search_sft_warmstart.yaml overwrite_output_dir=true
+	$(BIN)/python -m rl.train recipes/search_r1pp_cpu.yaml overwrite_output_dir=true
 	$(BIN)/python -m eval.run --recipe recipes/search_r1pp_cpu.yaml --overwrite \
 		--out outputs/search_leaderboard --data test=data/wiki10k_qa/test.jsonl --limit $(LEADERBOARD_QUESTIONS) \
 		--model untrained=smollm2-135m --model sft=outputs/search_sft/final --model sft+rl=outputs/search_r1pp_cpu
 
-# The arithmetic GRPO demo (the trainer's learning check; ~9 min).
+# The arithmetic GRPO demo (the trainer's learning check; ~9 min); replaces its previous run.
 demo-arithmetic: setup
 	$(BIN)/python -m rl.models fetch smollm2-135m
-	$(BIN)/python -m rl.train recipes/arithmetic_grpo.yaml
+	$(BIN)/python -m rl.train recipes/arithmetic_grpo.yaml overwrite_output_dir=true
 	cat outputs/arithmetic_grpo/eval_results.md
 
 test: setup-vllm

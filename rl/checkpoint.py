@@ -10,12 +10,19 @@ Layout of `checkpoint-<step>/`:
   trainer_state.json      step, stage, prompt-sampler positions, config
 The directory is written as `.tmp-checkpoint-<step>` and renamed when complete, so
 a crash never leaves a half-written checkpoint that `--resume` would pick up.
+
+After the last step `save_final` writes `final/`: the trained policy as a plain Hugging Face
+model + tokenizer (safetensors, LoRA merged unless `model.save_adapter_only`), written as
+`.tmp-final/` and renamed, with no absolute path of the training machine inside: it is
+what `AutoModelForCausalLM.from_pretrained`, `eval.run --model` and the next recipe's
+`model.name_or_path` (the run's output dir, resolved by `rl.models.resolve_model`) load.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -198,3 +205,113 @@ def restore_run(run) -> tuple[int, list[dict]]:
     )
     logging.getLogger("rl.trainer").info("resumed from %s at step %d", run.checkpoint, state["step"])
     return state["step"], state.get("history", [])
+
+
+# ----------------------------------------------------------------------------- final model
+
+FINAL = "final"
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """How a published model names the model it came from: as the recipe wrote it (a registry
+    name, a hub id, a relative or ``~`` path), or, for an absolute path of this machine, just
+    its last component (the path means nothing elsewhere and says where the run was made)."""
+    return Path(name_or_path).name if os.path.isabs(name_or_path) else name_or_path
+
+
+def _replace_paths(value, paths: list[tuple[str, str]]):
+    if isinstance(value, dict):
+        return {k: _replace_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_paths(v, paths) for v in value]
+    if isinstance(value, str):
+        for local, portable in paths:
+            if value == local or value.startswith(local + os.sep):
+                return portable + value[len(local):]
+    return value
+
+
+def make_portable(directory: Path, paths: dict[str, str]) -> None:
+    """Replace absolute local paths (keys of `paths`, with their real paths) by portable names
+    (values) in the JSON and markdown files of a model directory about to be published:
+    config.json `_name_or_path`, tokenizer_config `name_or_path`, adapter_config
+    `base_model_name_or_path`, PEFT's README model card."""
+    pairs = {}
+    for local, portable in paths.items():
+        for form in {os.path.abspath(local), os.path.realpath(local)}:
+            pairs[form.rstrip(os.sep) or os.sep] = portable
+    ordered = sorted(pairs.items(), key=lambda kv: -len(kv[0]))  # the longest (most specific) path first
+    for f in sorted(directory.iterdir()):
+        if f.suffix == ".json":
+            data = json.loads(f.read_text(encoding="utf-8"))
+            fixed = _replace_paths(data, ordered)
+            if fixed != data:
+                f.write_text(json.dumps(fixed, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        elif f.suffix == ".md":
+            text = f.read_text(encoding="utf-8")
+            for local, portable in ordered:
+                text = text.replace(local, portable)
+            f.write_text(text, encoding="utf-8")
+
+
+def publish_dir(tmp: Path, dest: Path) -> Path:
+    """Rename the finished `tmp` directory onto `dest`; an existing `dest` is swapped out first and
+    deleted only once the new one is in place (a crash leaves `.old-<name>` beside it, never a
+    half-written `dest`)."""
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
+def save_final(run) -> Path:
+    """Write `<output_dir>/final/`: the policy as a plain Hugging Face model + tokenizer.
+
+    Every process must call it: the policy's weights come from `rl.weights.export_weights`,
+    whose gathers of FSDP2 / ZeRO-3 shards are collectives (and which merges LoRA on the fly,
+    so the training model is never mutated); the main process keeps them and saves the base
+    architecture with that state dict (safetensors) into `.tmp-final/`, then renames it. With
+    `model.lora` and `model.save_adapter_only` the PEFT adapter is saved instead. Local
+    absolute paths are replaced by portable names (`make_portable`)."""
+    from rl.weights import export_weights
+
+    cfg, out = run.cfg, Path(run.output_dir)
+    final, tmp = out / FINAL, out / f".tmp-{FINAL}"
+    model = run.unwrapped
+    adapter_only = bool(cfg.model.lora and cfg.model.save_adapter_only)
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save: never merge into it
+    if adapter_only:
+        if run.is_main:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in export_weights(model):  # every rank iterates: gathers are collective
+            if run.is_main:
+                state[name] = tensor.detach().to("cpu")
+        if run.is_main:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            del state
+    if run.is_main:
+        run.tokenizer.save_pretrained(str(tmp))
+        source = portable_model_name(cfg.model.name_or_path)
+        if adapter_only:  # the base the adapter applies to, as the recipe named it
+            config_file = tmp / "adapter_config.json"
+            adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+            adapter_config["base_model_name_or_path"] = source
+            config_file.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+        local = {str(out): out.resolve().name}
+        base_dir = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "name_or_path", "")
+        if base_dir:  # where from_pretrained loaded the policy (the resolved recipe model)
+            local[base_dir] = source
+        make_portable(tmp, local)
+        publish_dir(tmp, final)
+        logging.getLogger("rl.trainer").info("final model: %s", final)
+    run.accelerator.wait_for_everyone()
+    return final

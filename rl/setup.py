@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from rl import algorithms, checkpoint
-from rl.common import prepare_output_dir, resolve_dtype
+from rl.common import prepare_output_dir, quiet_deepspeed, resolve_dtype
 from rl.config import TrainConfig, config_to_dict
 from rl.critic import ValueModel
 from rl.data import PROMPT_BUILDERS, PromptSampler, check_columns, load_source
@@ -97,6 +97,7 @@ def load_policy(cfg: TrainConfig, path: str):
 
 
 def _accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
+    quiet_deepspeed()  # before accelerate first imports deepspeed (in unwrap_model)
     # cpu=True without a GPU: accelerate only forms a gloo (MULTI_CPU) group under
     # `accelerate launch` when told it is on CPU; otherwise each process runs alone
     accelerator = Accelerator(

@@ -24,7 +24,7 @@ import time
 from tqdm.auto import tqdm
 
 from rl.batch import prepare_batch
-from rl.checkpoint import restore_run, save_run, stage_at
+from rl.checkpoint import restore_run, save_final, save_run, stage_at
 from rl.config import TrainConfig
 from rl.evaluate import evaluate
 from rl.metrics import MetricsLog, step_metrics
@@ -95,6 +95,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or done:
             save_run(run, step + 1, history)
     progress.close()
+    save_final(run)  # <output_dir>/final/: the trained policy as a plain Hugging Face model
 
     eval_after = run_eval(cfg.total_steps) if run.eval_rows else {}
     if run.is_main:

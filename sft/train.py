@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rl.common import is_user_error, plain_library_progress
 from sft.config import ConfigError, load_recipe
 
 
@@ -26,11 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     from sft.data import SFTDataError
     from sft.trainer import train
 
+    plain_library_progress()  # in a log file, nested progress bars would write escape codes
     try:
         result = train(recipe, resume=args.resume)
-    except (SFTDataError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except Exception as e:
+        # errors the user fixes from the one line (a bad data row or recipe, a missing data file, an
+        # output_dir in the way, nothing to resume, a model path that is not a model): exit code 2;
+        # any other exception is a bug and keeps its traceback
+        if not (isinstance(e, (SFTDataError, ConfigError)) or is_user_error(e)):
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

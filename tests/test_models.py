@@ -213,6 +213,7 @@ def test_resolve_existing_path(tiny_model_dir, tmp_path, monkeypatch):
     assert resolve_model(rel) == rel
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "config.json").write_text('{"model_type": "llama"}')  # a model dir: not an empty one
     assert resolve_model("~/mymodel") == str(tmp_path / "mymodel")
 
 
