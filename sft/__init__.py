@@ -7,9 +7,10 @@
 
 Modules:
 
-* `sft.config`: the `SFTRecipe` dataclasses (model, data, lora, training, output_dir,
-  overwrite_output_dir), parsed as strictly as RL recipes (`rl.config`'s parser):
-  unknown keys are errors that name the key and suggest the nearest one.
+* `sft.config`: the `SFTRecipe` dataclasses (model and optim: the RL recipes' sections;
+  data; training: the SFT-only keys; steps, seed, output_dir, report_to, ... as in RL),
+  parsed as strictly as RL recipes (`rl.config`'s parser): unknown keys are errors that
+  name the key and suggest the nearest one; older SFT names point to the new ones.
 * `sft.data`: loads .jsonl/.json/.parquet files, `save_to_disk` dirs, "module:function"
   or hub datasets; validates every row up front (one error naming the file and the
   rows); tokenizes to `input_ids` + `labels`. `messages` rows: loss on the assistant

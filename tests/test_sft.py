@@ -263,7 +263,7 @@ def test_two_step_run_writes_loadable_final(tmp_path, tiny_model_dir, tiny_token
     out = tmp_path / "out"
     data = make_data(tmp_path, fmt, tiny_tokenizer)
     # messages: one of the 4 rows is held out and evaluated at every step
-    held_out = {"data__eval_size": 1, "eval_steps": 1} if fmt == "messages" else {}
+    held_out = {"data__eval_size": 1, "eval_steps": 1, "report_to": ["tensorboard"]} if fmt == "messages" else {}
     result = train(recipe_from_dict(recipe(tiny_model_dir, out, data, data__format=fmt, **held_out)))
     assert result["global_step"] == 2
     final = out / "final"
@@ -280,6 +280,8 @@ def test_two_step_run_writes_loadable_final(tmp_path, tiny_model_dir, tiny_token
     if fmt == "messages":
         assert [m["step"] for m in logged if "eval_loss" in m] == [1, 2]
         assert result["eval"]["eval_loss"] > 0
+        # TensorBoard events where RL runs write theirs (accelerate's tracker "agentrl" under output_dir)
+        assert list((out / "agentrl").glob("events.out.tfevents.*")) and not (out / "runs").exists()
     assert json.loads((out / "config.json").read_text())["data"]["format"] == fmt
 
 
