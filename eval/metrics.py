@@ -89,7 +89,8 @@ def average_metrics(
 def response_segments(traj, tokenizer) -> list[dict]:
     """The whole response as `[{"role": "policy"|"env", "text": ...}]`: the trajectory's own token ids,
     split where `loss_mask` changes (1 = the policy generated it, 0 = the environment inserted it) and
-    decoded run by run with special tokens kept, so the texts joined give the response."""
+    decoded run by run with special tokens kept, so the texts joined give the decoded response (runs end at
+    action tags and observation edges, never inside a multi-byte character)."""
     segments: list[dict] = []
     start = 0
     ids, mask = list(traj.response_ids), list(traj.loss_mask)

@@ -713,14 +713,22 @@ def _unique(pairs: list[tuple[str, str]], what: str) -> dict[str, str]:
 def _setup(args) -> tuple[EvalPlan, dict, dict, dict, Path]:
     """Everything that can fail fast (recipe, plugins, environment settings, data, model paths, out
     dir), before any model loads."""
+    from rl.models import MODELS
+
     models = _unique([parse_model_arg(m) for m in args.model], "models")
+    # paths and hub ids first (no I/O beyond the file system): a mistyped path fails before the recipe's plugins
+    # load; registered names last, since resolving one may fetch it (minutes) and the recipe may still be wrong
+    for spec in models.values():
+        if spec not in MODELS:
+            resolve_policy_path(spec)
     plan = plan_from_recipe(args.recipe, agent=args.agent, agent_kwargs=args.agent_kwarg,
                             env_kwargs=args.env_kwarg, metrics=args.metrics, plugins=args.plugin)  # fmt: skip
     data = _unique([parse_data_arg(d) for d in args.data], "datasets") if args.data else plan["default_data"]
     rows = load_datasets(data, args.limit, plan["metrics"], plan["required_columns"],
                          plan["source_kwargs"] if not args.data else None)  # fmt: skip
     for spec in models.values():
-        resolve_policy_path(spec)
+        if spec in MODELS:
+            resolve_policy_path(spec)
     out = prepare_out_dir(args.out or Path("outputs/eval") / time.strftime("%Y%m%d-%H%M%S"), args.overwrite)
     return plan, models, data, rows, out
 

@@ -397,7 +397,7 @@ def test_cli_errors_before_loading_anything(tmp_path, corpus_path, capsys, monke
             assert f in err, err
 
     one_line_error(["--model", str(tmp_path / "nothing"), "--data", str(qa), *common], "nothing")
-    one_line_error(["--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl"), *common], "missing.jsonl")
+    one_line_error(["--model", "x", "--data", str(tmp_path / "missing.jsonl"), *common], "missing.jsonl")
     one_line_error(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--env-kwarg",
                     f"retriever={tmp_path / 'no_corpus.jsonl'}"], "no_corpus.jsonl")  # fmt: skip
     one_line_error(["--recipe", RECIPE, "--model", "x", "--data", str(qa), "--metrics", "nope", *common[2:]],
