@@ -138,32 +138,19 @@ def parse_data_arg(arg: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- models
 
 
-def _is_model_dir(p: Path) -> bool:
-    """A HF model (config.json with a model_type) or a PEFT adapter dir.
-
-    A training output dir also holds a config.json (the run's recipe), which is not a model.
-    """
-    if (p / "adapter_config.json").is_file():
-        return True
-    try:
-        return "model_type" in json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
 FINAL_DIR = "final"  # a finished training run's model (the trainer writes it last; LoRA merged)
 
 
 def _checkpoint_policy(ckpt: Path) -> Path | None:
+    from rl.models import is_model_dir
+
     policy = ckpt / "policy"
-    return policy if _is_model_dir(policy) else None
+    return policy if is_model_dir(policy) else None
 
 
 def _from_output_dir(out: Path) -> Path | None:
-    """A finished run's `final/`, else the policy of the checkpoint named in `latest`, else of the highest
-    checkpoint-N that has one (an interrupted run)."""
-    if _is_model_dir(out / FINAL_DIR):
-        return out / FINAL_DIR
+    """An unfinished run (no final/): the policy of the checkpoint named in `latest`, else of the highest
+    checkpoint-N that has one."""
     ckpt = latest_checkpoint(out, complete=lambda c: _checkpoint_policy(c) is not None)
     return None if ckpt is None else ckpt / "policy"
 
@@ -189,18 +176,19 @@ def _is_path_spec(s: str) -> bool:
 
 def resolve_policy_path(spec: str | os.PathLike) -> str:
     """What `from_pretrained` should load for a model spec (a local dir, or a hub id as is)."""
-    from rl.models import MODELS, resolve_model
+    from rl.models import MODELS, ModelPathError, resolve_model
 
     s = os.fspath(spec)
     if s in MODELS:
         return resolve_model(s)
     p = Path(os.path.expanduser(s))
     if p.is_dir():
-        if _is_model_dir(p):
-            return str(p)
-        found = _checkpoint_policy(p) or _from_output_dir(p)
-        if found is None:
-            raise _spec_error(s, f"directory {p} holds no model")
+        try:  # the one resolver: a model dir, a finished run's final/, an RL checkpoint's policy/
+            return resolve_model(s)
+        except ModelPathError as e:  # not a model by itself; eval also takes an unfinished run's latest checkpoint
+            found = _checkpoint_policy(p) or _from_output_dir(p)
+            if found is None:
+                raise _spec_error(s, str(e)) from None
         return str(found)
     if p.exists():
         raise _spec_error(s, f"{p} is a file, not a directory")
