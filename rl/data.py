@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from rl.common import JsonlError, iter_jsonl
 from rl.registry import Registry
@@ -70,7 +71,24 @@ def _read_jsonl(path: Path) -> datasets.Dataset:
         raise DataError(f"{path} row {e.row} (line {e.lineno}): {e.reason}") from None
     if not rows:
         raise DataError(f"{path}: no rows")
-    return datasets.Dataset.from_list(rows)
+    # every key of every row becomes a column (`from_list` alone keeps only the first row's keys);
+    # a row without one holds None there, which `check_columns` rejects for required columns
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {k: [row.get(k) for row in rows] for k in keys}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        bad = next((k for k in keys if not _one_arrow_type(columns[k])), None)
+        what = f"column '{bad}' mixes value types" if bad else "the rows do not share one type per column"
+        raise DataError(f"{path}: {what} ({str(e).splitlines()[0]})") from None
+
+
+def _one_arrow_type(values: list) -> bool:
+    try:
+        pa.array(values)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
 
 
 def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = "train") -> datasets.Dataset:

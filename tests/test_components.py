@@ -213,6 +213,20 @@ def test_broken_jsonl_line_is_one_error_naming_file_and_line(tmp_path):
         load_source(str(path))
 
 
+def test_jsonl_columns_are_the_union_of_the_rows_keys(tmp_path):
+    from rl.data import DataError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q0"}) + "\n" + json.dumps({"question": "q1", "answer": "1"}) + "\n")
+    ds = load_source(str(path))
+    assert ds.column_names == ["question", "answer"] and ds["answer"] == [None, "1"]
+    with pytest.raises(DataError, match=r"d.jsonl row 0 \(line 1\): missing column 'answer'"):
+        check_columns(ds, ["answer"], str(path))
+    path.write_text(json.dumps({"answer": "1"}) + "\n" + json.dumps({"answer": 2}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl: column 'answer' mixes value types"):
+        load_source(str(path))
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_empty_data_file_is_one_line(tmp_path, suffix):
     from rl.data import DataError

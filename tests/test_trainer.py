@@ -315,7 +315,8 @@ def test_missing_dataset_column_is_named(tiny_model_dir, tmp_path):
 
 
 def test_missing_dataset_file_is_named(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    # at recipe load (rl.config.check_source), before any model
+    with pytest.raises(ConfigError, match=r"data.train: dataset source not found: '.*nope.jsonl'"):
         run(tiny_model_dir, tmp_path, data__train=str(tmp_path / "nope.jsonl"))
 
 
