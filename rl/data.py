@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from rl.common import JsonlError, iter_jsonl
+from rl.common import JsonlError, UserError, iter_jsonl
 from rl.registry import Registry
 
 PROMPT_BUILDERS: Registry[Callable[[dict], list[dict]]] = Registry("prompt builder")
@@ -38,9 +38,10 @@ def prompt_column(row: dict) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Rows that cannot be used as given; a one-line message naming the file (or source) and the row,
-    e.g. ``data/train.jsonl row 17 (line 18): missing column 'answer'``."""
+    e.g. ``data/train.jsonl row 17 (line 18): missing column 'answer'``. A `UserError`: the CLIs
+    print it as one ``error:`` line."""
 
 
 def source_kind(source: str) -> str:
@@ -56,7 +57,7 @@ def source_kind(source: str) -> str:
         return "dir"
     if path.is_file():
         if path.suffix not in _FILE_FORMATS:
-            raise ValueError(f"{path}: unsupported data file type '{path.suffix}' (use {sorted(_FILE_FORMATS)})")
+            raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use {sorted(_FILE_FORMATS)})")
         return "file"
     raise FileNotFoundError(f"dataset source not found: '{source}' (a file, a directory, a registered dataset "
                             f"{DATASETS.names()}, or 'module:function')")
@@ -108,10 +109,10 @@ def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = 
         ds = datasets.load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{source}: no split '{split}' (has {list(ds)})")
+            raise DataError(f"{source}: no split '{split}' (has {list(ds)})")
         ds = ds[split]
     if not isinstance(ds, datasets.Dataset):
-        raise TypeError(f"{source}: expected a datasets.Dataset, got {type(ds).__name__}")
+        raise DataError(f"{source}: expected a datasets.Dataset, got {type(ds).__name__}")
     if len(ds) == 0:
         raise DataError(f"{source}: no rows")
     return ds

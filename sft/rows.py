@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl.common import UserError
+
 __all__ = ["IGNORE_INDEX", "MAX_LISTED", "RawRows", "SFTDataError", "format_problems", "looks_like_local"]
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (transformers' convention)
@@ -24,8 +26,9 @@ def looks_like_local(source: str) -> bool:
     return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
-class SFTDataError(ValueError):
-    """Rows that cannot be trained on; the message names the file and the rows."""
+class SFTDataError(UserError, ValueError):
+    """Rows that cannot be trained on; the message names the file and the rows. A `UserError`:
+    the CLIs print it as one ``error:`` line."""
 
 
 @dataclass

@@ -251,7 +251,9 @@ def test_row_missing_a_required_column_is_rejected_with_its_row(tmp_path):
     with pytest.raises(DataError) as err:
         check_columns(ds, ["question", "answer"], str(path))
     assert str(err.value) == f"{path} row 17 (line 18): missing column 'answer'"
-    assert isinstance(err.value, ValueError)
+    from rl.common import is_user_error
+
+    assert isinstance(err.value, ValueError) and is_user_error(err.value)  # rl.train prints one error: line
     rows[17]["answer"] = "17"
     path.write_text("\n".join(json.dumps(r) for r in rows))  # None counts as missing, too
     with pytest.raises(DataError, match=r"row 19 \(line 20\): missing column 'answer'"):
