@@ -75,7 +75,7 @@ def test_max_train_rows_larger_than_the_data_is_an_error(tmp_path, tiny_tokenize
 
 def test_max_train_rows_is_a_strict_recipe_key():
     base = {"data": {"train": "x.jsonl"}}
-    assert recipe_from_dict(base).data.max_train_rows == 0  # default: all rows
+    assert recipe_from_dict(base, check_files=False).data.max_train_rows == 0  # default: all rows
     with pytest.raises(ConfigError, match="data.max_train_rows must be >= 0"):
         recipe_from_dict({"data": {"train": "x.jsonl", "max_train_rows": -1}})
     with pytest.raises(ConfigError, match="max_train_rows"):  # the misspelling names the key
