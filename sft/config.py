@@ -106,7 +106,9 @@ class SFTTrainingConfig:
 @dataclass
 class SFTRecipe:
     # model: the RL section, LoRA included (model.lora: true trains an adapter; final/ holds the
-    # merged full model). ["all-linear"] as lora_target_modules = every linear layer but the head.
+    # merged full model, or the adapter alone with model.save_adapter_only). ["all-linear"] as
+    # lora_target_modules = every linear layer but the head. model.dtype: float32 keeps fp32
+    # master weights on GPU (the forward then runs in bf16 through training.mixed_precision=auto).
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     # optim: the RL section, with SFT's defaults (RL's 1e-6 is far too small for SFT)
