@@ -8,6 +8,7 @@ from typing import Any, Callable
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rl.common import JsonlError, UserError, iter_jsonl
 from rl.registry import Registry
@@ -122,12 +123,15 @@ def check_columns(ds: datasets.Dataset, columns: list[str], source: str) -> None
     """Every row has every column in `columns`, with a value (not None): a row without one would
     reach its reward as None, raise there and quietly score the fallback. Arrow fills a key that
     some rows of a file lack with None, so the schema alone cannot tell; every row is checked
-    (one pass over the required columns only). `DataError` names the source and the first bad row."""
+    (the null counts of the required columns). `DataError` names the source and the first bad row."""
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; the dataset has {ds.column_names}")
-    bad = [(next((i for i, v in enumerate(ds[c]) if v is None), None), c) for c in columns]
-    bad = [(i, c) for i, c in bad if i is not None]
+    bad = []
+    for column in columns:  # Arrow null counts: no Python objects, fast on large datasets
+        values = ds.with_format("arrow")[column]
+        if values.null_count:
+            bad.append((pc.index(pc.is_null(values), True).as_py(), column))
     if bad:
         i, column = min(bad)
         lines = _jsonl_lines(source)
