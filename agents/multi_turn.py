@@ -61,6 +61,18 @@ tiny ChatML tokenizer and on a locally built Llama-3-style tokenizer/template):
   that contains `"<|im_end|>"` is shown to the policy as plain text, never as a real
   end-of-turn token. (Re-tokenising the rendered text would turn it into the special
   token: one more place where text-level and token-level equality part.)
+
+Chat-message observations (`StepResult.message`, a `user` / `tool` / ... turn): the ids appended are
+the chat template's delta (`message_delta`): the rendering of the conversation so far plus the
+policy's assistant turn, the message and the generation prompt, minus what is already there. They
+close the assistant turn (its `<|im_end|>\n`; an eos the policy already ended with is not repeated),
+hold the message's turn and open the next assistant turn (`<|im_start|>assistant\n`). The template's
+structure is tokenised with real special tokens, the content as plain text (`encode_frame`), so
+`prompt_ids + response_ids` equal `apply_chat_template(conversation, tokenize=True)` whenever the
+policy's ids are canonical and no content holds a special-token string (tests/test_multi_turn.py:
+hypothesis over random user/assistant/tool conversations, tiny ChatML, Llama-3-style and SmolLM2).
+A template that renders the conversation so far differently once the message follows (stripping
+earlier thinking, trimming content) is a ValueError naming the tokenizer, never a silent misalignment.
 """
 
 from __future__ import annotations
