@@ -23,7 +23,7 @@ from rl.config import TrainConfig, config_to_dict
 from rl.critic import ValueModel
 from rl.data import PROMPT_BUILDERS, PromptSampler, check_columns, load_source
 from rl.engines import BaseEngine, SamplingParams, build_engine
-from rl.models import resolve_model
+from rl.models import ModelPathError, resolve_model
 from rl.plugins import load_plugins
 from rl.registry import AGENTS
 from rl.rewards import RewardFn, build_rewards
@@ -88,12 +88,30 @@ class Run:
 
 
 def load_policy(cfg: TrainConfig, path: str):
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
-    )
+    kwargs = dict(dtype=resolve_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
+    if (Path(path) / "adapter_config.json").is_file():
+        model = _merged_adapter(path, kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _merged_adapter(path: str, kwargs: dict):
+    """A LoRA adapter dir (e.g. the `final/` of a run with `model.save_adapter_only`) as plain weights:
+    its base model, named as the adapter names it and found through `resolve_model` (registry names
+    included, which transformers' own adapter loading would take for hub ids), with the adapter merged."""
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    try:
+        base_model = AutoModelForCausalLM.from_pretrained(resolve_model(base), **kwargs)
+    except OSError as e:
+        raise ModelPathError(f"model path {path!r} is a LoRA adapter whose base model {base!r} "
+                             f"(adapter_config.json base_model_name_or_path) cannot be loaded here: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return PeftModel.from_pretrained(base_model, path).merge_and_unload()
 
 
 def _accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
