@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rl.common import is_user_error, plain_library_progress
+from rl.common import is_user_error, plain_library_progress, quiet_deepspeed
 from sft.config import ConfigError, load_recipe
 
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    quiet_deepspeed()  # no DeepSpeed "Setting accelerator to CPU" warning on machines without a GPU
     # heavy imports only once the recipe is known to be valid
     from sft.data import SFTDataError
     from sft.trainer import train
