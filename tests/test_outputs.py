@@ -69,11 +69,10 @@ def test_continue_from_a_finished_run(finished_run, tmp_path):
 
 
 def test_eval_loads_a_run_dir(finished_run):
-    """eval.run --model <run dir> keeps working (a model dir of the run, with the trained weights)."""
+    """eval.run --model <run dir> keeps working: it loads the run's final/ model."""
     from eval.run import resolve_policy_path
 
-    path = Path(resolve_policy_path(str(finished_run)))
-    assert path in (finished_run / "final", finished_run / "checkpoint-2" / "policy")
+    assert Path(resolve_policy_path(str(finished_run))) == finished_run / "final"
 
 
 def test_lora_final_is_merged(tiny_model_dir, tmp_path):
