@@ -69,7 +69,8 @@ close the assistant turn (its `<|im_end|>\n`; an eos the policy already ended wi
 hold the message's turn and open the next assistant turn (`<|im_start|>assistant\n`). The template's
 structure is tokenised with real special tokens, the content as plain text (`encode_frame`), so
 `prompt_ids + response_ids` equal `apply_chat_template(conversation, tokenize=True)` whenever the
-policy's ids are canonical and no content holds a special-token string (tests/test_multi_turn.py:
+policy's ids are canonical, its turns do not start with whitespace (case 2 above, at the template's
+"assistant\n") and no content holds a special-token string (tests/test_multi_turn.py:
 hypothesis over random user/assistant/tool conversations, tiny ChatML, Llama-3-style and SmolLM2).
 A template that renders the conversation so far differently once the message follows (stripping
 earlier thinking, trimming content) is a ValueError naming the tokenizer, never a silent misalignment.

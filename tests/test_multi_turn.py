@@ -519,11 +519,14 @@ class MessageEnv:
         return out
 
 
-# contents without special-token strings (those stay text by design: test_message_content_stays_text) and
-# without whitespace at their ends: the Llama-3 template trims contents, and whitespace that starts a
-# model turn pre-tokenises differently after the template's "\n" (the documented boundary case)
-_content = st.text(alphabet="abcdefxyz ,.?!<>/|_-0123456789\n", max_size=24).map(str.strip)
-_chat_turn = st.tuples(_content, st.booleans(), st.sampled_from(["user", "tool"]), _content)
+# Any text without special-token strings (those stay text by design: test_message_content_stays_text). A
+# model turn does not start with whitespace: after the template's "assistant\n" it would pre-tokenise
+# with that newline (SmolLM2 has "\n\n" tokens), the documented boundary case no loop can remove
+# without re-tokenising the policy's ids. The Llama-3 template trims contents: stripped for it.
+_text = st.text(max_size=24).filter(lambda s: "<|" not in s)
+_content = _text
+_model_text = _text.filter(lambda s: not s[:1].isspace())
+_chat_turn = st.tuples(_model_text, st.booleans(), st.sampled_from(["user", "tool"]), _content)
 
 
 def _message_episode(tok, question, turns, last, last_eos):
@@ -543,7 +546,10 @@ def _message_episode(tok, question, turns, last, last_eos):
     return prompt, eng, ep, convo
 
 
-def _check_message_episode(tok, question, turns, last, last_eos):
+def _check_message_episode(tok, question, turns, last, last_eos, strip=False):
+    if strip:  # a template that trims contents
+        question, last = question.strip() or "q", last.strip()
+        turns = [(a.strip(), eos, role, c.strip()) for a, eos, role, c in turns]
     prompt, eng, ep, convo = _message_episode(tok, question, turns, last, last_eos)
     check_structure(ep, eng, 0, tok)  # mask 1 exactly on the engine's ids (with their log-probs), 0 elsewhere
     assert ep.info["turns"] == len(turns) + 1 and ep.info["termination"] == "answered"
@@ -551,24 +557,27 @@ def _check_message_episode(tok, question, turns, last, last_eos):
     one_go = list(tok.apply_chat_template(convo, tokenize=True, return_dict=False))
     # the rendering tokenised in one go starts with exactly our ids; what follows closes the last turn
     assert one_go[: len(ours)] == ours
-    closing = tok.apply_chat_template(convo, tokenize=False)[len(tok.decode(ours, skip_special_tokens=False)):]
+    rendered = tok.apply_chat_template(convo, tokenize=False)
+    closing = rendered[rendered.rindex(tok.eos_token) + (len(tok.eos_token) if last_eos else 0):]  # "<|im_end|>\n"
     assert one_go[len(ours):] == tok(closing, add_special_tokens=False)["input_ids"]
-    assert closing == ("\n" if last_eos else "<|im_end|>\n") or tok.eos_token != "<|im_end|>"
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama3"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(question=_content.filter(bool), turns=st.lists(_chat_turn, max_size=4), last=_content, last_eos=st.booleans())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(question=_content.filter(bool), turns=st.lists(_chat_turn, max_size=4), last=_model_text,
+       last_eos=st.booleans())
 def test_message_observations_equal_the_template_tokenised_in_one_go(tiny_tokenizer, family, question, turns, last,
                                                                      last_eos):
     """User / tool turns from the environment: prompt ids + policy ids + environment ids equal the chat
     template's rendering of the same conversation tokenised in one go (tiny ChatML and Llama-3-style)."""
-    _check_message_episode(_tokenizer(family, tiny_tokenizer), question, turns, last, last_eos)
+    _check_message_episode(_tokenizer(family, tiny_tokenizer), question, turns, last, last_eos,
+                           strip=family == "llama3")
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(question=_content.filter(bool), turns=st.lists(_chat_turn, max_size=4), last=_content, last_eos=st.booleans())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(question=_content.filter(bool), turns=st.lists(_chat_turn, max_size=4), last=_model_text,
+       last_eos=st.booleans())
 def test_message_observations_token_exact_on_smollm2(smollm2_tokenizer, question, turns, last, last_eos):
     _check_message_episode(smollm2_tokenizer, question, turns, last, last_eos)
 
