@@ -166,6 +166,7 @@ def main() -> None:
                     help="baseline (--baseline-repo's tree, else --logprob-chunk 0) vs this tree's default, "
                     "each in a fresh process")
     ap.add_argument("--baseline-repo", default=None, help="a checkout to run as the baseline (e.g. before a change)")
+    ap.add_argument("--baseline-json", default=None, help="a baseline measured before (--json of a single run)")
     ap.add_argument("--repo", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--interval", type=float, default=0.02, help="RSS sampling period, seconds")
@@ -184,7 +185,9 @@ def main() -> None:
         subprocess.run(cmd, check=True, env=dict(os.environ))
         return json.loads(path.read_text())
 
-    if args.baseline_repo:
+    if args.baseline_json:
+        base, base_name = json.loads(Path(args.baseline_json).read_text()), f"{args.baseline_json} (measured before)"
+    elif args.baseline_repo:
         base, base_name = child(["--repo", args.baseline_repo], "baseline"), f"tree {args.baseline_repo}"
     else:
         base, base_name = child(["--logprob-chunk", "0"], "baseline"), "this tree, --logprob-chunk 0 (full vocab)"

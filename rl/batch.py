@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from rl import algorithms
-from rl.forward import batch_forward
+from rl.forward import batch_forward, release_memory
 from rl.metrics import is_weight_metrics, rollout_mismatch_metrics
 from rl.packing import build_micro_batches
 from rl.trajectory import Trajectory, outcome_token_rewards, to_response_tensors
@@ -66,6 +66,9 @@ def prepare_batch(run, trajs: list[Trajectory], kl_coef: float) -> BatchPasses:
             out.ref_logprobs = batch_forward(ref, whole_batch, B, T, run.temperature) * mask
     if run.critic is not None:
         out.old_values = batch_forward(accelerator.unwrap_model(run.critic), whole_batch, B, T, values=True) * mask
+    if whole_batch:
+        del whole_batch  # its W x W packing masks
+        release_memory()
 
     token_rewards = outcome_token_rewards(trajs, T)
     if kl_coef > 0 and algo.kl_in_reward:

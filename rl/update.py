@@ -17,7 +17,7 @@ import torch
 
 from rl import algorithms
 from rl.batch import BatchPasses
-from rl.forward import forward_logprobs, forward_values
+from rl.forward import forward_logprobs, forward_values, release_memory
 from rl.packing import MicroBatch, build_micro_batches, gather_rows
 from rl.trajectory import Trajectory
 
@@ -172,5 +172,6 @@ def update_step(run, trajs: list[Trajectory], passes: BatchPasses, kl_coef: floa
                 bad += _accumulate(run, run.critic, micro,
                                    lambda mb: _critic_micro_step(run, mb, passes, counts, stats))
             _optimizer_step(run, bad, stats, step)
+    release_memory()  # the step's activations are freed: hand their pages back before the next rollout
     stats.seconds = time.perf_counter() - t0
     return stats
