@@ -187,6 +187,9 @@ def _eval_rows(cfg: TrainConfig) -> list[dict]:
 
 
 def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
+    from rl.forward import limit_heap_fragmentation
+
+    limit_heap_fragmentation()  # before the models load: freed activations leave RSS (rl/forward.py)
     output_dir = Path(cfg.output_dir)
     accelerator = _accelerator(cfg, output_dir)
     if accelerator.is_main_process:
