@@ -184,3 +184,37 @@ def test_models_whose_logits_are_not_the_heads_output_take_the_full_path(tiny_to
     assert F._HEAD_IS_LOGITS[capped.get_output_embeddings()] is False
     torch.testing.assert_close(chunked[0], full[0], rtol=0, atol=0)
     torch.testing.assert_close(chunked[1], full[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.8, top_p=0.9, top_k=20), dict(temperature=0.0)])
+def test_hf_engine_logprobs_per_step_are_those_of_the_stacked_scores(model, tiny_tokenizer, params):
+    """The engine takes log-probs one generation step at a time instead of from one stacked
+    [B, steps, V] copy of the scores: the same numbers, bit for bit."""
+    from rl.engines import HFEngine, SamplingParams
+
+    engine = HFEngine(model, tiny_tokenizer)
+    prompts = [[5, 9, 11], [7], [3, 4, 5, 6, 7, 8]]
+    sp = SamplingParams(max_new_tokens=6, **params)
+    torch.manual_seed(11)
+    gens = engine.generate(prompts, sp)
+    # the old computation, on a generate call with the same inputs and seed
+    ids = torch.full((3, 6), engine.pad_id)
+    mask = torch.zeros((3, 6), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, 6 - len(p):], mask[j, 6 - len(p):] = torch.tensor(p), 1
+    torch.manual_seed(11)
+    model.eval()
+    res = model.generate(input_ids=ids, attention_mask=mask, **engine._generate_kwargs(sp))
+    model.train()
+    new = res.sequences[:, 6:]
+    old = torch.log_softmax(torch.stack(res.scores, 1).float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    for j, g in enumerate(gens):
+        assert g.token_ids == new[j, : len(g.token_ids)].tolist()
+        assert g.logprobs == old[j, : len(g.token_ids)].tolist()
+
+
+def test_host_memory_helpers_are_safe_to_call_repeatedly():
+    # glibc here (Linux CI): the mmap threshold is set; elsewhere they are no-ops
+    assert F.limit_heap_fragmentation() == F.limit_heap_fragmentation()
+    F.release_memory()
+    F.release_memory()
