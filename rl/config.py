@@ -192,6 +192,8 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     overwrite_output_dir: bool = False
     logging_steps: int = 1
+    # samples/step_<N>.jsonl: the first log_samples samples of every step (eval: all); 0 = no samples files
+    log_samples: int = 8
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     save_steps: int = 0  # 0 = only at the end
     save_total_limit: int = 2

@@ -9,6 +9,7 @@ trackers, the in-memory history the report plots).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,21 +19,22 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from rl import algorithms
+from rl.common import atomic_write_lines
 from rl.trajectory import Trajectory
 
+logger = logging.getLogger("rl.metrics")
+
 __all__ = [
-    "MAX_INFO_CATEGORIES",
     "reduce_sums",
     "reduce_max",
     "info_means",
+    "reward_extra_means",
+    "flatten_config",
     "rollout_mismatch_metrics",
     "is_weight_metrics",
     "step_metrics",
     "MetricsLog",
 ]
-
-MAX_INFO_CATEGORIES = 8
-
 
 def _same_names(accelerator: Accelerator, names: list[str]) -> None:
     """Every process reduces the same names (a mismatch would add different metrics together)."""
@@ -62,29 +64,38 @@ def reduce_max(accelerator: Accelerator, local: Mapping[str, float]) -> dict[str
     return dict(zip(names, values.tolist()))
 
 
+def _union_means(accelerator: Accelerator, sums: Mapping[str, float], count: int) -> dict[str, float]:
+    """`{name: sum over processes / samples over processes}` for names that only some processes may
+    have met (a sample's info key, a dict reward's extra): gathered as a union, by name."""
+    parts = gather_object([(dict(sums), count)]) if accelerator.num_processes > 1 else [(dict(sums), count)]
+    n = max(sum(c for _, c in parts), 1)
+    keys = sorted({k for d, _ in parts for k in d})
+    return {k: sum(d.get(k, 0.0) for d, _ in parts) / n for k in keys}
+
+
 def info_means(accelerator: Accelerator, trajs: list[Trajectory], prefix: str) -> dict[str, float]:
-    """Means over all processes of the agents' per-sample `info`: numbers and booleans as
-    `<prefix>/<key>`, short strings with at most `MAX_INFO_CATEGORIES` values (finish reasons, terminations) as fractions
-    `<prefix>/<key>/<value>`. Agents add fields; the trainer needs no change."""
-    # free text (e.g. a search agent's answers) would explode into one metric per distinct value
-    distinct: dict[str, set] = {}
-    for t in trajs:
-        for key, value in t.info.items():
-            if isinstance(value, str):
-                distinct.setdefault(key, set()).add(value)
-    categorical = {k for k, v in distinct.items() if len(v) <= MAX_INFO_CATEGORIES and max(map(len, v)) <= 32}
+    """Means over all processes' samples of the agents' per-sample `info` numbers and booleans, as
+    `<prefix>/<key>`; a sample without the key counts 0 (an event that did not happen). Strings (answers,
+    termination reasons) never become metric names, which must be few and fixed: they are in the samples
+    files (`rl.samples`). Agents add fields; the trainer needs no change."""
     sums: dict[str, float] = {}
     for t in trajs:
         for key, value in t.info.items():
             if isinstance(value, (bool, int, float)):
-                sums[key] = sums.get(key, 0.0) + float(value)
-            elif key in categorical:
-                sums[f"{key}/{value}"] = sums.get(f"{key}/{value}", 0.0) + 1.0
-    # processes may see different keys (a category only one of them met): union, by name
-    parts = gather_object([(sums, len(trajs))]) if accelerator.num_processes > 1 else [(sums, len(trajs))]
-    n = max(sum(c for _, c in parts), 1)
-    keys = sorted({k for d, _ in parts for k in d})
-    return {f"{prefix}/{k}": sum(d.get(k, 0.0) for d, _ in parts) / n for k in keys}
+                sums[f"{prefix}/{key}"] = sums.get(f"{prefix}/{key}", 0.0) + float(value)
+    return _union_means(accelerator, sums, len(trajs))
+
+
+def reward_extra_means(accelerator: Accelerator, trajs: list[Trajectory], reward_names: list[str],
+                       prefix: str) -> dict[str, float]:
+    """Means of the extra numbers dict-valued rewards return (`reward_parts["<name>/<key>"]`, see
+    rl/rewards.py) as `<prefix>/<name>/<key>`; a sample whose reward raised has none and counts 0."""
+    sums: dict[str, float] = {}
+    for t in trajs:
+        for key, value in t.reward_parts.items():
+            if any(key.startswith(f"{name}/") for name in reward_names):
+                sums[f"{prefix}/{key}"] = sums.get(f"{prefix}/{key}", 0.0) + float(value)
+    return _union_means(accelerator, sums, len(trajs))
 
 
 def rollout_mismatch_metrics(accelerator: Accelerator, old_logprobs, rollout_logprobs, mask) -> dict[str, float]:
@@ -122,6 +133,8 @@ def step_metrics(accelerator: Accelerator, *, rollout, update, passes, group_siz
     local = {
         "reward": sum(rewards), "reward_sq": sum(r * r for r in rewards), "samples": len(rewards),
         "generated_tokens": sum(sum(t.loss_mask) for t in trajs),
+        # the engines' finish reason "length": cut at the token budget (TRL's completions/clipped_ratio)
+        "clipped": sum(t.info.get("finish_reason") == "length" for t in trajs),
         "informative_groups": sum(rollout.informative.values()), "groups": len(rollout.informative),
         "kept_informative_groups": sum(rollout.informative[g] for g in rollout.kept_groups),
         "kept_groups": len(rollout.kept_groups),
@@ -138,7 +151,9 @@ def step_metrics(accelerator: Accelerator, *, rollout, update, passes, group_siz
         "reward/mean": mean_r,
         "reward/std": math.sqrt(max(tot["reward_sq"] / n - mean_r**2, 0.0)),
         "response_length/mean": tot["generated_tokens"] / n,
+        "response_length/clipped_frac": tot["clipped"] / n,
     }
+    metrics.update(reward_extra_means(accelerator, trajs, list(rollout.reward_errors), "reward"))
     metrics.update(info_means(accelerator, trajs, "info"))
     metrics.update(passes.mismatch)
     metrics.update({k: v / seen for k, v in tot.items() if k.startswith("loss/")})
@@ -164,20 +179,67 @@ def step_metrics(accelerator: Accelerator, *, rollout, update, passes, group_siz
     return metrics
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as `{"model.lr": 1e-6, ...}` with scalar values only: numbers, booleans and strings
+    as they are, None as "None", lists (and empty dicts) as their JSON text. What trackers take as
+    filterable hyper-parameters (TensorBoard's hparams accept no lists or None)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is None:
+            flat[name] = "None"
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
+
+
 class MetricsLog:
-    """The run's metrics: the in-memory history, `metrics.jsonl` (main process) and the trackers."""
+    """The run's metrics: the in-memory history, `metrics.jsonl` (main process) and the trackers.
+
+    `metrics.jsonl` is the history: on resume it is rewritten (atomically) from the history the checkpoint
+    holds, so a step logged after that checkpoint, or twice (a crash while its checkpoint was written),
+    appears once, as in an uninterrupted run.
+
+    The metric names are fixed per kind of record (a training step; an evaluation: all names "eval/...")
+    by its first record, so every line of a kind has the same keys: a name missing from a later record is
+    logged as 0.0 (info keys and reward extras average to 0 over samples without them), a name first seen
+    later is not logged and is warned about once (its values are in the samples files)."""
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, history: list[dict], report_to: list[str]):
         self.accelerator, self.history, self.report_to = accelerator, history, report_to
-        self.file = open(output_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+        self.names: dict[str, list[str]] = {}
+        for record in history:
+            self.names.setdefault(self.kind(record), [k for k in record if k != "step"])
+        self._warned: set[str] = set()
+        self.file = None
+        if accelerator.is_main_process:
+            path = Path(output_dir) / "metrics.jsonl"
+            atomic_write_lines(path, (json.dumps(h) for h in history))
+            self.file = open(path, "a")
+
+    @staticmethod
+    def kind(metrics: Mapping[str, Any]) -> str:
+        return "eval" if all(k.startswith("eval/") for k in metrics if k != "step") else "train"
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        self.history.append({"step": step, **metrics})
+        kind = self.kind(metrics)
+        names = self.names.setdefault(kind, list(metrics))
+        new = [k for k in metrics if k not in names and k not in self._warned]
+        if new and self.accelerator.is_main_process:
+            logger.warning("metric(s) %s first appeared at step %d: not logged (the names of %s records are fixed "
+                           "by the first one; the samples files hold the values)", new, step, kind)
+        self._warned.update(new)
+        record = {"step": step, **{k: metrics.get(k, 0.0) for k in names}}
+        self.history.append(record)
         if self.file:
-            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         if self.report_to:
-            self.accelerator.log(dict(metrics), step=step)
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self) -> None:
         if self.file:

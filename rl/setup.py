@@ -249,5 +249,7 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     if cfg.report_to:
-        accelerator.init_trackers("agentrl", config={k: str(v) for k, v in config_to_dict(cfg).items()})
+        from rl.metrics import flatten_config  # dotted scalar keys: TensorBoard's filterable hparams
+
+        accelerator.init_trackers("agentrl", config=flatten_config(config_to_dict(cfg)))
     return run

@@ -30,6 +30,7 @@ from rl.evaluate import evaluate
 from rl.metrics import MetricsLog, step_metrics
 from rl.report import write_training_report
 from rl.rollout import rollout_step
+from rl.samples import gather_records, log_samples, sample_record, samples_path, write_samples
 from rl.setup import setup_run
 from rl.update import update_step
 
@@ -46,7 +47,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     def run_eval(step: int) -> dict:
         if not run.eval_rows:
             return {}
-        metrics = evaluate(run)
+        metrics = evaluate(run, samples_path(run.output_dir, step, eval_=True) if cfg.log_samples > 0 else None, step)
         metrics_log.log(metrics, step)
         return metrics
 
@@ -82,9 +83,19 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             "nan_skipped_steps": skipped,
             "time/weight_sync": sync_seconds,
             "time/step": time.perf_counter() - t_step,
+            # samples rolled out so far: the plots' second x axis (episodes = step x prompts x oversample x G)
+            "episodes": (step + 1) * cfg.prompts_per_step * cfg.rollout.oversample * cfg.rollout.group_size,
         })
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.total_steps:
+        log_step = (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.total_steps
+        if log_step:
             metrics_log.log(metrics, step + 1)
+        if cfg.log_samples > 0:  # every step (the first log_samples of every process's, gathered in order)
+            records = gather_records(run.accelerator, [sample_record(run.tokenizer, t, step=step + 1, stage=stage_idx)
+                                                       for t in rollout.all_trajs[: cfg.log_samples]])
+            if run.is_main:
+                write_samples(samples_path(run.output_dir, step + 1), records[: cfg.log_samples])
+                if log_step:
+                    log_samples(records)
         progress.update(1)
         progress.set_postfix(stage=stage.name or stage_idx, reward=f"{metrics['reward/mean']:.3f}",
                              s_per_step=f"{metrics['time/step']:.1f}")

@@ -45,12 +45,12 @@ def test_every_shipped_recipe_parses(path):
     assert cfg.total_steps >= 1 and cfg.rewards
 
 
-def test_info_means_numbers_and_few_valued_strings_only():
+def test_info_means_numbers_only():
     from accelerate import Accelerator
 
-    from rl.metrics import MAX_INFO_CATEGORIES, info_means
+    from rl.metrics import info_means
 
-    n = 2 * MAX_INFO_CATEGORIES
+    n = 16
     trajs = [
         Trajectory([0], [1], [1], [0.0], 0, {}, info={"searches": i % 3, "answered": i % 2 == 0,
                    "termination": "eos" if i < 4 else "answered", "answer": f"free text {i}"})
@@ -59,8 +59,8 @@ def test_info_means_numbers_and_few_valued_strings_only():
     m = info_means(Accelerator(cpu=True), trajs, "info")
     assert m["info/searches"] == pytest.approx(sum(i % 3 for i in range(n)) / n)
     assert m["info/answered"] == 0.5
-    assert m["info/termination/eos"] == 4 / n and m["info/termination/answered"] == (n - 4) / n
-    assert not any(k.startswith("info/answer/") for k in m)  # free text is not exploded into metrics
+    # strings (free text, categories alike) are never metric names: they are in the samples files
+    assert set(m) == {"info/searches", "info/answered"}
 
 
 def test_overrides_are_typed_and_strict(tmp_path):
