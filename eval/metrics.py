@@ -23,8 +23,8 @@ The trajectories a metric set sees are already scored by the recipe's reward fun
 `traj.row` / `traj.info` (the search set calls its rewards, so the leaderboard's EM is the training
 reward's EM by construction). `eval.run` adds `segments` to every record: the whole response as
 `[{"role": "policy"|"env", "text": ...}]`, decoded from the trajectory's ids split where its
-loss_mask changes (`response_segments`), so a record shows what the model wrote and what the
-environment inserted. A model evaluated on 2+ datasets gets an `avg` row: the mean of each
+loss_mask changes (`rl.samples.segments`, as in the trainer's samples files), so a record shows
+what the model wrote and what the environment inserted. A model evaluated on 2+ datasets gets an `avg` row: the mean of each
 per-dataset metric (datasets weigh equally), the sum for the set's `totals` (`n`, counts).
 
 `check(metrics, settings)` (optional) looks at one model x dataset's metrics and the run's settings
@@ -40,8 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from rl.registry import METRICS
 
-__all__ = ["MetricSet", "mean", "average_metrics", "response_segments", "REWARD_METRICS", "reward_record",
-           "reward_aggregate"]
+__all__ = ["MetricSet", "mean", "average_metrics", "REWARD_METRICS", "reward_record", "reward_aggregate"]
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -84,22 +83,6 @@ def average_metrics(
         vals = [v for v in vals if v is not None]
         out[key] = (sum(vals) if key in totals else mean(vals)) if vals else None
     return out
-
-
-def response_segments(traj, tokenizer) -> list[dict]:
-    """The whole response as `[{"role": "policy"|"env", "text": ...}]`: the trajectory's own token ids,
-    split where `loss_mask` changes (1 = the policy generated it, 0 = the environment inserted it) and
-    decoded run by run with special tokens kept, so the texts joined give the decoded response (runs end at
-    action tags and observation edges, never inside a multi-byte character)."""
-    segments: list[dict] = []
-    start = 0
-    ids, mask = list(traj.response_ids), list(traj.loss_mask)
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or bool(mask[i]) != bool(mask[start]):
-            text = tokenizer.decode(ids[start:i], skip_special_tokens=False)
-            segments.append({"role": "policy" if mask[start] else "env", "text": text})
-            start = i
-    return segments
 
 
 # ----------------------------------------------------------------------------- rewards (the default set)

@@ -395,18 +395,19 @@ def evaluate(
     trajectory before it is recorded.
     Returns `{"label", "model", "model_path", "settings", "datasets": {name: {"metrics",
     "predictions"[, "warning"][, "error"]}}, "avg"}`: each record gets the response's `segments`
-    (`eval.metrics.response_segments`); the metric set's `check` of a dataset's metrics gives a
+    (`rl.samples.segments`); the metric set's `check` of a dataset's metrics gives a
     `warning` (also logged) and, when fatal, the same text as `error` (the CLI then exits 1).
     """
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from eval.metrics import average_metrics, mean, response_segments
+    from eval.metrics import average_metrics, mean
     from rl.data import PROMPT_BUILDERS
     from rl.engines import HFEngine, SamplingParams
     from rl.plugins import load_plugins
     from rl.registry import AGENTS
     from rl.rewards import score_trajectories
+    from rl.samples import segments
 
     load_plugins(())  # the generic agents (idempotent)
     if batch_size < 1:
@@ -458,7 +459,7 @@ def evaluate(
                     score_trajectories(trajs, list(reward_fns), reward_fallback)
                 for t in trajs:
                     rec = ms(t)
-                    rec.setdefault("segments", response_segments(t, tokenizer))
+                    rec.setdefault("segments", segments(tokenizer, t.response_ids, t.loss_mask))
                     records.append(rec)
                 bar.update(len(batch))
                 if ms.progress:
