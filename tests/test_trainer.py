@@ -173,18 +173,37 @@ def test_two_stage_curriculum_switches_builder_and_kl(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra",
-    [{}, {"model__lora": True, "model__lora_r": 4, "algorithm__kl_coef": 0.05},
-     {"algorithm__name": "ppo", "mini_batches_per_step": 2, "algorithm__critic_layers": 1}],
-    ids=["full", "lora", "ppo_truncated_critic"],
+    "extra,kill",
+    [({}, "after_save"), ({}, "mid_save"),
+     ({"model__lora": True, "model__lora_r": 4, "algorithm__kl_coef": 0.05}, "after_save"),
+     ({"algorithm__name": "ppo", "mini_batches_per_step": 2, "algorithm__critic_layers": 1}, "after_save")],
+    ids=["full", "full_killed_mid_save", "lora", "ppo_truncated_critic"],
 )
-def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra):
+def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra, kill, monkeypatch):
     import shutil
+
+    from rl import checkpoint
 
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_model_dir, full, steps=4, data__eval="", **extra)
-    run(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra)
-    shutil.rmtree(part / "checkpoint-4")  # keep only the step-2 checkpoint, then resume from it
+    if kill == "after_save":  # killed after the step-4 checkpoint: keep only the step-2 one
+        run(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra)
+        shutil.rmtree(part / "checkpoint-4")
+    else:  # killed while the step-4 checkpoint was being written (its metrics line already logged)
+        real = checkpoint.save_training_state
+
+        def dies_at_step_4(directory, state, **kwargs):
+            if state["step"] == 4:
+                directory.mkdir(parents=True)
+                (directory / "trainer_state.json").write_text("{")  # half-written
+                raise KeyboardInterrupt("killed mid-save")
+            real(directory, state, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "save_training_state", dies_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra)
+        monkeypatch.undo()
+        assert not (part / "checkpoint-4").exists()
     cfg = config_from_dict(recipe(tiny_model_dir, part, steps=4, save_steps=2, data__eval="", **extra))
     train(cfg, resume="latest")
     name = "adapter_model.safetensors" if extra.get("model__lora") else "model.safetensors"
@@ -197,10 +216,15 @@ def test_resume_continues_exactly(tiny_model_dir, tmp_path, extra):
     if extra.get("algorithm__critic_layers"):  # the checkpointed critic keeps its depth
         critic_config = json.loads((part / "checkpoint-4" / "critic" / "config.json").read_text())
         assert critic_config["num_hidden_layers"] == extra["algorithm__critic_layers"]
-    # the metrics of the resumed steps equal the uninterrupted run's
-    rewards = lambda d: [json.loads(x)["reward/mean"] for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-                         if "reward/mean" in x]
-    assert rewards(full) == rewards(part)[:2] + rewards(part)[-2:]
+    # metrics.jsonl has each step once, with the uninterrupted run's values (timings aside)
+    def lines(d):
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))}
+                for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines(part)] == [x["step"] for x in lines(full)] == [1, 2, 3, 4]
+    assert lines(part) == lines(full)
+    # the resumed steps' samples files were rewritten, equal to the uninterrupted run's
+    for step in (3, 4):
+        assert (part / "samples" / f"step_{step}.jsonl").read_text() == (full / "samples" / f"step_{step}.jsonl").read_text()
 
 
 def test_micro_batching_gives_the_full_batch_update(tiny_model_dir, tmp_path):
