@@ -33,8 +33,8 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
 
 
-def smooth(values: list[float], weight: float = 0.8) -> list[float]:
-    """TensorBoard's smoothing: a debiased exponential moving average (weight = the old value's share)."""
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """TensorBoard's smoothing (its default weight, 0.6): a debiased exponential moving average (weight = the old value's share)."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
@@ -130,17 +130,25 @@ def _length_panel(ax, history: list[dict]) -> None:
 
 
 def _loss_panel(ax, history: list[dict]) -> None:
+    """The loss terms and KL (per token); the policy's entropy, on another scale, on a right-hand axis."""
     train = _train(history)
     keys = sorted({k for h in train for k in h if k.startswith("loss/")})
     keys = [k for k in keys if any(h.get(k) for h in train)]  # a term that is 0 throughout says nothing
-    for i, key in enumerate(keys):
+    for i, key in enumerate(k for k in keys if k != "loss/entropy"):
         _curve(ax, *_series(train, key), key.removeprefix("loss/"), color=f"C{i}")
+    handles, labels = ax.get_legend_handles_labels()
+    if "loss/entropy" in keys:
+        right = ax.twinx()
+        _curve(right, *_series(train, "loss/entropy"), "entropy (right axis)", color="C7")
+        right.set_ylabel("entropy per token")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     ax.set_xlabel("step")
     ax.set_ylabel("per token")
     ax.set_title("KL / loss")
     ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=7)
+    if handles:
+        ax.legend(handles, labels, fontsize=7)
     _episodes_axis(ax, train)
 
 

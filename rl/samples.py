@@ -83,20 +83,20 @@ def write_samples(path: Path, records: list[dict]) -> None:
     atomic_write_lines(path, (json.dumps(r, ensure_ascii=False, default=str) for r in records))
 
 
-def _short(text: str, width: int) -> str:
-    """One line of at most `width` characters: the start and the end (where answers are), "..." between."""
+def _short(text: str, width: int, head: int | None = None) -> str:
+    """One line of at most `width` characters: the first `head` (default half) and the end, "..." between."""
     text = " ".join(text.split())
     if len(text) <= width:
         return text
-    head = (width - 3) // 2
+    head = (width - 3) // 2 if head is None else head
     return text[:head] + "..." + text[len(text) - (width - 3 - head):]
 
 
 def log_samples(records: list[dict], n: int = 2, width: int = 120) -> None:
-    """A few samples on the console, as TRL logs completions: the prompt's end, the response (environment
-    parts in [[env]]...[[/env]]) and the rewards, one short line each."""
+    """A few samples on the console, as TRL logs completions: the prompt's end (the question), the response's
+    start and end (environment parts in [[env]]...[[/env]]) and the rewards, one short line each."""
     for r in records[:n]:
         response = "".join(s["text"] if s["role"] == "policy" else f"[[env]]{s['text']}[[/env]]" for s in r["response"])
         parts = " ".join(f"{k}={v:.3g}" for k, v in r["reward_parts"].items())
         logger.info("sample step %s group %s | reward %.3g (%s)\n  prompt:   %s\n  response: %s", r["step"],
-                    r["group_id"], r["reward"], parts, _short(r["prompt"], width), _short(response, width))
+                    r["group_id"], r["reward"], parts, _short(r["prompt"], width, head=0), _short(response, width))
