@@ -34,7 +34,8 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def smooth(values: list[float], weight: float = 0.6) -> list[float]:
-    """TensorBoard's smoothing (its default weight, 0.6): a debiased exponential moving average (weight = the old value's share)."""
+    """TensorBoard's smoothing (its default weight, 0.6): a debiased exponential moving average, `weight`
+    being the old value's share."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
