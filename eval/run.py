@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from rl.common import CHECKPOINT_PREFIX, atomic_write_text, latest_checkpoint
+from rl.common import progress as progress_bar
 
 __all__ = [
     "EvalPlan",
@@ -398,7 +399,6 @@ def evaluate(
     (`rl.samples.segments`); the metric set's `check` of a dataset's metrics gives a
     `warning` (also logged) and, when fatal, the same text as `error` (the CLI then exits 1).
     """
-    from tqdm.auto import tqdm
     from transformers import set_seed
 
     from eval.metrics import average_metrics, mean
@@ -445,7 +445,7 @@ def evaluate(
     set_seed(seed)  # per model, so each model's sampled run is reproducible on its own
     results: dict[str, dict] = {}
     total = sum(len(rows) for rows in rows_by_name.values())
-    with tqdm(total=total, desc=f"eval {label}", unit="ex", disable=not progress) as bar:
+    with progress_bar(total=total, desc=f"eval {label}", unit="ex", disable=not progress) as bar:
         for name, rows in rows_by_name.items():
             records: list[dict] = []
             for start in range(0, len(rows), batch_size):

@@ -395,6 +395,10 @@ def check_optim(o: OptimConfig, fail) -> None:
         fail(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
     if o.warmup_steps and o.warmup_ratio:
         fail("optim.warmup_steps and optim.warmup_ratio are both set; set one")
+    if (o.warmup_steps or o.warmup_ratio) and o.lr_scheduler == "constant":
+        # transformers' "constant" schedule ignores warmup: the warmup asked for would silently not happen
+        fail("optim.lr_scheduler 'constant' has no warmup: use 'constant_with_warmup' (or another schedule) "
+             "with optim.warmup_steps / warmup_ratio")
     from transformers.trainer_utils import SchedulerType  # local: keeps parsing light
 
     schedulers = [t.value for t in SchedulerType]

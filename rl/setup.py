@@ -21,7 +21,7 @@ from rl import algorithms, checkpoint
 from rl.common import prepare_output_dir, quiet_deepspeed, resolve_dtype
 from rl.config import TrainConfig, config_to_dict
 from rl.critic import ValueModel
-from rl.data import PROMPT_BUILDERS, PromptSampler, check_columns, load_source
+from rl.data import PROMPT_BUILDERS, DataError, PromptSampler, check_columns, load_source
 from rl.engines import BaseEngine, SamplingParams, build_engine
 from rl.models import ModelPathError, resolve_model
 from rl.plugins import load_plugins
@@ -171,7 +171,11 @@ def _stage_data(cfg: TrainConfig, stages) -> list[StageData]:
         ds = load_source(source, stage.train_kwargs if stage.train_kwargs is not None else cfg.data.train_kwargs)
         check_columns(ds, cfg.data.required_columns, source)
         builder = PROMPT_BUILDERS.get(stage.prompt_builder or cfg.data.prompt_builder)
-        builder(ds[0])  # fail now, naming the builder, rather than mid-run
+        try:  # fail now, naming the builder and the row, rather than mid-run
+            builder(ds[0])
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise DataError(f"{source} row 0: prompt builder '{stage.prompt_builder or cfg.data.prompt_builder}' "
+                            f"cannot build a prompt from it: {type(e).__name__}: {e} (columns: {ds.column_names})") from None
         out.append(StageData(ds, builder, PromptSampler(len(ds), cfg.seed + i, cfg.data.shuffle)))
     return out
 
@@ -215,7 +219,8 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
         eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
     )
     optimizer_steps = cfg.total_steps * cfg.ppo_epochs * cfg.mini_batches_per_step
-    scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, cfg.optim.warmup_steps, optimizer_steps)
+    scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, cfg.optim.resolved_warmup_steps(optimizer_steps),
+                              optimizer_steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     critic_optimizer = None
     if critic is not None:

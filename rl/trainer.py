@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm.auto import tqdm
-
 from rl.batch import prepare_batch
 from rl.checkpoint import restore_run, save_final, save_run, stage_at
+from rl.common import progress as progress_bar
 from rl.config import TrainConfig
 from rl.evaluate import evaluate
 from rl.metrics import MetricsLog, step_metrics
@@ -56,8 +55,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         logger.info("eval before training: %s", _fmt(eval_before))
     last_eval = eval_before
 
-    progress = tqdm(total=cfg.total_steps, initial=start_step, desc="rl.train", disable=not run.is_main,
-                    dynamic_ncols=True)
+    progress = progress_bar(total=cfg.total_steps, initial=start_step, desc="rl.train", disable=not run.is_main)
     skipped = 0
     for step in range(start_step, cfg.total_steps):
         t_step = time.perf_counter()

@@ -50,6 +50,7 @@ import copy
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -155,6 +156,9 @@ def build_sft_config(recipe: SFTRecipe, has_eval: bool, vlm: bool = False):
         seed=r.seed,
         data_seed=r.seed,
         report_to=list(r.report_to) or "none",
+        # off a terminal (a log file, CI) tqdm's bars write carriage returns and escape codes; the
+        # Trainer then prints each log dict as a line instead (PrinterCallback)
+        disable_tqdm=not sys.stderr.isatty(),
         # without a GPU, accelerate forms a gloo (MULTI_CPU) group under `accelerate launch`
         # only when told it is on CPU; otherwise each process would train alone
         use_cpu=not torch.cuda.is_available(),

@@ -99,6 +99,12 @@ def test_warmup_steps_and_ratio_are_exclusive(tmp_path):
         config_from_dict(rl_recipe(tmp_path, optim__warmup_steps=2, optim__warmup_ratio=0.1), "r.yaml")
 
 
+def test_warmup_with_the_constant_schedule_is_refused(tmp_path):
+    # transformers' "constant" schedule ignores num_warmup_steps: the asked-for warmup would not happen
+    with pytest.raises(ConfigError, match="'constant' has no warmup: use 'constant_with_warmup'"):
+        config_from_dict(rl_recipe(tmp_path, optim__warmup_steps=2), "r.yaml")
+
+
 def test_stage_kl_coef_and_reward_weight_are_checked(tmp_path):
     stages = [{"name": "a", "steps": 1, "kl_coef": -1.0}]
     with pytest.raises(ConfigError, match=r"stages\[0\].kl_coef must be >= 0"):
@@ -110,7 +116,8 @@ def test_stage_kl_coef_and_reward_weight_are_checked(tmp_path):
 
 def test_the_defaults_and_good_edge_values_pass(tmp_path):
     cfg = config_from_dict(rl_recipe(tmp_path, rollout__temperature=0.0, rollout__top_p=1.0, rollout__top_k=0,
-                                     optim__warmup_ratio=0.5, save_total_limit=0, algorithm__dual_clip=3.0))
+                                     optim__warmup_ratio=0.5, optim__lr_scheduler="constant_with_warmup",
+                                     save_total_limit=0, algorithm__dual_clip=3.0))
     assert cfg.optim.resolved_warmup_steps(10) == 5
 
 

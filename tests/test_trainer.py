@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rl.data import DataError
 from rl.config import ConfigError, config_from_dict, load_config
 from rl.forward import forward_logprobs
 from rl.packing import make_micro_batch
@@ -342,6 +343,14 @@ def test_missing_dataset_file_is_named(tiny_model_dir, tmp_path):
     # at recipe load (rl.config.check_source), before any model
     with pytest.raises(ConfigError, match=r"data.train: dataset source not found: '.*nope.jsonl'"):
         run(tiny_model_dir, tmp_path, data__train=str(tmp_path / "nope.jsonl"))
+
+
+def test_prompt_builder_that_cannot_read_the_rows_is_named(tiny_model_dir, tmp_path):
+    # rows without the column the builder reads: one line naming the source, the builder and the columns
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1 + 1", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl row 0: prompt builder 'messages' .*KeyError.*'question'"):
+        run(tiny_model_dir, tmp_path / "out", data__train=str(rows), data__eval="", data__required_columns=[])
 
 
 def test_raising_reward_is_counted_and_run_continues(tiny_model_dir, tmp_path):
