@@ -218,3 +218,25 @@ def test_host_memory_helpers_are_safe_to_call_repeatedly():
     assert F.limit_heap_fragmentation() == F.limit_heap_fragmentation()
     F.release_memory()
     F.release_memory()
+
+
+def test_update_runs_the_policy_in_training_mode_so_gradient_checkpointing_applies(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """from_pretrained returns eval mode, in which transformers skips layer checkpointing: the update
+    must switch the policy to training mode, or model.gradient_checkpointing does nothing."""
+    import rl.update as U
+    from rl.config import config_from_dict
+    from rl.trainer import train
+    from tiny import arithmetic_recipe
+
+    seen = []
+    step = U._policy_micro_step
+
+    def spy(run, mb, *args, **kwargs):
+        seen.append((run.policy.training, run.unwrapped.is_gradient_checkpointing))
+        return step(run, mb, *args, **kwargs)
+
+    monkeypatch.setattr(U, "_policy_micro_step", spy)
+    train(config_from_dict(arithmetic_recipe(tiny_model_dir, tmp_path, steps=1, eval_before_training=False,
+                                             model__gradient_checkpointing=True)))
+    assert seen and all(training and checkpointing for training, checkpointing in seen)
