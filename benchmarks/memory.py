@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,10 @@ def run_once(args) -> dict:
         setattr(rl.trainer, name, sampler.wrap(name, fn))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    rl.trainer.train(cfg)
+    try:
+        rl.trainer.train(cfg)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoint holds weights + optimizer state: GBs
     total = time.perf_counter() - t0
     sampler.close()
     steps = [sum(sampler.stats[p]["seconds"][i] for p in ("rollout_step", "prepare_batch", "update_step")
