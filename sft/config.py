@@ -49,6 +49,7 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "OptimConfig",
+    "SFTOptimConfig",
     "SFTDataConfig",
     "SFTRecipe",
     "SFTTrainingConfig",
@@ -104,6 +105,16 @@ class SFTTrainingConfig:
 
 
 @dataclass
+class SFTOptimConfig(OptimConfig):
+    """RL's optim section with SFT's defaults as field defaults: a recipe that writes an `optim:`
+    section (say, only `lr`) keeps them, where a default_factory would be bypassed and the
+    schedule silently become RL's constant one."""
+
+    lr: float = 2e-5
+    lr_scheduler: str = "linear"
+
+
+@dataclass
 class SFTRecipe:
     # model: the RL section, LoRA included (model.lora: true trains an adapter; final/ holds the
     # merged full model, or the adapter alone with model.save_adapter_only). ["all-linear"] as
@@ -112,7 +123,7 @@ class SFTRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     # optim: the RL section, with SFT's defaults (RL's 1e-6 is far too small for SFT)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, lr_scheduler="linear"))
+    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
     training: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     steps: int = 0  # > 0: train exactly this many optimizer steps; 0 = training.epochs
     seed: int = 0

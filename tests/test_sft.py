@@ -510,3 +510,11 @@ def test_cli_reports_recipe_errors(tmp_path, capsys):
     path.write_text("data: {train: x.jsonl}\n")
     assert main([str(path), "training.lr=1e-4"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: training.lr was renamed optim.lr"
+
+
+def test_an_optim_section_keeps_the_sft_defaults(tmp_path, tiny_model_dir):
+    # a recipe giving only optim.lr keeps SFT's linear schedule (not RL's constant one)
+    data = write_smoke_dataset(tmp_path / "smoke.jsonl", rows=4)
+    rec = recipe_from_dict(recipe(tiny_model_dir, tmp_path / "out", data))
+    assert (rec.optim.lr, rec.optim.lr_scheduler) == (1e-2, "linear")
+    assert recipe_from_dict({"data": {"train": str(data)}}).optim.lr == 2e-5
