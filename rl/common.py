@@ -492,8 +492,9 @@ def progress(iterable: Iterable | None = None, *, log_interval: float = 30.0, **
     if _is_terminal(stream) or (notebook is not None and issubclass(tqdm, notebook.tqdm_notebook)):
         kwargs.setdefault("dynamic_ncols", True)
         return tqdm(iterable, file=stream, **kwargs)
+    # leave=True: a log keeps the bar's final state (`eval: 32/32 [00:06]`); erasing it is for terminals
     kwargs.update(file=_LogLines(stream), ascii=True, dynamic_ncols=False, ncols=kwargs.get("ncols") or 100,
-                  mininterval=max(kwargs.get("mininterval") or 0.0, log_interval))
+                  mininterval=max(kwargs.get("mininterval") or 0.0, log_interval), leave=True)
     return tqdm(iterable, **kwargs)
 
 

@@ -262,6 +262,10 @@ def test_progress_is_plain_lines_off_a_terminal():
     assert "\r" not in text and "\x1b" not in text and text.isascii()
     lines = text.splitlines()
     assert any("3/3" in line and "reward=2" in line for line in lines) and len(lines) >= 3
+    log = io.StringIO()  # a bar that a terminal would erase (leave=False) keeps its final state in a log
+    with progress(total=4, desc="eval", leave=False, file=log) as bar:
+        bar.update(4)
+    assert "eval" in log.getvalue().splitlines()[-1] and "4/4" in log.getvalue().splitlines()[-1]
 
 
 def test_library_progress_bars_off_a_terminal():
