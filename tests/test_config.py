@@ -4,6 +4,7 @@ top-level steps/seed/report_to/...), and the older SFT names point to the new on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -158,7 +159,9 @@ def test_sft_and_rl_share_the_model_and_optim_sections(tmp_path):
                                       report_to=["tensorboard"], save_total_limit=1))
     cfg = config_from_dict(rl_recipe(tmp_path, model__lora=True, model__lora_r=4, optim__lr=3e-4, seed=7,
                                      report_to=["tensorboard"], save_total_limit=1))
-    assert type(rec.model) is type(cfg.model) is ModelConfig and type(rec.optim) is type(cfg.optim) is OptimConfig
+    # the same classes (SFT's optim section is RL's with SFT's defaults: a subclass, same keys)
+    assert type(rec.model) is type(cfg.model) is ModelConfig and type(cfg.optim) is OptimConfig
+    assert isinstance(rec.optim, OptimConfig) and [f.name for f in dataclasses.fields(rec.optim)] == [f.name for f in dataclasses.fields(cfg.optim)]
     for key in ("model.lora", "model.lora_r", "optim.lr", "seed", "report_to", "save_total_limit", "output_dir"):
         section, _, name = key.rpartition(".")
         get = (lambda c: getattr(getattr(c, section), name)) if section else (lambda c: getattr(c, name))
