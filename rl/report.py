@@ -68,6 +68,20 @@ def _episodes_axis(ax, train: list[dict]) -> None:
     top.set_xlabel("episodes")
 
 
+def _finish(ax, title: str, ylabel: str, train: list[dict] | None = None, handles=None) -> None:
+    """What every panel ends with: axis labels, title, grid, a legend when something is labelled and,
+    for panels over training steps (`train`), the episodes axis on top."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    handles, labels = handles if handles is not None else ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7)
+    if train is not None:
+        _episodes_axis(ax, train)
+
+
 def plot_reward_panel(ax, history: list[dict]) -> None:
     """The total reward and every reward function by name (smoothed over faint raw points), the total's
     spread over samples (mean +- std) as a band, held-out rewards where evaluations were taken."""
@@ -86,13 +100,7 @@ def plot_reward_panel(ax, history: list[dict]) -> None:
     ex, ey = _series(history, "eval/reward")
     if ex:
         ax.plot(ex, ey, "s--", color="C1", ms=5, lw=1, label="total (held-out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title("reward")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    _episodes_axis(ax, train)
+    _finish(ax, "reward", "reward", train)
 
 
 def _eval_panel(ax, history: list[dict]) -> None:
@@ -103,13 +111,8 @@ def _eval_panel(ax, history: list[dict]) -> None:
     for i, key in enumerate(keys):
         x, y = _series(evals, key)
         ax.plot(x, y, "o-", ms=4, lw=1.2, color=f"C{i}", label=key.removeprefix("eval/"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out mean")
-    ax.set_title("held-out metrics")
-    ax.grid(alpha=0.3)
-    if keys:
-        ax.legend(fontsize=7)
-    else:
+    _finish(ax, "held-out metrics", "held-out mean")
+    if not keys:
         ax.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=ax.transAxes)
 
 
@@ -121,13 +124,7 @@ def _length_panel(ax, history: list[dict]) -> None:
     ex, ey = _series(history, "eval/response_length")
     if ex:
         ax.plot(ex, ey, "s--", color="C1", ms=5, lw=1, label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens per response")
-    ax.set_title("response length")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    _episodes_axis(ax, train)
+    _finish(ax, "response length", "tokens per response", train)
 
 
 def _loss_panel(ax, history: list[dict]) -> None:
@@ -144,13 +141,7 @@ def _loss_panel(ax, history: list[dict]) -> None:
         right.set_ylabel("entropy per token")
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.set_xlabel("step")
-    ax.set_ylabel("per token")
-    ax.set_title("KL / loss")
-    ax.grid(alpha=0.3)
-    if handles:
-        ax.legend(handles, labels, fontsize=7)
-    _episodes_axis(ax, train)
+    _finish(ax, "KL / loss", "per token", train, (handles, labels))
 
 
 def report_figure(history: list[dict], title: str = ""):

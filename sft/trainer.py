@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from rl.checkpoint import publish_dir
 from rl.common import CHECKPOINT_PREFIX, find_checkpoint, prepare_output_dir, resolve_dtype
 from sft.config import ConfigError, SFTRecipe, recipe_to_dict
 
@@ -305,14 +306,7 @@ def save_final(trainer, recipe: SFTRecipe, tokenizer, model_path: str) -> Path:
         trainer.save_model(str(tmp))
     if is_main:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe is in config.json
-        if final.exists():
-            old = out / ".old-final"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        publish_dir(tmp, final)
     acc.wait_for_everyone()
     return final
 
