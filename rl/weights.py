@@ -28,7 +28,8 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     A PEFT LoRA model is exported merged (W + scale * B @ A through each LoRA layer's
     `get_delta_weight`), computed on the fly so the training model is never mutated
     (merge/unmerge in place would drift the base weights by float rounding each step);
-    `modules_to_save` copies replace their originals. Tied weights appear under both
+    `modules_to_save` copies replace their originals, and PEFT trainable tokens (added vocabulary,
+    rl/vocab.py) write their trained rows into the embedding / head weight. Tied weights appear under both
     names, as in `state_dict()`: vLLM 0.32's in-place reload needs `lm_head.weight` too
     (without it the tied lm_head keeps the old weights).
 
@@ -63,10 +64,13 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora_layers: dict[str, Any] = {}
+    token_layers: dict[str, Any] = {}  # PEFT trainable tokens (added vocabulary under LoRA, rl/vocab.py)
     try:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
         lora_layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+        token_layers = {n: m for n, m in base.named_modules() if isinstance(m, TrainableTokensLayer)}
     except ImportError:  # peft is a core dependency, but stay usable without it
         pass
     param_of = dict(base.named_parameters(remove_duplicate=False))  # state-dict name -> Parameter (tied: one)
@@ -90,11 +94,21 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 continue
             owner = param_of.get(name)  # the Parameter behind this entry (tied names share one)
             if owner is not None and id(owner) in merged_of:
-                yield name, merged_of[id(owner)]
+                yield name.replace(".token_adapter.base_layer.", "."), merged_of[id(owner)]
                 continue
             param = zero3.get(name)  # under ZeRO-3 `tensor` is an empty placeholder: read the gathered param
             gather = [param] if param is not None else []
-            merge = None
+            merge = tokens = None
+            if ".token_adapter." in name:  # a TrainableTokensWrapper: its trained rows replace the base rows
+                if ".token_adapter.base_layer." not in name:
+                    continue  # the trained rows themselves (trainable_tokens_delta), merged into the weight below
+                mod_name, _, pname = name.partition(".token_adapter.base_layer.")
+                layer = token_layers.get(f"{mod_name}.token_adapter")
+                if layer is not None and pname == "weight" and not layer.merged and not layer.disable_adapters:
+                    tokens = layer
+                    if zero3:
+                        gather += [p for p in layer.trainable_tokens_delta.parameters() if hasattr(p, "ds_id")]
+                name = f"{mod_name}.{pname}"
             if ".modules_to_save." in name:
                 head, _, rest = name.partition(".modules_to_save.")
                 name = head + "." + rest.split(".", 1)[1]
@@ -115,6 +129,13 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                         if adapter in getattr(merge, "lora_A", {}) or adapter in getattr(merge, "lora_embedding_A", {}):
                             # under FSDP2 both are DTensors: gather each, then add full tensors
                             tensor = _full(tensor) + _full(merge.get_delta_weight(adapter)).to(tensor.dtype)
+                if tokens is not None:  # as PEFT's merge: the trained rows overwrite the base rows
+                    for adapter in tokens.active_adapters:
+                        if adapter in tokens.trainable_tokens_delta:
+                            index = torch.tensor(tokens.token_indices[adapter], device=tensor.device)
+                            delta = _full(tokens.trainable_tokens_delta[adapter]).to(tensor.dtype)
+                            tensor = _full(tensor).index_copy(0, index, delta)
+                    merge = merge or tokens  # for merged_of below: a tied head gets the same rows
                 tensor = _full(tensor).detach()
                 if merge is not None and owner is not None:
                     merged_of[id(owner)] = tensor
@@ -122,9 +143,18 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def checkpoint_dir(model: torch.nn.Module) -> str | None:
-    """The local directory the policy was loaded from (it has a config.json), or None."""
+    """The local directory the policy was loaded from (it has a config.json), or None; None too when
+    its config's vocabulary size is not the policy's (resized for added tokens, rl/vocab.py: an engine
+    started from that directory would build the old embedding shapes)."""
+    import json
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     path = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
     if path and (Path(path) / "config.json").is_file():
+        on_disk = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        on_disk = on_disk.get("text_config", on_disk) if "vocab_size" not in on_disk else on_disk
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        if "vocab_size" in on_disk and on_disk["vocab_size"] != getattr(config, "vocab_size", on_disk["vocab_size"]):
+            return None
         return str(path)
     return None
