@@ -41,6 +41,12 @@ class ModelConfig:
     # LoRA runs: <output_dir>/final/ holds the adapter (+ tokenizer) instead of the merged model
     # (smaller; loading it needs the base model, named portably in adapter_config.json)
     save_adapter_only: bool = False
+    # Added vocabulary (rl/vocab.py, docs/added_tokens.md): new tokens (e.g. semantic IDs <a_12>) added to
+    # the tokenizer, with new embedding (and untied head) rows that train (LoRA: only those rows, through
+    # PEFT's trainable_token_indices). A list of tokens (or of {token, description}), or a .txt file (one
+    # token per line) or .jsonl file ({"token": ..., "description": ...} per line).
+    added_tokens: Any = field(default_factory=list)
+    added_tokens_init: str = "mean"  # mean (of the existing rows) | description (mean of its description's rows)
 
 
 @dataclass
@@ -376,6 +382,12 @@ def check_model(m: ModelConfig, fail) -> None:
         fail(f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
     if getattr(m, "save_adapter_only", False) and not m.lora:
         fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
+    from rl.vocab import read_added_tokens  # the list or file: readable, no duplicates, descriptions if needed
+
+    try:
+        read_added_tokens(m)
+    except ValueError as e:
+        fail(str(e))
 
 
 def check_optim(o: OptimConfig, fail) -> None:
