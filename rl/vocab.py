@@ -51,6 +51,7 @@ __all__ = [
     "prepare_model",
     "read_added_tokens",
     "trainable_token_indices",
+    "vocab_of",
 ]
 
 logger = logging.getLogger("rl.vocab")
@@ -181,6 +182,21 @@ def add_to_tokenizer(tokenizer, model_cfg) -> AddedVocab | None:
     logger.info("added vocabulary: %d tokens (%d new to the tokenizer), ids %d..%d", len(specs), len(new),
                 min(ids.values()), max(ids.values()))
     return AddedVocab(specs, ids, preexisting, tok)
+
+
+def vocab_of(tokenizer, model_cfg) -> AddedVocab | None:
+    """The run's added tokens as a tokenizer that already holds them (one `add_to_tokenizer` returned)
+    has them, without adding anything: for rebuilding a base model that a trained adapter (whose
+    trainable-token rows replace the initialised ones) is merged into, e.g. SFT's final/."""
+    specs = read_added_tokens(model_cfg)
+    if not specs:
+        return None
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    vocab = tok.get_vocab()
+    missing = [s.token for s in specs if s.token not in vocab]
+    if missing:
+        raise ValueError(f"{KEY}: the tokenizer has no {missing[0]!r}; add_to_tokenizer was not called")
+    return AddedVocab(specs, {s.token: vocab[s.token] for s in specs}, set(), tok)
 
 
 def _marker(model) -> dict[str, int]:

@@ -1,0 +1,183 @@
+"""Added vocabulary (rl/vocab.py, `model.added_tokens`): tokenizer, resize, row initialisation, training
+under full fine-tuning and LoRA (PEFT trainable tokens), checkpoints, SFT, the vLLM engine.
+
+On the tiny Llama (tied embeddings) and an untied variant (`tie_word_embeddings=False`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rl.config import ConfigError, ModelConfig, config_from_dict
+from rl.vocab import MARKER, add_to_tokenizer, prepare_model, trainable_token_indices
+from tiny import arithmetic_recipe, make_tiny_tokenizer, save_tiny_checkpoint
+
+TOKENS = ["<a_1>", "<a_2>", "<b_1>"]
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def model_dir(request, tmp_path_factory) -> str:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0, tie_word_embeddings=request.param)
+
+
+def prepared(model_dir: str, init: str = "mean", tokens=TOKENS):
+    tok = make_tiny_tokenizer()
+    cfg = ModelConfig(name_or_path=model_dir, added_tokens=tokens, added_tokens_init=init)
+    vocab = add_to_tokenizer(tok, cfg)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return tok, vocab, model, cfg
+
+
+def matrices(model) -> list[torch.Tensor]:
+    """The input embedding, and the output head when it is a separate matrix."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return [emb] if head is emb else [emb, head]
+
+
+def test_tokens_are_single_added_tokens_that_round_trip():
+    tok = make_tiny_tokenizer()
+    n = len(tok)
+    vocab = add_to_tokenizer(tok, ModelConfig(added_tokens=TOKENS))
+    assert vocab.token_ids == [n, n + 1, n + 2] and len(tok) == n + 3
+    text = "item<a_1><b_1> then <a_2>!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert [i for i in ids if i >= n] == [n, n + 2, n + 1]
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text  # added, not special
+    # idempotent: a tokenizer that has them (a checkpoint's) keeps the ids and adds nothing
+    again = add_to_tokenizer(tok, ModelConfig(added_tokens=TOKENS))
+    assert again.ids == vocab.ids and len(tok) == n + 3 and again.preexisting == set(TOKENS)
+
+
+def test_mean_init_is_the_mean_of_the_old_rows(model_dir):
+    tok, vocab, model, cfg = prepared(model_dir)
+    old = [w.detach().clone() for w in matrices(model)]
+    n = old[0].shape[0]
+    assert prepare_model(model, vocab, cfg) == vocab.token_ids
+    assert model.config.vocab_size == len(tok) == n + 3
+    for before, after in zip(old, matrices(model)):
+        assert after.shape == (n + 3, before.shape[1])
+        assert torch.equal(after[:n], before)  # existing rows untouched
+        for i in vocab.token_ids:
+            torch.testing.assert_close(after[i], before.mean(0))
+    assert getattr(model.config, MARKER) == vocab.ids
+    if len(old) == 1:  # tied: the head is the embedding
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_description_init_is_the_mean_of_the_description_rows(model_dir, tmp_path):
+    rows = [{"token": "<a_1>", "description": "the capital of France"},
+            {"token": "<a_2>", "description": "plus"}]
+    path = tmp_path / "tokens.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok, vocab, model, cfg = prepared(model_dir, init="description", tokens=str(path))
+    old = [w.detach().clone() for w in matrices(model)]
+    prepare_model(model, vocab, cfg)
+    for before, after in zip(old, matrices(model)):
+        for row in rows:
+            desc = tok(row["description"], add_special_tokens=False)["input_ids"]
+            assert len(desc) >= 1
+            torch.testing.assert_close(after[vocab.ids[row["token"]]], before[desc].mean(0))
+
+
+def test_a_model_that_has_the_rows_is_not_reinitialised(model_dir, tmp_path):
+    tok, vocab, model, cfg = prepared(model_dir)
+    prepare_model(model, vocab, cfg)
+    with torch.no_grad():  # "trained" rows
+        model.get_input_embeddings().weight[vocab.token_ids] += 1.0
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    vocab2 = add_to_tokenizer(tok2, cfg)
+    assert vocab2.ids == vocab.ids and len(tok2) == len(tok)
+    assert prepare_model(reloaded, vocab2, cfg) == []
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    # the base tokenizer (a resumed full fine-tuning run loads the tokenizer of the recipe's model and the
+    # weights of the checkpoint): the tokens get the same ids and the checkpoint's rows are kept
+    vocab3 = add_to_tokenizer(make_tiny_tokenizer(), cfg)
+    assert prepare_model(reloaded, vocab3, cfg) == []
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lora_trains_only_the_added_rows(tied, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from rl.weights import export_weights
+
+    d = save_tiny_checkpoint(tmp_path / "m", tie_word_embeddings=tied)
+    tok, vocab, model, cfg = prepared(d)
+    prepare_model(model, vocab, cfg)
+    indices = trainable_token_indices(model, vocab)
+    assert indices == ({"model.embed_tokens": vocab.token_ids} if tied else
+                       {"model.embed_tokens": vocab.token_ids, "lm_head": vocab.token_ids})
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    ids = torch.tensor([[5, 6, *vocab.token_ids, 7]])
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-1)
+    policy(ids, labels=ids).loss.backward()
+    opt.step()
+    exported = dict(export_weights(policy))
+    assert EMBED in exported and HEAD in exported and not any("token_adapter" in k for k in exported)
+    base = AutoModelForCausalLM.from_pretrained(d)
+    n = base.get_input_embeddings().weight.shape[0]
+    for key in (EMBED, HEAD):
+        old = base.get_input_embeddings().weight if key == EMBED else base.get_output_embeddings().weight
+        assert torch.equal(exported[key][:n], old)  # the old rows of embed (and head) do not train
+        assert not torch.allclose(exported[key][n:], old.mean(0).expand(3, -1))  # the new rows did
+    with torch.no_grad():  # the exported weights are the trained policy
+        plain = AutoModelForCausalLM.from_pretrained(d)
+        plain.resize_token_embeddings(len(tok))
+        plain.load_state_dict(exported)
+        torch.testing.assert_close(plain(ids).logits, policy(ids).logits, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("missing.txt", "model.added_tokens: file not found: missing.txt"),
+    (["<a_1>", "<a_2>", "<a_1>"], "model.added_tokens[2]: duplicate token '<a_1>' (also at model.added_tokens[0])"),
+    (["<a_1>", ""], "model.added_tokens[1]: a token must be a non-empty string"),
+    ("tokens.csv", "model.added_tokens: 'tokens.csv' is neither a list nor a .txt / .jsonl file"),
+])
+def test_bad_token_lists_are_one_clear_error(tiny_model_dir, tmp_path, tokens, message):
+    cfg = arithmetic_recipe(tiny_model_dir, tmp_path / "out", model__added_tokens=tokens)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_description_init_needs_every_description(tiny_model_dir, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"token": "<a_1>", "description": "one"}\n{"token": "<a_2>"}\n')
+    cfg = arithmetic_recipe(tiny_model_dir, tmp_path / "out", model__added_tokens=str(path),
+                            model__added_tokens_init="description")
+    with pytest.raises(ConfigError, match=r"model.added_tokens \(.*t.jsonl line 2\): token '<a_2>' has no description"):
+        config_from_dict(cfg)
+
+
+def test_a_token_of_the_base_vocabulary_is_an_error():
+    with pytest.raises(ValueError, match="model.added_tokens: 'the' is already a token of the base vocabulary"):
+        add_to_tokenizer(make_tiny_tokenizer(), ModelConfig(added_tokens=["<a_1>", "the"]))
+
+
+def test_txt_file_and_override_syntax(tiny_model_dir, tmp_path):
+    from rl.config import read_recipe_mapping
+
+    (tmp_path / "tokens.txt").write_text("<a_1>\n\n<a_2>\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(arithmetic_recipe(tiny_model_dir, tmp_path / "out")))
+    data = read_recipe_mapping(recipe, ["model.added_tokens=[<a_1>,<a_2>]"])
+    assert config_from_dict(data).model.added_tokens == ["<a_1>", "<a_2>"]
+    from rl.vocab import read_added_tokens
+
+    specs = read_added_tokens(ModelConfig(added_tokens=str(tmp_path / "tokens.txt")))
+    assert [s.token for s in specs] == ["<a_1>", "<a_2>"]
