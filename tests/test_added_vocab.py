@@ -181,3 +181,92 @@ def test_txt_file_and_override_syntax(tiny_model_dir, tmp_path):
 
     specs = read_added_tokens(ModelConfig(added_tokens=str(tmp_path / "tokens.txt")))
     assert [s.token for s in specs] == ["<a_1>", "<a_2>"]
+
+
+# ----------------------------------------------------------------------------- RL runs
+
+
+def with_tokens(messages: list[dict]) -> list[dict]:
+    """Prompts that contain added tokens, so their input-embedding rows get gradients too."""
+    return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " <a_1><b_1><a_2>"}]
+
+
+def token_prompts(row: dict) -> list[dict]:  # a prompt builder ("module:function")
+    return with_tokens(list(row["messages"]))
+
+
+def rl_run(model_dir: str, out: Path, **overrides) -> dict:
+    from rl.trainer import train
+
+    cfg = arithmetic_recipe(model_dir, out, model__added_tokens=TOKENS,
+                            data__prompt_builder="test_added_vocab:token_prompts", **overrides)
+    return train(config_from_dict(cfg))
+
+
+def new_token_logits(model, tok) -> torch.Tensor:
+    ids = tok("<a_1><b_1> 3 <a_2><a_1>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert (ids >= 512).sum() == 4
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_rl_run_trains_the_added_rows_and_final_reloads(model_dir, tmp_path, lora):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    extra = {"model__lora": True, "model__lora_r": 4} if lora else {}
+    result = rl_run(model_dir, out, **extra)
+    assert [h["step"] for h in result["history"] if "reward/mean" in h] == [1, 2]
+    base = load_file(str(Path(model_dir) / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    n = base[EMBED].shape[0]
+    assert final[EMBED].shape[0] == n + 3
+    init = base[EMBED].mean(0).expand(3, -1)
+    assert not torch.allclose(final[EMBED][n:], init)  # the new rows trained
+    if lora:
+        assert torch.equal(final[EMBED][:n], base[EMBED])  # the old rows of embed did not
+    else:
+        assert not torch.equal(final[EMBED][:n], base[EMBED])
+    if HEAD in base:  # untied: the head got (and trained) new rows too
+        assert final[HEAD].shape[0] == n + 3
+        assert not torch.allclose(final[HEAD][n:], base[HEAD].mean(0).expand(3, -1))
+        if lora:
+            assert torch.equal(final[HEAD][:n], base[HEAD])
+    # final/ reloads with the tokens, and equals the trainer's policy (the last checkpoint)
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) == 1 for t in TOKENS)
+    assert json.loads((out / "final" / "config.json").read_text())[MARKER] == {
+        t: tok.convert_tokens_to_ids(t) for t in TOKENS}
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    ckpt = out / "checkpoint-2" / "policy"
+    if lora:
+        trained = AutoModelForCausalLM.from_pretrained(model_dir)
+        prepare_model(trained, add_to_tokenizer(make_tiny_tokenizer(), ModelConfig(added_tokens=TOKENS)),
+                      ModelConfig(added_tokens=TOKENS))
+        trained = PeftModel.from_pretrained(trained, str(ckpt))
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(ckpt)
+    torch.testing.assert_close(new_token_logits(reloaded, tok), new_token_logits(trained, tok), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_resume_and_a_trained_start_add_nothing(tiny_model_dir, tmp_path, lora):
+    """Resuming a run, or starting a new one from its final/, keeps the trained rows and the ids."""
+    from rl.setup import setup_run
+
+    out = tmp_path / "run"
+    extra = {"model__lora": True, "model__lora_r": 4} if lora else {}
+    rl_run(tiny_model_dir, out, **extra)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    cfg = config_from_dict(arithmetic_recipe(tiny_model_dir, out, model__added_tokens=TOKENS, **extra))
+    run = setup_run(cfg, resume="latest")
+    exported = dict(__import__("rl.weights", fromlist=["export_weights"]).export_weights(run.unwrapped))
+    torch.testing.assert_close(exported[EMBED], final[EMBED], rtol=0, atol=1e-6)
+    assert len(run.tokenizer) == final[EMBED].shape[0]
+    start = config_from_dict(arithmetic_recipe(str(out / "final"), tmp_path / "next", model__added_tokens=TOKENS,
+                                               algorithm__kl_coef=0.1))
+    run2 = setup_run(start, resume=None)
+    assert len(run2.tokenizer) == final[EMBED].shape[0]  # nothing added twice
+    assert torch.equal(run2.unwrapped.get_input_embeddings().weight.detach(), final[EMBED])
+    assert torch.equal(run2.ref_model.get_input_embeddings().weight, final[EMBED])
