@@ -43,8 +43,11 @@ def single_turn(
     # all G samples of all prompts go to the engine in one call so they batch together
     flat = [p for p in prompts for _ in range(group_size)]
     gens = engine.generate(flat, params)
-    return assemble_trajectories(tokenizer, rows, group_size, first_group_id, [
+    trajs = assemble_trajectories(tokenizer, rows, group_size, first_group_id, [
         (prompts[k // group_size], gen.token_ids, [1] * len(gen.token_ids), gen.logprobs,
          {"finish_reason": gen.finish_reason, "turns": 1})
         for k, gen in enumerate(gens)
     ])
+    for t in trajs:  # sampled under it: the trainer renormalises over the same allowed ids (rl.packing)
+        t.constraint = params.constraint
+    return trajs

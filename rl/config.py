@@ -85,6 +85,11 @@ class RolloutConfig:
     # (rl.algorithms.select_groups); 1 = train on every group rolled out
     oversample: int = 1
     eval_temperature: float = 0.0  # 0 = greedy
+    # constrained decoding (rl/constraints.py, docs/engines.md): only these token sequences may be sampled,
+    # in rollouts and evals, and the trainer renormalises its log-probs over the same allowed ids. A text
+    # file (one allowed sequence per line), a .jsonl file (a string, or {text} / {ids}, per line) or
+    # "module:function" returning a list of strings or a TokenTrie; null = unconstrained
+    constraint: str | None = None
 
 
 @dataclass
@@ -471,6 +476,26 @@ _RL_RANGES: list[tuple[str, Any, str]] = [
 ]
 
 
+def _check_constraint(r: RolloutConfig, fail, check_files: bool) -> None:
+    """`rollout.constraint` names an existing file or an importable "module:function" (not called: it
+    may need the tokenizer's work); the trie itself is built, and checked, once the tokenizer exists."""
+    import importlib
+
+    spec = str(r.constraint)
+    from rl.constraints import is_function_spec
+
+    if not is_function_spec(spec):
+        if check_files and not Path(spec).is_file():
+            fail(f"rollout.constraint: file not found: {spec}")
+        return
+    module, _, attr = spec.partition(":")
+    try:
+        if not callable(getattr(importlib.import_module(module), attr)):
+            fail(f"rollout.constraint: {spec} is not a function")
+    except (ImportError, AttributeError) as e:
+        fail(f"rollout.constraint: cannot import {spec!r}: {e}")
+
+
 def _get(cfg, dotted: str):
     for k in dotted.split("."):
         cfg = getattr(cfg, k)
@@ -566,6 +591,11 @@ def validate(cfg: TrainConfig, source: str, check_files: bool = True) -> None:
         fail("prompts_per_step and rollout.group_size must be >= 1")
     if cfg.mini_batches_per_step < 1 or cfg.ppo_epochs < 1:
         fail("mini_batches_per_step and ppo_epochs must be >= 1")
+    if cfg.rollout.constraint is not None:
+        if AGENTS.get(cfg.rollout.agent) is not AGENTS.get("single_turn"):
+            fail(f"rollout.constraint: constrained decoding is single-turn only (agent '{cfg.rollout.agent}' does "
+                 f"not carry the constraint to the trainer's log-probs)")
+        _check_constraint(cfg.rollout, fail, check_files)
     if cfg.rollout.oversample < 1:
         fail(f"rollout.oversample must be >= 1 (1 = no dynamic sampling), got {cfg.rollout.oversample}")
     if cfg.rollout.oversample > 1 and cfg.rollout.group_size < 2:

@@ -21,7 +21,7 @@ __all__ = ["evaluate"]
 def evaluate(run, samples_file: Path | None = None, step: int = 0) -> dict:
     cfg, acc = run.cfg, run.accelerator
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
-                            stop=list(cfg.rollout.stop))
+                            stop=list(cfg.rollout.stop), constraint=run.sampling.constraint)
     world = acc.num_processes
     slices = [run.eval_rows[r::world] for r in range(world)]
     mine = slices[acc.process_index]

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rl import algorithms
+from rl.constraints import mask_logits
 from rl.packing import MicroBatch, scatter_rows
 
 __all__ = ["LOGPROB_CHUNK_TOKENS", "forward_logprobs", "forward_values", "batch_forward", "chunked_logprobs",
@@ -35,8 +36,10 @@ LOGPROB_CHUNK_TOKENS = 1024
 _HEAD_IS_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _chunk_stats(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    logits = head(h).float() / temperature
+def _chunk_stats(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                 allowed: torch.Tensor | None = None):
+    # constrained rollouts: renormalised over the allowed ids, as the engine sampled (rl/constraints.py)
+    logits = mask_logits(head(h).float() / temperature, allowed)
     # log_softmax then gather (not z[t] - logsumexp(z)): the same ops as the unchunked path, same bits
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if with_entropy:
@@ -45,20 +48,23 @@ def _chunk_stats(head, h: torch.Tensor, targets: torch.Tensor, temperature: floa
 
 
 def chunked_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                     with_entropy: bool = False, chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+                     with_entropy: bool = False, chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+                     allowed: torch.Tensor | None = None):
     """Log-probs of `targets` ([N]) and entropies under `softmax(head(hidden) / temperature)`, `hidden`
     [N, H], `chunk_tokens` rows at a time; with gradients, each chunk is recomputed in the backward
-    (`torch.utils.checkpoint`) instead of keeping its `[chunk, vocab]` tensors."""
+    (`torch.utils.checkpoint`) instead of keeping its `[chunk, vocab]` tensors. `allowed` ([N, K], -1
+    padded): each target's distribution renormalised over its allowed ids (`rl.constraints.mask_logits`)."""
     temperature = temperature if temperature > 0 else 1.0
     chunk = chunk_tokens if chunk_tokens > 0 else max(1, hidden.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     logps, ents = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        a = allowed[start : start + chunk] if allowed is not None else None
         if grad:
-            logp, ent = checkpoint(_chunk_stats, head, h, t, temperature, with_entropy, use_reentrant=False)
+            logp, ent = checkpoint(_chunk_stats, head, h, t, temperature, with_entropy, a, use_reentrant=False)
         else:
-            logp, ent = _chunk_stats(head, h, t, temperature, with_entropy)
+            logp, ent = _chunk_stats(head, h, t, temperature, with_entropy, a)
         logps.append(logp)
         ents.append(ent)
     if not logps:  # no targets
@@ -144,12 +150,13 @@ def forward_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bo
         logits_to_keep=mb.cols.to(device),  # logits only where a response token is predicted
     )
     keep, targets = mb.keep.to(device), mb.targets.to(device)
+    allowed = mb.allowed.to(device) if mb.allowed is not None else None  # constrained rollouts
     head = _chunkable_head(model, mb, device) if chunk > 0 else None
     if head is not None:
         hidden = _run_to_head(model, head, **inputs).flatten(0, 1)[keep]  # [N, H], the head's input
-        return chunked_logprobs(head, hidden, targets, temperature, with_entropy, chunk)
+        return chunked_logprobs(head, hidden, targets, temperature, with_entropy, chunk, allowed)
     logits = model(**inputs).logits.flatten(0, 1)[keep]
-    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    logits = mask_logits(logits.float() / (temperature if temperature > 0 else 1.0), allowed)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = algorithms.entropy_from_logits(logits) if with_entropy else None
     return logp, entropy

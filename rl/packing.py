@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rl.constraints import allowed_rows
 from rl.trajectory import Trajectory
 
 __all__ = ["MicroBatch", "make_micro_batch", "plan_micro_batches", "build_micro_batches", "scatter_rows", "gather_rows"]
@@ -45,6 +46,14 @@ class MicroBatch:
     rows: list[int]  # indices into the batch
     lengths: list[int]  # response lengths, in order
     packed: bool = True
+    # constrained rollouts: per target, the ids its constraint allowed ([N, K], -1 padded; a row of -1 =
+    # unconstrained), so rl.forward renormalises over them; None when no sample was constrained
+    allowed: torch.Tensor | None = None
+
+
+def _constrained(mb: MicroBatch, trajs: list[Trajectory]) -> MicroBatch:
+    mb.allowed = allowed_rows(trajs, mb.rows)  # targets are laid out in mb.rows order
+    return mb
 
 
 def _prompt_groups(trajs: list[Trajectory], rows: list[int]) -> list[list[int]]:
@@ -149,7 +158,8 @@ def make_micro_batch(
                 mask[i, 0].masked_fill_(allowed, 0.0)
             return mask
 
-        return _finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, True)
+        return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, True),
+                            trajs)
     for i, r in enumerate(rows):
         p, n = len(trajs[r].prompt_ids), len(trajs[r].response_ids)
         ids_rows.append(trajs[r].prompt_ids + trajs[r].response_ids)
@@ -165,7 +175,7 @@ def make_micro_batch(
             mask[i, : len(x)] = 1
         return mask
 
-    return _finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, pad_mask, False)
+    return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, pad_mask, False), trajs)
 
 
 def plan_micro_batches(trajs: list[Trajectory], rows: list[int], max_tokens: int, packed: bool = True) -> list[list[int]]:

@@ -22,7 +22,9 @@ from rl.common import prepare_output_dir, quiet_deepspeed, resolve_dtype
 from rl.config import TrainConfig, config_to_dict
 from rl.critic import ValueModel
 from rl.data import PROMPT_BUILDERS, DataError, PromptSampler, check_columns, load_source
+from rl.constraints import load_constraint
 from rl.engines import BaseEngine, SamplingParams, build_engine
+from rl.engines.base import eos_ids
 from rl.models import ModelPathError, resolve_model
 from rl.plugins import load_plugins
 from rl.registry import AGENTS
@@ -244,7 +246,9 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
         reward_fns=build_rewards(cfg.rewards), stages=stages, stage_data=_stage_data(cfg, stages),
         eval_rows=_eval_rows(cfg), eval_builder=PROMPT_BUILDERS.get(cfg.data.prompt_builder),
         sampling=SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, stop=list(r.stop)),
+                                top_k=r.top_k, stop=list(r.stop),
+                                # after the added tokens: item codes may be made of them
+                                constraint=load_constraint(r.constraint, tokenizer, eos_ids(unwrapped, tokenizer))),
         temperature=r.temperature if r.temperature > 0 else 1.0,
         estimator=algorithms.get_advantage_estimator(estimator_name),
         policy_loss_fn=algorithms.get_policy_loss(algo.policy_loss), kl_fn=algorithms.get_kl_estimator(algo.kl_estimator),

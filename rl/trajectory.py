@@ -29,6 +29,9 @@ class Trajectory:
     # VLM samples' images: the slot the multimodal issue fills (agents/environment.py reserves the
     # matching Prompt.images / StepResult.images); nothing sets it yet
     images: list[Any] | None = None
+    # the rl.constraints.TokenTrie the rollout was sampled under (single-turn agent), so the trainer's
+    # log-probs are of the same renormalised distribution (rl.packing builds the per-token masks)
+    constraint: Any = None
 
     def __post_init__(self):
         n = len(self.response_ids)

@@ -54,6 +54,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
+    # a rl.constraints.TokenTrie: only its sequences may be sampled (rl/constraints.py); None = free
+    constraint: Any = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from rl.constraints import TokenTrie, TrieLogitsProcessor, constrained_beam_search, explicit_generation_config
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids
 from rl.forward import release_memory
 
@@ -87,6 +88,7 @@ class HFEngine(BaseEngine):
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()
+        restore_config = explicit_generation_config(self.model)  # the recipe decides, never generation_config.json
         try:
             starts = range(0, len(prompts), self.batch_size)
             # a bar only when there is more than one batch (evaluation, big groups)
@@ -95,6 +97,7 @@ class HFEngine(BaseEngine):
             if self._prefix is not None:
                 self._prefix.commit()
         finally:
+            restore_config()
             self.model.train(was_training)
         return out
 
@@ -105,6 +108,8 @@ class HFEngine(BaseEngine):
         kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
+            num_beams=1,  # explicit: a checkpoint's generation_config may ask for beam search
+            repetition_penalty=1.0,
             output_scores=True,
             return_dict_in_generate=True,
             pad_token_id=self.pad_id,
@@ -117,7 +122,17 @@ class HFEngine(BaseEngine):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs["stopping_criteria"] = StoppingCriteriaList([self._stop_criterion(tuple(params.stop))])
+        if params.constraint is not None:  # before temperature / top-k / top-p (transformers' order): renormalised
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([TrieLogitsProcessor(params.constraint)])
         return kwargs
+
+    def beam_search(self, prompts: list[list[int]], constraint: TokenTrie, k: int,
+                    max_new_tokens: int | None = None) -> list[list[tuple[list[int], float]]]:
+        """Top-`k` sequences the constraint allows per prompt, best first, with their summed
+        log-probs under the constrained distribution (`rl.constraints.constrained_beam_search`)."""
+        return constrained_beam_search(self.model, self.pad_id, prompts, constraint, k, max_new_tokens)
 
     def _stop_criterion(self, stops: tuple[str, ...]):
         """transformers' StopStringCriteria, built once per stop-string set: building it walks the whole
