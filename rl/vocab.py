@@ -50,6 +50,7 @@ __all__ = [
     "add_to_tokenizer",
     "prepare_model",
     "read_added_tokens",
+    "expose_head_bias",
     "trainable_token_indices",
     "vocab_of",
 ]
@@ -278,3 +279,20 @@ def trainable_token_indices(model, vocab: AddedVocab | None) -> dict[str, list[i
     if head is not None and head.weight is not emb.weight:
         out[_module_name(model, head)] = ids
     return out
+
+
+def expose_head_bias(model) -> None:
+    """Give PEFT's `TrainableTokensWrapper`s a `bias` attribute (their base layer's).
+
+    TRL 1.16's SFTTrainer computes the loss with a fused LM head that reads `lm_head.weight` and
+    `lm_head.bias` of `get_output_embeddings()`; PEFT 0.21's wrapper forwards only `.weight` (as the
+    merged weight: base rows with the trained token rows, differentiable), so `.bias` raises
+    AttributeError. The attribute is set on the instance (plain, not a registered parameter: no new
+    state-dict entry), so the wrapper's own lookup of everything else is unchanged."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
+            object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))

@@ -270,3 +270,38 @@ def test_resume_and_a_trained_start_add_nothing(tiny_model_dir, tmp_path, lora):
     assert len(run2.tokenizer) == final[EMBED].shape[0]  # nothing added twice
     assert torch.equal(run2.unwrapped.get_input_embeddings().weight.detach(), final[EMBED])
     assert torch.equal(run2.ref_model.get_input_embeddings().weight, final[EMBED])
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sft_run_trains_the_added_rows(model_dir, tmp_path, lora):
+    from sft.config import recipe_from_dict
+    from sft.trainer import train
+    from tiny import with_overrides
+
+    rows = [{"messages": [{"role": "user", "content": f"Recommend item {k}."},
+                          {"role": "assistant", "content": f"<a_{k % 2 + 1}><b_1>"}]} for k in range(4)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    recipe = with_overrides(
+        {"model": {"name_or_path": model_dir, "added_tokens": TOKENS},
+         "data": {"train": str(data), "max_length": 128}, "optim": {"lr": 1e-2},
+         "training": {"per_device_batch_size": 2}, "steps": 2, "logging_steps": 1, "output_dir": str(out)},
+        **({"model__lora": True, "model__lora_r": 4, "model__lora_target_modules": ["q_proj"]} if lora else {}))
+    result = train(recipe_from_dict(recipe))
+    assert result["global_step"] == 2
+    final = out / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    assert [len(tok(t, add_special_tokens=False)["input_ids"]) for t in TOKENS] == [1, 1, 1]
+    base, after = load_file(str(Path(model_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    n = base[EMBED].shape[0]
+    assert after[EMBED].shape[0] == n + 3
+    a1, b1 = tok.convert_tokens_to_ids("<a_1>"), tok.convert_tokens_to_ids("<b_1>")
+    assert not torch.allclose(after[EMBED][[a1, b1]], base[EMBED].mean(0).expand(2, -1))
+    if lora:
+        assert torch.equal(after[EMBED][:n], base[EMBED])
+    model = AutoModelForCausalLM.from_pretrained(final)  # loads, with the added rows recorded
+    assert getattr(model.config, MARKER) == {t: tok.convert_tokens_to_ids(t) for t in TOKENS}
