@@ -305,3 +305,76 @@ def test_sft_run_trains_the_added_rows(model_dir, tmp_path, lora):
         assert torch.equal(after[EMBED][:n], base[EMBED])
     model = AutoModelForCausalLM.from_pretrained(final)  # loads, with the added rows recorded
     assert getattr(model.config, MARKER) == {t: tok.convert_tokens_to_ids(t) for t in TOKENS}
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def _vllm_error() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+needs_vllm = pytest.mark.skipif(_vllm_error() is not None, reason=f"vLLM is not importable ({_vllm_error()})")
+
+
+@pytest.fixture(scope="module")
+def resized(vdir):
+    """(model, tokenizer, vocab) of `vdir` (head_dim 32, tied) with the added tokens."""
+    tok, vocab, model, cfg = prepared(vdir)
+    prepare_model(model, vocab, cfg)
+    return model.eval(), tok, vocab
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(resized):
+    from rl.engines import build_engine
+
+    model, tok, _ = resized
+    eng = build_engine("vllm", model, tok, 16, kv_cache_gb=0.05, max_model_len=256)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_vllm_serves_the_resized_model_and_syncs_the_new_rows(resized, vllm_engine, lora):
+    """The colocate engine runs the resized vocabulary; after a training step on new-token sequences and
+    `update_weights`, its log-probs of the (new-token) samples equal the trainer's teacher-forced ones."""
+    import copy
+
+    from rl.engines import SamplingParams
+    from test_vllm_engines import flat_logprobs, teacher_forced
+
+    model, tok, vocab = resized
+    new = vocab.token_ids
+    prompts = [[5, 6, new[0], new[2]], [new[1], 7, new[0]]]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    gens = vllm_engine.generate(prompts, params)  # new tokens in the prompts: the engine's embedding has the rows
+    torch.testing.assert_close(flat_logprobs(gens), teacher_forced(model, prompts, gens, 1.0), rtol=1e-4, atol=2e-4)
+    policy = copy.deepcopy(model).train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                   trainable_token_indices=trainable_token_indices(policy, vocab)))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):  # make the new tokens likely: the samples are then new-token sequences
+        ids = torch.tensor([prompts[0] + new * 3])
+        policy(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    policy.eval()
+    try:
+        vllm_engine.update_weights(policy)
+        gens = vllm_engine.generate(prompts, params)
+        sampled = [t for g in gens for t in g.token_ids]
+        assert sum(t in new for t in sampled) >= len(sampled) // 2, sampled
+        torch.testing.assert_close(flat_logprobs(gens), teacher_forced(policy, prompts, gens, 1.0),
+                                   rtol=1e-4, atol=2e-4)
+    finally:
+        vllm_engine.update_weights(model)  # the module's engine goes back to the shared weights
