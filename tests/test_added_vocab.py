@@ -378,3 +378,17 @@ def test_vllm_serves_the_resized_model_and_syncs_the_new_rows(resized, vllm_engi
                                    rtol=1e-4, atol=2e-4)
     finally:
         vllm_engine.update_weights(model)  # the module's engine goes back to the shared weights
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_rl_run_with_the_vllm_engine_and_added_tokens(vdir, tmp_path):
+    """`rollout.engine: vllm` with added tokens under LoRA: the engine starts on the resized model, is synced
+    after each step (trainable-token rows included), and its log-probs match the trainer's recomputed ones."""
+    result = rl_run(vdir, tmp_path / "run", model__lora=True, model__lora_r=4, rollout__engine="vllm",
+                    rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 256},
+                    algorithm__rollout_correction="token")
+    steps = [h for h in result["history"] if "reward/mean" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    for h in steps:  # the rollout after the first step's sync came from the updated weights
+        assert 0 <= h["rollout/logp_abs_diff"] < 1e-3 and h["rollout/token_ratio_max"] < 1.01
