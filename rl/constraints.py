@@ -33,7 +33,7 @@ import torch
 
 __all__ = ["TokenTrie", "allowed_mask", "mask_logits", "constrained_logprobs", "allowed_rows",
            "TrieLogitsProcessor", "constrained_beam_search", "is_function_spec", "load_constraint", "explicit_generation_config",
-           "vllm_allowed_ids"]
+           "vllm_allowed_ids", "vllm_extra_args", "vllm_logits_processor"]
 
 
 class _Node:
@@ -428,6 +428,26 @@ def _trie_from_items(items: list, tokenizer, eos_ids, name: str, unit: str = "li
 
 
 # ----------------------------------------------------------------------------- vLLM side
+# vLLM 0.32 (V1) takes custom logits processors as classes at `LLM(logits_processors=[...])`; one
+# instance serves the whole persistent batch and learns each request's SamplingParams when it joins.
+# `AdapterLogitsProcessor` turns that into a per-request function of the output ids so far, which is
+# what a trie needs. A processor that is not argmax-invariant runs before greedy selection,
+# temperature, top-k/top-p and the `processed_logprobs` computation (vllm/v1/sample/sampler.py), so
+# vLLM samples from, and reports the log-probs of, the same renormalised distribution as the HF
+# engine. The trie travels as a key in `SamplingParams.extra_args` (the colocate engine's core is
+# in-process, so the key finds the object registered here); `allowed_token_ids` cannot express it
+# (a fixed set for the whole request) and structured outputs would need the trie as a grammar.
+
+VLLM_EXTRA_KEY = "agentrl_constraint"
+_VLLM_TRIES: dict[str, TokenTrie] = {}
+_VLLM_CLASS: list = []
+
+
+def vllm_extra_args(trie: TokenTrie) -> dict[str, str]:
+    """`extra_args` for a vLLM SamplingParams: the request samples under `trie`."""
+    key = f"{id(trie):x}"
+    _VLLM_TRIES[key] = trie  # held for the process' life: tries are few (one per recipe)
+    return {VLLM_EXTRA_KEY: key}
 
 
 def vllm_allowed_ids(trie: TokenTrie, output_ids: Sequence[int]) -> list[int] | None:
@@ -438,3 +458,38 @@ def vllm_allowed_ids(trie: TokenTrie, output_ids: Sequence[int]) -> list[int] | 
     if node is None:
         raise RuntimeError(f"{trie.name}: generated tokens {list(output_ids)} left the trie")
     return trie.ids_tensor(node).tolist()
+
+
+def vllm_logits_processor() -> type:
+    """The vLLM logits-processor class to pass as `LLM(logits_processors=[vllm_logits_processor()])`
+    (built on first use: importing this module must not import vLLM). Requests without the
+    `extra_args` key are left alone."""
+    if _VLLM_CLASS:
+        return _VLLM_CLASS[0]
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class TrieVllmLogitsProcessor(AdapterLogitsProcessor):
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes greedy choices too
+
+        def new_req_logits_processor(self, params):
+            key = (params.extra_args or {}).get(VLLM_EXTRA_KEY)
+            if key is None:
+                return None
+            trie = _VLLM_TRIES[key]
+
+            def apply(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+                node, done = trie._walk(output_ids)
+                if done:
+                    return logits
+                if node is None:
+                    raise RuntimeError(f"{trie.name}: generated tokens {list(output_ids)} left the trie")
+                idx = trie.ids_tensor(node).to(logits.device)
+                out = torch.full_like(logits, float("-inf"))
+                out[idx] = logits[idx]
+                return out
+
+            return apply
+
+    _VLLM_CLASS.append(TrieVllmLogitsProcessor)
+    return TrieVllmLogitsProcessor

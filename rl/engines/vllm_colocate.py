@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rl.constraints import vllm_extra_args, vllm_logits_processor
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids, group_prompts, map_finish
 from rl.weights import checkpoint_dir, export_weights
 
@@ -202,6 +203,8 @@ class VLLMColocateEngine(BaseEngine):
             enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max(1, batch_size),
             seed=seed + self.rank,  # ranks sample independent streams
+            # SamplingParams.constraint (rl/constraints.py): a no-op for requests without one
+            logits_processors=[*llm_kwargs.pop("logits_processors", []), vllm_logits_processor()],
         )
         if self.distributed:
             # vLLM's mode for torchrun-style SPMD: the executor reads RANK / LOCAL_RANK and, as torch.distributed
@@ -321,6 +324,7 @@ class VLLMColocateEngine(BaseEngine):
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
             detokenize=bool(params.stop),  # text is only needed to match stop strings
+            extra_args=vllm_extra_args(params.constraint) if params.constraint is not None else None,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
