@@ -234,6 +234,9 @@ def _load_adapter(path: str, spec: str, dtype):
     except FileNotFoundError:
         raise _spec_error(spec, f"the adapter in {path} has base model {base!r}, which does not exist") from None
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    from rl.vocab import fit_base_to_adapter
+
+    fit_base_to_adapter(model, path)  # an adapter trained with added tokens: the base gets their rows
     model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model, _load_tokenizer(path, base_path)
 

@@ -51,6 +51,7 @@ __all__ = [
     "prepare_model",
     "read_added_tokens",
     "expose_head_bias",
+    "fit_base_to_adapter",
     "trainable_token_indices",
     "vocab_of",
 ]
@@ -296,3 +297,25 @@ def expose_head_bias(model) -> None:
     for module in model.modules():
         if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
             object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
+
+
+def fit_base_to_adapter(base_model, adapter_dir: str) -> None:
+    """Resize `base_model` for a LoRA adapter trained with added tokens (`model.save_adapter_only` final/).
+
+    The adapter's `trainable_token_indices` name rows the base model does not have; PEFT would index out
+    of range. The base is resized to the adapter's tokenizer (saved beside it); the new rows' values do
+    not matter, as the adapter's trained rows replace them. The added tokens are recorded in the config
+    (`MARKER`), so the merged model counts as having them. No-op for an adapter without added tokens."""
+    from transformers import AutoTokenizer
+
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    indices = json.loads(config_file.read_text(encoding="utf-8")).get("trainable_token_indices")
+    if not indices:
+        return
+    ids = sorted({i for v in (indices.values() if isinstance(indices, dict) else [indices]) for i in v})
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    needed = max(len(tok), ids[-1] + 1)
+    if base_model.get_input_embeddings().weight.shape[0] < needed:
+        base_model.resize_token_embeddings(needed, mean_resizing=False)
+    added = {t: i for t, i in tok.get_added_vocab().items() if i in set(ids)}
+    setattr(base_model.config, MARKER, {**_marker(base_model), **added})

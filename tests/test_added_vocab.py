@@ -272,6 +272,29 @@ def test_resume_and_a_trained_start_add_nothing(tiny_model_dir, tmp_path, lora):
     assert torch.equal(run2.ref_model.get_input_embeddings().weight, final[EMBED])
 
 
+def test_an_adapter_only_final_loads_with_its_added_rows(tiny_model_dir, tmp_path):
+    """`model.save_adapter_only`: final/ is the adapter (+ tokenizer); loading it as a start (rl.setup) or
+    for eval (eval.run) resizes the base for the adapter's trainable-token rows."""
+    from eval.run import load_policy_for_eval
+    from rl.setup import load_policy
+
+    out = tmp_path / "run"
+    rl_run(tiny_model_dir, out, model__lora=True, model__lora_r=4, model__save_adapter_only=True)
+    final = out / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = tiny_model_dir  # the portable name is the tmp dir's last component
+    (final / "adapter_config.json").write_text(json.dumps(config))
+    cfg = config_from_dict(arithmetic_recipe(tiny_model_dir, tmp_path / "next"))
+    merged = load_policy(cfg, str(final))
+    evaluated, tok = load_policy_for_eval(str(final), device="cpu")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) == 512 + 3
+    assert getattr(merged.config, MARKER) == {t: tok.convert_tokens_to_ids(t) for t in TOKENS}
+    torch.testing.assert_close(new_token_logits(merged, tok), new_token_logits(evaluated, tok), rtol=0, atol=1e-6)
+    # and they are the trained rows, not the initial ones
+    init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight.mean(0)
+    assert not torch.allclose(merged.get_input_embeddings().weight[512:], init.expand(3, -1))
+
+
 # ----------------------------------------------------------------------------- SFT
 
 
