@@ -134,16 +134,23 @@ def eos_ids(model: torch.nn.Module | None, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def group_prompts(prompts: list[list[int]]) -> list[tuple[list[int], int]]:
-    """Runs of identical consecutive prompts as (prompt, count); order preserved."""
+def group_prompts(prompts: list[list[int]], images: list[list[Any]] | None = None) -> list[tuple[list[int], int]]:
+    """Runs of identical consecutive prompts as (prompt, count); order preserved. With `images`
+    (one list per prompt), prompts are identical only if their images are too (same ids with
+    different images are different prompts): compared by `rl.multimodal.image_key` (content hash)."""
+    from rl.multimodal import image_key
+
     groups: list[tuple[list[int], int]] = []
-    for p in prompts:
+    last_key = None
+    for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError("vLLM engine: empty prompt (every prompt needs at least one token)")
-        if groups and groups[-1][0] == p:
+        key = image_key(images[i]) if images is not None else ()
+        if groups and groups[-1][0] == p and key == last_key:
             groups[-1] = (groups[-1][0], groups[-1][1] + 1)
         else:
             groups.append((list(p), 1))
+        last_key = key
     return groups
 
 

@@ -6,6 +6,11 @@ come from `rl.weights.export_weights` and are reloaded in place after each updat
 
 Log-probs, finish reasons and grouped prompts work as in both vLLM engines (`rl.engines.base`):
 starts vLLM with `logprobs_mode="processed_logprobs"`.
+
+Vision-language policies (LLaVA; Qwen2-VL needs torchvision): `generate(prompts, params, images)` sends
+each prompt as `TokensPrompt(prompt_token_ids=..., multi_modal_data={"image": [...]})`, its image
+placeholders collapsed to the template's one token per image (vLLM expands them itself), and checks
+that vLLM's expansion equals the prompt's (`rl.engines.vllm_vision`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,13 @@ import torch
 
 from rl.constraints import vllm_extra_args, vllm_logits_processor
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids, group_prompts, map_finish
+from rl.engines.vllm_vision import (
+    check_expansion,
+    check_images,
+    collapse_placeholders,
+    placeholders,
+    prepare_vllm_for_vlm,
+)
 from rl.weights import checkpoint_dir, export_weights
 
 logger = logging.getLogger("rl.engines.vllm_colocate")
@@ -165,6 +177,7 @@ class VLLMColocateEngine(BaseEngine):
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool | None = None,
         seed: int = 0,
+        max_images_per_prompt: int = 8,
         **llm_kwargs: Any,
     ):
         try:
@@ -196,6 +209,9 @@ class VLLMColocateEngine(BaseEngine):
         self.sleep_mode = (not cpu) if enable_sleep_mode is None else enable_sleep_mode
         param = next(model.parameters())
         path = model_path or checkpoint_dir(model)
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.placeholders = placeholders(base_model.config)
+        prepare_vllm_for_vlm(base_model.config)  # torchvision-free LLaVA, or a clear error (Qwen2-VL)
         kwargs: dict[str, Any] = dict(
             dtype=dtype or ("float32" if cpu else str(param.dtype).removeprefix("torch.")),
             enforce_eager=cpu,
@@ -221,6 +237,8 @@ class VLLMColocateEngine(BaseEngine):
                 )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        if self.placeholders.ids:  # vLLM's default allows one image per prompt; multi-turn observations add more
+            kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt}
         if cpu:  # the CPU worker otherwise reserves gpu_memory_utilization x total RAM for the KV cache
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gb if kv_cache_gb is not None else 1.0) * 2**30)
         else:
@@ -231,9 +249,19 @@ class VLLMColocateEngine(BaseEngine):
         self._tmp = None
         if path is None:  # no local checkpoint dir: config + tokenizer only, weights from the first sync
             self._tmp = tempfile.TemporaryDirectory(prefix="agentrl-vllm-")
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.config.save_pretrained(self._tmp.name)
+            base_model.config.save_pretrained(self._tmp.name)
             tokenizer.save_pretrained(self._tmp.name)
+            if self.placeholders.ids:  # vLLM builds the model's HF processor from the directory
+                from rl.multimodal import processor_of
+
+                processor = processor_of(tokenizer)
+                if processor is None:
+                    raise ValueError(
+                        "vLLM colocate: the vision-language policy has no local checkpoint directory and its "
+                        "tokenizer carries no processor (rl.multimodal.attach_processor): vLLM needs the processor "
+                        "files; load the policy with rl.multimodal.load_tokenizer_and_processor or pass model_path"
+                    )
+                processor.save_pretrained(self._tmp.name)
             path, kwargs["load_format"] = self._tmp.name, "dummy"
         kwargs.update(llm_kwargs)
 
@@ -274,6 +302,10 @@ class VLLMColocateEngine(BaseEngine):
         except (AttributeError, TypeError):  # vLLM before the in-place reload API (GPU: no re-packing needed)
             self.llm.apply_model(lambda m: m.load_weights(export_weights(self.model)))
         self.llm.reset_prefix_cache()
+        if self.placeholders.ids:
+            # cached vision-tower outputs came from the old weights; the in-place reload also empties the
+            # worker's copy while the scheduler still counts it as cached ("Encoder cache miss" otherwise)
+            self.llm.llm_engine.reset_encoder_cache()
         self.stats["weight_syncs"] += 1
         self.stats["sync_seconds"] += time.perf_counter() - t0
 
@@ -327,21 +359,30 @@ class VLLMColocateEngine(BaseEngine):
             extra_args=vllm_extra_args(params.constraint) if params.constraint is not None else None,
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list[Any]] | None = None) -> list[Generation]:
         from vllm import TokensPrompt
 
         if self._asleep:
             self.wake()
         if not prompts:
             return []
-        groups = group_prompts(prompts)
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p, _ in groups],
-            [self._sampling(params, n) for _, n in groups],
-            use_tqdm=False,
-        )
+        images = check_images(prompts, images, self.placeholders)  # None when no prompt has images
+        groups = group_prompts(prompts, images)
+        requests, firsts, i = [], [], 0
+        for p, n in groups:
+            if images is not None and images[i]:
+                requests.append(TokensPrompt(prompt_token_ids=collapse_placeholders(p, self.placeholders),
+                                             multi_modal_data={"image": list(images[i])}))
+            else:
+                requests.append(TokensPrompt(prompt_token_ids=p))
+            firsts.append(i)
+            i += n
+        outs = self.llm.generate(requests, [self._sampling(params, n) for _, n in groups], use_tqdm=False)
         gens: list[Generation] = []
-        for (_, n), out in zip(groups, outs):
+        for (p, n), first, out in zip(groups, firsts, outs):
+            if images is not None and images[first]:
+                check_expansion(first, p, out.prompt_token_ids)
             comps = sorted(out.outputs, key=lambda c: c.index)
             if len(comps) != n:
                 raise RuntimeError(f"vLLM returned {len(comps)} samples for a request of n={n}")
