@@ -29,6 +29,7 @@ from rl.models import ModelPathError, resolve_model
 from rl.plugins import load_plugins
 from rl.registry import AGENTS
 from rl.rewards import RewardFn, build_rewards
+from rl.vocab import add_to_tokenizer, fit_base_to_adapter, prepare_model, trainable_token_indices
 
 __all__ = ["StageData", "Run", "setup_run", "load_policy"]
 
@@ -89,12 +90,14 @@ class Run:
         return stage.kl_coef if stage.kl_coef is not None else self.cfg.algorithm.kl_coef
 
 
-def load_policy(cfg: TrainConfig, path: str):
+def load_policy(cfg: TrainConfig, path: str, vocab=None):
     kwargs = dict(dtype=resolve_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
     if (Path(path) / "adapter_config.json").is_file():
         model = _merged_adapter(path, kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # model.added_tokens (rl/vocab.py): rows for the run's added tokens, initialised unless the model has them
+    prepare_model(model, vocab, cfg.model, source=path)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -113,6 +116,7 @@ def _merged_adapter(path: str, kwargs: dict):
         raise ModelPathError(f"model path {path!r} is a LoRA adapter whose base model {base!r} "
                              f"(adapter_config.json base_model_name_or_path) cannot be loaded here: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    fit_base_to_adapter(base_model, path)  # an adapter trained with added tokens (rl/vocab.py)
     return PeftModel.from_pretrained(base_model, path).merge_and_unload()
 
 
@@ -142,10 +146,11 @@ def _accelerator(cfg: TrainConfig, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def _models(cfg: TrainConfig, ckpt: Path | None, model_path: str, use_kl: bool, use_critic: bool, device):
+def _models(cfg: TrainConfig, ckpt: Path | None, model_path: str, use_kl: bool, use_critic: bool, device,
+            vocab=None):
     """(policy, reference, critic); on resume the policy (or its adapter) and the critic come from the
     checkpoint via from_pretrained, which handles sharded weights and tied embeddings."""
-    policy = load_policy(cfg, str(ckpt / "policy") if ckpt and not cfg.model.lora else model_path)
+    policy = load_policy(cfg, str(ckpt / "policy") if ckpt and not cfg.model.lora else model_path, vocab)
     ref_model = None
     if cfg.model.lora:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -156,13 +161,15 @@ def _models(cfg: TrainConfig, ckpt: Path | None, model_path: str, use_kl: bool, 
             policy = get_peft_model(policy, LoraConfig(
                 r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
                 target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM",
+                trainable_token_indices=trainable_token_indices(policy, vocab),  # only the added rows train
             ))
     elif use_kl:  # under LoRA the adapter-disabled base is the reference: no second copy
-        ref_model = load_policy(cfg, model_path).to(device).eval().requires_grad_(False)
+        ref_model = load_policy(cfg, model_path, vocab).to(device).eval().requires_grad_(False)
     critic = None
     if use_critic:  # a checkpointed critic is already truncated: its config says how deep it is
         critic = (ValueModel.from_pretrained(str(ckpt / "critic"), dtype=torch.float32) if ckpt else
                   ValueModel.from_pretrained(model_path, num_layers=cfg.algorithm.critic_layers, dtype=torch.float32))
+        prepare_model(critic.backbone, vocab, cfg.model, source="the critic")
     return policy, ref_model, critic
 
 
@@ -214,8 +221,9 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    vocab = add_to_tokenizer(tokenizer, cfg.model)  # model.added_tokens (rl/vocab.py); None without
     policy, ref_model, critic = _models(cfg, ckpt, model_path, use_kl, algorithms.needs_values(estimator_name),
-                                        accelerator.device)
+                                        accelerator.device, vocab)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
         eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,

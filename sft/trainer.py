@@ -96,20 +96,27 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_model(recipe: SFTRecipe, model_path: str):
-    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model."""
+def load_model(recipe: SFTRecipe, model_path: str, vocab=None):
+    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model; `vocab`: the
+    added tokens (rl/vocab.py), whose rows the model gets."""
     from transformers import AutoModelForCausalLM
 
+    from rl.vocab import prepare_model
     from sft.vlm import is_vision_language_model, load_vlm
 
     if is_vision_language_model(model_path):
-        return load_vlm(model_path, resolve_dtype(recipe.model.dtype), recipe.model.attn_implementation)
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=resolve_dtype(recipe.model.dtype), attn_implementation=recipe.model.attn_implementation
-    )
+        model = load_vlm(model_path, resolve_dtype(recipe.model.dtype), recipe.model.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=resolve_dtype(recipe.model.dtype), attn_implementation=recipe.model.attn_implementation
+        )
+    prepare_model(model, vocab, recipe.model, source=model_path)
+    return model
 
 
-def build_peft_config(recipe: SFTRecipe):
+def build_peft_config(recipe: SFTRecipe, trainable_token_indices: dict | None = None):
+    """`trainable_token_indices`: the added tokens' rows (`rl.vocab.trainable_token_indices`), trained
+    under LoRA besides the adapters."""
     m = recipe.model
     if not m.lora:
         return None
@@ -121,6 +128,7 @@ def build_peft_config(recipe: SFTRecipe):
         lora_alpha=m.lora_alpha,
         lora_dropout=m.lora_dropout,
         target_modules="all-linear" if modules == ["all-linear"] else modules,
+        trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM",
     )
 
@@ -226,6 +234,7 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
     from trl import SFTTrainer
 
     from rl.models import resolve_model
+    from rl.vocab import add_to_tokenizer, expose_head_bias, trainable_token_indices
     from sft.data import build_datasets
 
     from sft.vlm import AssistantTurnLabels, is_processor, text_tokenizer
@@ -235,23 +244,26 @@ def build_trainer(recipe: SFTRecipe, extra_callbacks: list | None = None):
         torch.set_num_threads(recipe.training.num_threads)
     model_path = resolve_model(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_path)  # a processor for vision-language models
+    vocab = add_to_tokenizer(tokenizer, recipe.model)  # model.added_tokens, before the data is tokenized
     vlm = is_processor(tokenizer)
     if vlm and recipe.training.packing:
         raise ConfigError(
             f"training.packing: not supported for vision-language models ({model_path}); TRL 1.16 packs text only"
         )
     train_ds, eval_ds = build_datasets(recipe.data, tokenizer, seed=recipe.seed)
-    model = load_model(recipe, model_path)
+    model = load_model(recipe, model_path, vocab)
     trainer = SFTTrainer(
         model=model,
         args=build_sft_config(recipe, has_eval=eval_ds is not None, vlm=vlm),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=build_peft_config(recipe),
+        peft_config=build_peft_config(recipe, trainable_token_indices(model, vocab)),
         callbacks=[_run_files_callback(Path(recipe.output_dir)), *(extra_callbacks or [])],
     )
     _share_tracker_locations(trainer, Path(recipe.output_dir))
+    if vocab is not None and recipe.model.lora:  # TRL's fused LM head reads lm_head.bias (rl.vocab.expose_head_bias)
+        expose_head_bias(trainer.model)
     if vlm:  # train the reply + end-of-turn token, not the template's glue after it (as the text path)
         tok = text_tokenizer(tokenizer)
         eot = recipe.data.end_of_turn or tok.eos_token
@@ -293,7 +305,9 @@ def save_final(trainer, recipe: SFTRecipe, tokenizer, model_path: str) -> Path:
         if is_main:
             from peft import PeftModel
 
-            base = load_model(recipe, model_path)
+            from rl.vocab import vocab_of
+
+            base = load_model(recipe, model_path, vocab_of(tokenizer, recipe.model))  # the added rows' shape
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             trained = acc.unwrap_model(trainer.model)
             trained_base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
