@@ -341,8 +341,7 @@ def constrained_beam_search(model, tokenizer_or_pad_id, prompts: list[list[int]]
                 input_ids=torch.tensor([p], device=device), attention_mask=torch.ones(1, len(p), dtype=torch.long,
                                                                                        device=device),
                 max_new_tokens=max_new, do_sample=False, num_beams=k, num_return_sequences=k,
-                length_penalty=0.0, early_stopping="never", temperature=1.0, top_k=0, top_p=1.0,
-                repetition_penalty=1.0, no_repeat_ngram_size=0, logits_processor=LogitsProcessorList([proc]),
+                length_penalty=0.0, early_stopping="never", repetition_penalty=1.0, no_repeat_ngram_size=0, logits_processor=LogitsProcessorList([proc]),
                 output_scores=True, return_dict_in_generate=True, pad_token_id=pad_id,
                 eos_token_id=list(trie.eos_ids),
             )
