@@ -18,15 +18,13 @@ from rl.engines import SamplingParams, build_engine
 from rl.engines.base import group_prompts
 from rl.engines.vllm_vision import (
     Placeholders,
-    VisionModelUnsupported,
     check_images,
     collapse_placeholders,
     placeholders,
-    prepare_vllm_for_vlm,
 )
 from rl.multimodal import ImageError, image_key
 from rl.weights import export_weights
-from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
+from tiny_vlm import save_tiny_llava
 
 try:
     import vllm  # noqa: F401
@@ -174,18 +172,6 @@ def test_export_weights_names_are_the_hf_llava_names(llava):
     assert names == list(model.state_dict())
     assert {n.split(".")[0] + "." + n.split(".")[1] if n.startswith("model.") else n.split(".")[0] for n in names} == {
         "model.language_model", "model.vision_tower", "model.multi_modal_projector", "lm_head"}
-
-
-def test_qwen2_vl_without_torchvision_is_one_clear_error(tmp_path, monkeypatch):
-    from transformers import AutoConfig
-
-    import transformers.utils
-
-    config = AutoConfig.from_pretrained(save_tiny_qwen2_vl(tmp_path / "qwen2_vl"))
-    assert placeholders(config) == Placeholders(frozenset({config.image_token_id}), None)
-    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)
-    with pytest.raises(VisionModelUnsupported, match="qwen2_vl.*torchvision.*Fix: install torchvision"):
-        prepare_vllm_for_vlm(config)
 
 
 # ----------------------------------------------------------------------------- colocate engine

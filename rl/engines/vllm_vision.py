@@ -7,23 +7,27 @@ engine, right before `LLM()`), so the server engine stays importable without vLL
   is a PIL image, and each prompt holds the placeholders of exactly its images (the prompt ids are
   already expanded, as the HF processor renders them; `placeholders(config)` gives the tokens per
   image where that is fixed, as for LLaVA, whose adjacent images form one run of placeholders). A
-  mismatch is one `rl.multimodal.ImageError` (a ValueError) naming the prompt index: vLLM's own error names no prompt and comes after the whole batch was scheduled.
-* `prepare_vllm_for_vlm(config)`: what vLLM needs to start a vision-language checkpoint on a machine
-  without torchvision (there is no CPU torchvision wheel here):
-  - LLaVA: `vllm/model_executor/models/llava.py` imports `pixtral.py`, which imports
-    `_num_image_tokens` from transformers' torchvision-backed `image_processing_pixtral` and fails.
-    The same function (identical code, "Adapted from" it) lives in transformers' PIL variant
-    `image_processing_pil_pixtral`; it is put into `sys.modules` under the torchvision module's name
-    (only when that module cannot be imported), and the LLaVA architecture is registered with vLLM as
-    an imported class, because vLLM otherwise inspects the class in a fresh subprocess
-    (`_run_in_subprocess`), where the alias does not exist. The registered class is vLLM's own with one
-    more weight-name rule (transformers 5 saves and names CLIP towers without `vision_model.`, vLLM
-    expects it: `_llava_class`). Torchvision installed or not, the rule is needed, so the class is
-    registered either way.
-  - Qwen2-VL / Qwen2.5-VL: vLLM builds the HF processor with `AutoProcessor`, whose Qwen2-VL class
-    declares a video processor that needs torchvision; it cannot start. `prepare_vllm_for_vlm`
-    raises `VisionModelUnsupported` naming the reason and the fix (install torchvision). See
-    docs/engines.md, "Vision-language prompts".
+  mismatch is one `rl.multimodal.ImageError` (a ValueError) naming the prompt index: vLLM's own error
+  names no prompt and comes after the whole batch was scheduled.
+* `collapse_placeholders` / `check_expansion`: vLLM 0.32 expands the placeholders of every token prompt
+  itself (also of an already expanded one), so the engines send one placeholder per image and compare
+  vLLM's expanded prompt with the HF processor's.
+* `prepare_vllm_for_vlm(config)`: what vLLM needs to start a vision-language checkpoint in this process
+  on a machine without torchvision (there is no CPU torchvision wheel here). Each fix is a stand-in
+  module or a subclass registered for this process; vLLM's own classes and files are left as they are.
+  vLLM inspects a model class in a fresh subprocess (`_run_in_subprocess`) unless the class is
+  registered as an imported class, so every class below is registered so (the stand-ins exist only here).
+  - LLaVA: vLLM's `llava.py` imports `pixtral.py`, which imports `_num_image_tokens` from transformers'
+    torchvision-backed `image_processing_pixtral`; the same function (identical code, "Adapted from"
+    it) lives in the PIL twin `image_processing_pil_pixtral` and stands in for it. The registered class
+    adds one weight-name rule (`_llava_class`: transformers 5 names CLIP towers without `vision_model.`,
+    vLLM expects it), needed with or without torchvision.
+  - Qwen2-VL: vLLM's `qwen2_vl.py` imports `smart_resize` from the torchvision image-processing module
+    (the PIL twin has it), and builds `Qwen2VLProcessor`, which constructs a torchvision video
+    processor. Without torchvision the registered class (`_qwen2_vl_image_only_class`) uses the
+    image-only processor the trainer uses and declares images only (no videos).
+  - Qwen2.5-VL / Qwen3-VL without torchvision: `VisionModelUnsupported`, naming the reason and the fix
+    (install torchvision). See docs/engines.md, "Vision-language prompts".
 """
 
 from __future__ import annotations
@@ -48,9 +52,8 @@ __all__ = [
     "prepare_vllm_for_vlm",
 ]
 
-# model types whose vLLM implementation needs nothing but the pixtral alias below
-_LLAVA_TYPES = {"llava": ("llava", "LlavaForConditionalGeneration")}
-# model types that need torchvision in vLLM 0.32 (their HF processor declares a video processor)
+# model types whose vLLM 0.32 processing needs torchvision (their HF processor declares a video processor);
+# qwen2_vl has an image-only path here (`_qwen2_vl_image_only_class`), the others raise
 _NEEDS_TORCHVISION = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 
@@ -176,9 +179,9 @@ def check_expansion(index: int, ours: list[int], vllms: list[int] | None) -> Non
         )
 
 
-def _alias_pixtral_image_processing() -> None:
-    """transformers' torchvision-backed pixtral module -> its PIL twin's `_num_image_tokens` (see the module doc)."""
-    name = "transformers.models.pixtral.image_processing_pixtral"
+def _alias_torchvision_module(name: str, pil_name: str, attrs: dict[str, str]) -> None:
+    """Put a stand-in for transformers' torchvision-backed module `name` into `sys.modules`, holding `attrs`
+    (stand-in name -> name in the PIL twin module `pil_name`), unless the real module imports."""
     if name in sys.modules:
         return
     try:
@@ -186,11 +189,11 @@ def _alias_pixtral_image_processing() -> None:
         return
     except ImportError:
         pass
-    from transformers.models.pixtral import image_processing_pil_pixtral as pil
-
+    pil = importlib.import_module(pil_name)
     stand_in = types.ModuleType(name)
-    stand_in.__doc__ = "Stand-in (agentrl): the PIL module's `_num_image_tokens`; torchvision is not installed."
-    stand_in._num_image_tokens = pil._num_image_tokens
+    stand_in.__doc__ = f"Stand-in (agentrl, rl/engines/vllm_vision.py): {pil_name}'s {sorted(attrs)}; no torchvision."
+    for attr, source in attrs.items():
+        setattr(stand_in, attr, getattr(pil, source))
     sys.modules[name] = stand_in
 
 
@@ -201,19 +204,27 @@ def prepare_vllm_for_vlm(config: Any) -> None:
         return
     from transformers.utils import is_torchvision_available
 
-    model_type = getattr(config, "model_type", None)
-    if model_type in _NEEDS_TORCHVISION and not is_torchvision_available():
-        raise VisionModelUnsupported(
-            f"vLLM cannot serve the {model_type} model here: vLLM 0.32 builds its HF processor with "
-            "AutoProcessor, whose Qwen2-VL class declares a video processor that needs torchvision, and "
-            "torchvision is not installed (there is no CPU wheel on this machine). Fix: install torchvision "
-            "(matching your torch build), or use the 'hf' engine, or a LLaVA-style policy (envs/vqa/llava.py)"
-        )
-    if model_type in _LLAVA_TYPES:
-        _alias_pixtral_image_processing()  # a no-op with torchvision
-        from vllm import ModelRegistry
+    from vllm import ModelRegistry
 
-        ModelRegistry.register_model(_LLAVA_TYPES[model_type][1], _llava_class())
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        # vLLM's llava.py imports pixtral.py, which imports this function from the torchvision module
+        _alias_torchvision_module("transformers.models.pixtral.image_processing_pixtral",
+                                  "transformers.models.pixtral.image_processing_pil_pixtral",
+                                  {"_num_image_tokens": "_num_image_tokens"})
+        ModelRegistry.register_model("LlavaForConditionalGeneration", _llava_class())
+    elif model_type == "qwen2_vl" and not is_torchvision_available():
+        _alias_torchvision_module("transformers.models.qwen2_vl.image_processing_qwen2_vl",
+                                  "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
+                                  {"smart_resize": "smart_resize", "Qwen2VLImageProcessor": "Qwen2VLImageProcessorPil"})
+        ModelRegistry.register_model("Qwen2VLForConditionalGeneration", _qwen2_vl_image_only_class())
+    elif model_type in _NEEDS_TORCHVISION and not is_torchvision_available():
+        raise VisionModelUnsupported(
+            f"vLLM cannot serve the {model_type} model here: vLLM 0.32 builds its HF processor with the "
+            "model's processor class, which declares a video processor that needs torchvision, and torchvision "
+            "is not installed (there is no CPU wheel on this machine); only qwen2_vl has an image-only path here. "
+            "Fix: install torchvision (matching your torch build), or use the 'hf' engine"
+        )
 
 
 @functools.cache
@@ -227,10 +238,42 @@ def _llava_class() -> type:
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
     from vllm.model_executor.models.utils import WeightsMapper
 
-    flat_clip = WeightsMapper(orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."})
+    flat_clip = WeightsMapper(
+        orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
+    )
     # same name as the base class: vLLM's logs and `architectures` checks read it
     return type("LlavaForConditionalGeneration", (LlavaForConditionalGeneration,), {
         "hf_to_vllm_mapper": flat_clip | LlavaForConditionalGeneration.hf_to_vllm_mapper,
         "__module__": __name__,
         "__doc__": "vLLM's LLaVA, also loading transformers 5's flat CLIP vision-tower names.",
     })
+
+
+@functools.cache
+def _qwen2_vl_image_only_class() -> type:
+    """vLLM's Qwen2-VL for images only, without torchvision: its processing info builds the image-only HF
+    processor (`rl.multimodal.image_only_processor_class`, the one the trainer uses) instead of
+    `Qwen2VLProcessor.from_pretrained` (which constructs the torchvision video processor), and declares the
+    image modality only (vLLM otherwise reads the video processor's kwargs at start). Registered for this
+    process, with its own processor factories, so vLLM's class itself is left as it is."""
+    from vllm.model_executor.models import qwen2_vl as q
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from rl.multimodal import image_only_processor_class
+
+    processor_cls = image_only_processor_class("Qwen2VLProcessor")
+
+    class ImageOnlyQwen2VLProcessingInfo(q.Qwen2VLProcessingInfo):
+        def get_hf_processor(self, **kwargs: object):
+            return self.ctx.get_hf_processor(processor_cls, **kwargs)
+
+        def get_supported_mm_limits(self):
+            return {"image": None}
+
+    model_cls = type("Qwen2VLForConditionalGeneration", (q.Qwen2VLForConditionalGeneration,), {
+        "__module__": __name__,
+        "__doc__": "vLLM's Qwen2-VL, images only (no torchvision needed).",
+    })
+    return MULTIMODAL_REGISTRY.register_processor(
+        q.Qwen2VLMultiModalProcessor, info=ImageOnlyQwen2VLProcessingInfo, dummy_inputs=q.Qwen2VLDummyInputsBuilder
+    )(model_cls)
