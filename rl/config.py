@@ -595,6 +595,9 @@ def validate(cfg: TrainConfig, source: str, check_files: bool = True) -> None:
         if AGENTS.get(cfg.rollout.agent) is not AGENTS.get("single_turn"):
             fail(f"rollout.constraint: constrained decoding is single-turn only (agent '{cfg.rollout.agent}' does "
                  f"not carry the constraint to the trainer's log-probs)")
+        if cfg.rollout.engine == "vllm_server":
+            fail("rollout.constraint: the vllm_server engine cannot apply a token trie yet (use engine hf or vllm; "
+                 "docs/engines.md#constrained-decoding)")
         _check_constraint(cfg.rollout, fail, check_files)
     if cfg.rollout.oversample < 1:
         fail(f"rollout.oversample must be >= 1 (1 = no dynamic sampling), got {cfg.rollout.oversample}")

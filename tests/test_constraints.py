@@ -276,6 +276,9 @@ def test_recipe_constraint_bad_input(tiny_tokenizer, tmp_path):
     with pytest.raises(ConfigError, match=r"rollout.constraint: constrained decoding is single-turn only"):
         config_from_dict(arithmetic_recipe("m", tmp_path / "o", rollout__constraint=str(jl),
                                            rollout__agent="test_constraints:_other_agent"))
+    with pytest.raises(ConfigError, match=r"rollout.constraint: the vllm_server engine cannot apply a token trie"):
+        config_from_dict(arithmetic_recipe("m", tmp_path / "o", rollout__constraint=str(jl),
+                                           rollout__engine="vllm_server"))
 
 
 def _codes():
