@@ -31,9 +31,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["TokenTrie", "allowed_mask", "mask_logits", "constrained_logprobs", "allowed_rows",
+from rl.common import UserError
+
+__all__ = ["ConstraintError", "TokenTrie", "allowed_mask", "mask_logits", "constrained_logprobs", "allowed_rows",
            "TrieLogitsProcessor", "constrained_beam_search", "is_function_spec", "load_constraint", "explicit_generation_config",
            "vllm_allowed_ids", "vllm_extra_args", "vllm_logits_processor"]
+
+
+class ConstraintError(UserError, ValueError):
+    """A constraint that cannot be built (empty, a line that tokenises to nothing, ids outside the
+    vocabulary, a missing file): `rl.train` prints it as one `error:` line naming the key and line."""
 
 
 class _Node:
@@ -60,7 +67,7 @@ class TokenTrie:
         self.name = name
         self.eos_ids = sorted({int(e) for e in eos_ids})
         if not self.eos_ids:
-            raise ValueError(f"{name}: no eos id given (every allowed sequence must end with one)")
+            raise ConstraintError(f"{name}: no eos id given (every allowed sequence must end with one)")
         self.root = _Node()
         self.num_sequences = 0  # distinct sequences
         self.max_len = 0  # longest sequence, eos included
@@ -71,11 +78,12 @@ class TokenTrie:
                 ids = ids[:-1]
             where = f"{name}: {unit} {i + 1}"
             if not ids:
-                raise ValueError(f"{where} is empty (every allowed sequence needs at least one token before its eos)")
+                raise ConstraintError(f"{where} is empty (every allowed sequence needs at least one token before "
+                                      f"its eos)")
             if any(t < 0 for t in ids):
-                raise ValueError(f"{where} has a negative token id: {ids}")
+                raise ConstraintError(f"{where} has a negative token id: {ids}")
             if eos & set(ids):
-                raise ValueError(f"{where} contains the eos id {sorted(eos & set(ids))[0]} before its end: "
+                raise ConstraintError(f"{where} contains the eos id {sorted(eos & set(ids))[0]} before its end: "
                                  f"a sample would stop there ({ids})")
             node = self.root
             for t in ids:
@@ -85,7 +93,7 @@ class TokenTrie:
                 self.num_sequences += 1
                 self.max_len = max(self.max_len, len(ids) + 1)
         if self.num_sequences == 0:
-            raise ValueError(f"{name}: allows no sequence (nothing to decode: give at least one allowed {unit})")
+            raise ConstraintError(f"{name}: allows no sequence (nothing to decode: give at least one allowed {unit})")
 
     @classmethod
     def from_texts(cls, tokenizer, texts: Iterable[str], eos_ids: Sequence[int], name: str = "constraint",
@@ -96,7 +104,7 @@ class TokenTrie:
         for i, text in enumerate(texts):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids:
-                raise ValueError(f"{name}: {unit} {i + 1} ({text!r}) tokenizes to nothing")
+                raise ConstraintError(f"{name}: {unit} {i + 1} ({text!r}) tokenizes to nothing")
             seqs.append(ids)
         return cls(seqs, eos_ids, name=name, unit=unit)
 
@@ -384,11 +392,11 @@ def load_constraint(spec: Any, tokenizer, eos_ids: Sequence[int], key: str = "ro
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{name}: line {i + 1} is not JSON: {e}") from None
+                    raise ConstraintError(f"{name}: line {i + 1} is not JSON: {e}") from None
                 if isinstance(obj, dict) and ("text" in obj or "ids" in obj):
                     obj = obj["ids"] if "ids" in obj else obj["text"]
                 if not isinstance(obj, (str, list)):
-                    raise ValueError(f"{name}: line {i + 1}: expected a string or an object with 'text' or 'ids', "
+                    raise ConstraintError(f"{name}: line {i + 1}: expected a string or an object with 'text' or 'ids', "
                                      f"got {line[:80]!r}")
                 items.append(obj)
             return _trie_from_items(items, tokenizer, eos_ids, name)
@@ -398,14 +406,14 @@ def load_constraint(spec: Any, tokenizer, eos_ids: Sequence[int], key: str = "ro
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"{key}: cannot import {spec!r}: {e}") from None
+            raise ConstraintError(f"{key}: cannot import {spec!r}: {e}") from None
         got = fn()
         if isinstance(got, TokenTrie):
             return got
         if not isinstance(got, (list, tuple)):
-            raise ValueError(f"{key}: {spec} returned {type(got).__name__}, expected a list of strings or a TokenTrie")
+            raise ConstraintError(f"{key}: {spec} returned {type(got).__name__}, expected a list of strings or a TokenTrie")
         return _trie_from_items(list(got), tokenizer, eos_ids, f"{key} ({spec})", unit="item")
-    raise ValueError(f"{key}: file not found: {spec} (give a file, or 'module:function')")
+    raise ConstraintError(f"{key}: file not found: {spec} (give a file, or 'module:function')")
 
 
 def _trie_from_items(items: list, tokenizer, eos_ids, name: str, unit: str = "line") -> TokenTrie:
@@ -415,12 +423,12 @@ def _trie_from_items(items: list, tokenizer, eos_ids, name: str, unit: str = "li
         if isinstance(item, str):
             ids = tokenizer(item, add_special_tokens=False)["input_ids"] if item.strip() else []
             if not ids:
-                raise ValueError(f"{name}: {unit} {i + 1} ({item!r}) tokenizes to nothing")
+                raise ConstraintError(f"{name}: {unit} {i + 1} ({item!r}) tokenizes to nothing")
         else:
             ids = [int(t) for t in item]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"{name}: {unit} {i + 1} has ids outside the tokenizer's vocabulary "
+                raise ConstraintError(f"{name}: {unit} {i + 1} has ids outside the tokenizer's vocabulary "
                                  f"(size {vocab}): {bad}")
         seqs.append(ids)
     return TokenTrie(seqs, eos_ids, name=name, unit=unit)

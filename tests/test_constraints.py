@@ -281,6 +281,19 @@ def test_recipe_constraint_bad_input(tiny_tokenizer, tmp_path):
                                            rollout__engine="vllm_server"))
 
 
+def test_an_empty_constraint_stops_rl_train_with_one_error_line(tiny_model_dir, tmp_path, capsys):
+    from rl.train import main
+
+    empty = tmp_path / "items.txt"
+    empty.write_text("")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(__import__("tiny").arithmetic_recipe(tiny_model_dir, tmp_path / "out")))
+    assert main([str(recipe), f"rollout.constraint={empty}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: rollout.constraint (") and err[-1].endswith(
+        "items.txt): allows no sequence (nothing to decode: give at least one allowed line)")
+
+
 def _codes():
     return ["12", "yes"]
 
