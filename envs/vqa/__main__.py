@@ -1,9 +1,15 @@
-"""`python -m envs.vqa {fetch,init-model,eval}`: easy-vqa data, the tiny VLM, accuracy.
+"""`python -m envs.vqa {fetch,init-model,eval,digit-scenes,captions,build-vlm}`: easy-vqa data, VLMs, accuracy.
 
     python -m envs.vqa fetch          # -> data/easy_vqa/{train,test}.jsonl (all 38,575 train, 1,000 test questions)
     python -m envs.vqa init-model     # -> outputs/vqa_tiny_init (tiny random Qwen2-VL, tokenizer, processor)
     python -m sft.train recipes/vqa_sft_cpu.yaml
     python -m envs.vqa eval --model outputs/vqa_sft_cpu/final --data data/easy_vqa/test.jsonl
+
+The SmolLM2-135M VLM (envs/vqa/build_vlm.py, docs/vlm.md):
+
+    python -m envs.vqa digit-scenes   # -> data/digit_scenes/ (sklearn digits tiled 2x2; questions + captions)
+    python -m envs.vqa captions --digit-scenes data/digit_scenes   # -> data/vlm_captions/
+    python -m envs.vqa build-vlm      # SmolLM2 + CLIP tower + projector, caption pre-training -> the cache
 """
 
 from __future__ import annotations
@@ -48,6 +54,34 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--vision-depth", type=int, default=4, help="vision blocks (4: needed to learn shapes, 2 learn colours only)")
     m.add_argument("--vision-dim", type=int, default=64)
     m.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("digit-scenes", help="scikit-learn's 8x8 digits (pip-downloaded) tiled into scenes: questions + captions")
+    d.add_argument("--out", default="data/digit_scenes")
+    d.add_argument("--train-scenes", type=int, default=4000)
+    d.add_argument("--test-scenes", type=int, default=500)
+    d.add_argument("--grid", type=int, default=2, help="digits per side (1, 2 or 3)")
+    d.add_argument("--side", type=int, default=64, help="scene size in pixels")
+    d.add_argument("--test-fraction", type=float, default=0.2, help="source digits only held-out scenes use")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--cache-dir", default=None, help="cache root (default $AGENTRL_CACHE or ~/.cache/agentrl)")
+    c = sub.add_parser("captions", help="image-caption rows: easy-vqa shapes (+ digit scenes) for VLM pre-training")
+    c.add_argument("--out", default="data/vlm_captions")
+    c.add_argument("--digit-scenes", default=None, help="a digit-scenes dir whose caption rows to include")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--cache-dir", default=None, help="cache root (default $AGENTRL_CACHE or ~/.cache/agentrl)")
+    b = sub.add_parser("build-vlm", help="SmolLM2-135M + CLIP tower + projector (LLaVA), then caption pre-training")
+    b.add_argument("--out", default=None, help="the pre-trained VLM (default <cache>/models/smollm2-135m-vlm)")
+    b.add_argument("--init", default=None, help="the untrained build (default <cache>/models/smollm2-135m-vlm-init)")
+    b.add_argument("--init-only", action="store_true", help="build and save the untrained VLM, no pre-training")
+    b.add_argument("--text-model", default="smollm2-135m", help="a rl.models name or a local Llama checkpoint")
+    b.add_argument("--recipe", default=None, help="the pre-training recipe (default recipes/vlm_caption_pretrain.yaml)")
+    b.add_argument("--image-side", type=int, default=None)
+    b.add_argument("--patch-size", type=int, default=None)
+    b.add_argument("--vision-hidden", type=int, default=None)
+    b.add_argument("--vision-layers", type=int, default=None)
+    b.add_argument("--vision-heads", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true", help="rebuild the init / replace --out if they exist")
+    b.add_argument("overrides", nargs="*", help="recipe overrides for the pre-training (key.path=value)")
     e = sub.add_parser("eval", help="held-out accuracy vs the majority baselines (same as python -m envs.vqa.eval)")
     e.add_argument("rest", nargs=argparse.REMAINDER)
     if argv is None:
@@ -73,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             s = meta["splits"][split]
             print(f"{path}: {s['rows']} of {s['of']} questions, {s['images']} images, {s['question_types']}")
         return 0
+    if args.cmd in ("digit-scenes", "captions", "build-vlm"):
+        return _vlm_command(args)
     from envs.vqa.model import save_tiny_vlm
 
     data = Path(args.data)
@@ -96,6 +132,65 @@ def main(argv: list[str] | None = None) -> int:
         params = sum(_numel(sf.get_slice(k).get_shape()) for k in sf.keys())
     print(f"{out}: tiny Qwen2-VL (random init), {params:,} parameters")
     return 0
+
+
+def _vlm_command(args) -> int:
+    from rl.common import UserError, WheelFetchError
+
+    try:
+        if args.cmd == "digit-scenes":
+            from envs.vqa.digits import fetch_digits, make_scenes
+
+            paths = make_scenes(fetch_digits(args.cache_dir), args.out, train_scenes=args.train_scenes,
+                                test_scenes=args.test_scenes, grid=args.grid, side=args.side,
+                                test_fraction=args.test_fraction, seed=args.seed)
+            meta = json.loads((Path(args.out) / "meta.json").read_text())
+            for split in ("train", "test"):
+                s = meta["splits"][split]
+                print(f"{paths[split]}: {s['questions']} questions, {paths['captions_' + split]}: {s['captions']} "
+                      f"captions ({s['scenes']} scenes from {s['source_digits']} source digits)")
+            return 0
+        if args.cmd == "captions":
+            from envs.vqa.captions import write_captions
+            from envs.vqa.data import fetch_easy_vqa
+
+            paths = write_captions(fetch_easy_vqa(args.cache_dir), args.out, digit_scenes=args.digit_scenes,
+                                   seed=args.seed)
+            meta = json.loads((Path(args.out) / "meta.json").read_text())
+            for split, path in paths.items():
+                s = meta["splits"][split]
+                print(f"{path}: {s['rows']} rows: {json.dumps(s['sources'])}")
+            return 0
+        from envs.vqa.build_vlm import PRETRAIN_RECIPE, VISION_DEFAULTS, build_smollm2_vlm, default_init, pretrain
+
+        init = Path(args.init).expanduser() if args.init else default_init()
+        vision = {k: getattr(args, k) for k in VISION_DEFAULTS if getattr(args, k) is not None}
+        if init.exists() and not args.force:
+            if vision:
+                print(f"error: {init} exists; pass --force to rebuild it with {vision}", file=sys.stderr)
+                return 1
+            print(f"{init}: exists, reused (--force rebuilds it)")
+        else:
+            init, counts = build_smollm2_vlm(init, text_model=args.text_model, seed=args.seed, force=args.force,
+                                             **vision)
+            print(f"{init}: {args.text_model} + CLIP vision tower + projector (image path untrained): "
+                  + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " parameters")
+        if args.init_only:
+            return 0
+        out, result = pretrain(init, args.out or _default_out(), recipe=args.recipe or PRETRAIN_RECIPE,
+                               overrides=args.overrides, force=args.force)
+        print(f"{out}: caption pre-trained VLM ({result['global_step']} steps, train loss {result['train_loss']:.4f}, "
+              f"held-out caption loss {result['eval'].get('eval_loss', float('nan')):.4f})")
+        return 0
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, UserError, WheelFetchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _default_out() -> Path:
+    from envs.vqa.build_vlm import default_out
+
+    return default_out()
 
 
 def _numel(shape) -> int:
