@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 # one checkpoint discovery for RL, SFT and eval runs: rl.common (re-exported here)
 from rl.common import CHECKPOINT_PREFIX as PREFIX
 from rl.common import find_checkpoint, latest_checkpoint, list_checkpoints  # noqa: F401
+from rl.vocab import adapter_save_kwargs
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -113,7 +114,8 @@ def save_training_state(directory: Path, state: dict, *, policy, tokenizer, opti
     if directory.exists():  # a leftover from a crash mid-save: never merge into it
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    policy.save_pretrained(str(directory / "policy"), safe_serialization=True)
+    # adapter_save_kwargs: a LoRA policy with added tokens saves its trained rows, not the whole embedding
+    policy.save_pretrained(str(directory / "policy"), safe_serialization=True, **adapter_save_kwargs(policy))
     tokenizer.save_pretrained(str(directory / "policy"))
     save_optimizer(_inner(optimizer), directory, "optimizer")
     (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
@@ -288,7 +290,7 @@ def save_final(run) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash mid-save: never merge into it
     if adapter_only:
         if run.is_main:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True, **adapter_save_kwargs(model))
     else:
         state: dict[str, torch.Tensor] = {}
         for name, tensor in export_weights(model):  # every rank iterates: gathers are collective

@@ -47,6 +47,7 @@ __all__ = [
     "MARKER",
     "AddedVocab",
     "TokenSpec",
+    "adapter_save_kwargs",
     "add_to_tokenizer",
     "prepare_model",
     "read_added_tokens",
@@ -319,3 +320,14 @@ def fit_base_to_adapter(base_model, adapter_dir: str) -> None:
         base_model.resize_token_embeddings(needed, mean_resizing=False)
     added = {t: i for t, i in tok.get_added_vocab().items() if i in set(ids)}
     setattr(base_model.config, MARKER, {**_marker(base_model), **added})
+
+
+def adapter_save_kwargs(model) -> dict:
+    """`save_pretrained` options for a PEFT policy with trainable tokens: `save_embedding_layers=False`.
+
+    PEFT's default ("auto") sees the resized vocabulary and saves the whole embedding and head in every
+    adapter (234 MB per checkpoint for SmolLM2-135M instead of a few MB). They are not needed: the base's
+    rows are the recipe's deterministic initialisation (rebuilt on resume by `prepare_model`), and the
+    trained rows are the adapter's `trainable_tokens_delta`, which is saved. {} for any other model."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return {"save_embedding_layers": False} if getattr(config, "trainable_token_indices", None) else {}

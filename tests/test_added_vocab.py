@@ -240,7 +240,11 @@ def test_rl_run_trains_the_added_rows_and_final_reloads(model_dir, tmp_path, lor
         t: tok.convert_tokens_to_ids(t) for t in TOKENS}
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
     ckpt = out / "checkpoint-2" / "policy"
-    if lora:
+    if lora:  # the checkpoint holds the trained rows, not the whole resized embedding (rl.vocab.adapter_save_kwargs)
+        adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+        assert any("trainable_tokens_delta" in k for k in adapter)
+        assert not any("embed_tokens.token_adapter.base_layer" in k or "lm_head.token_adapter.base_layer" in k
+                       for k in adapter)
         trained = AutoModelForCausalLM.from_pretrained(model_dir)
         prepare_model(trained, add_to_tokenizer(make_tiny_tokenizer(), ModelConfig(added_tokens=TOKENS)),
                       ModelConfig(added_tokens=TOKENS))
