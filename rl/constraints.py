@@ -44,12 +44,13 @@ class ConstraintError(UserError, ValueError):
 
 
 class _Node:
-    __slots__ = ("children", "end", "_ids")
+    __slots__ = ("children", "end", "_ids", "_list")
 
     def __init__(self):
         self.children: dict[int, _Node] = {}
         self.end = False  # an eos id may follow here: the path so far is a complete allowed sequence
         self._ids: torch.Tensor | None = None  # allowed next ids, cached for the engines' masks
+        self._list: list[int] | None = None  # the same as a list (packing)
 
 
 class TokenTrie:
@@ -124,7 +125,13 @@ class TokenTrie:
         node, done = self._walk(prefix_ids)
         if node is None or done:
             return []
-        return sorted(node.children) + (self.eos_ids if node.end else [])
+        return list(self._next(node))
+
+    def _next(self, node: _Node) -> list[int]:
+        """The ids allowed after `node` (children, then the eos ids where a sequence ends), cached."""
+        if node._list is None:
+            node._list = sorted(node.children) + (self.eos_ids if node.end else [])
+        return node._list
 
     def is_complete(self, ids: Sequence[int]) -> bool:
         return len(ids) > 0 and self._depth(ids) == len(ids)
@@ -141,12 +148,13 @@ class TokenTrie:
         return -1
 
     def allowed_steps(self, ids: Sequence[int]) -> list[list[int]]:
-        """`allowed(ids[:j])` for every j, in one walk; raises ValueError if `ids` leaves the trie."""
+        """`allowed(ids[:j])` for every j, in one walk (the trie's cached lists: read them, do not
+        modify them); raises ValueError if `ids` leaves the trie."""
         out, node = [], self.root
         for j, t in enumerate(ids):
-            here = sorted(node.children) + (self.eos_ids if node.end else [])
+            here = self._next(node)
             out.append(here)
-            if t not in here:
+            if not (t in node.children or (node.end and t in self._eos)):
                 raise ValueError(f"{self.name}: token {j} (id {t}) is not allowed after {list(ids[:j])} "
                                  f"(allowed: {here[:10]}{'...' if len(here) > 10 else ''})")
             if node.end and t in self._eos:
@@ -172,7 +180,7 @@ class TokenTrie:
 
     def ids_tensor(self, node: _Node) -> torch.Tensor:
         if node._ids is None:
-            node._ids = torch.tensor(sorted(node.children) + (self.eos_ids if node.end else []), dtype=torch.long)
+            node._ids = torch.tensor(self._next(node), dtype=torch.long)
         return node._ids
 
     def __repr__(self) -> str:
