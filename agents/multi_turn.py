@@ -87,7 +87,17 @@ from typing import Any, Callable, Sequence
 
 from agents import register_agent
 from agents.environment import Environment, Prompt, StepResult, Turn
+from agents.single_turn import generate
 from rl.engines import Generation, RolloutEngine, SamplingParams
+from rl.multimodal import (
+    VisionInputs,
+    attach_images,
+    expand_image_tokens,
+    image_key,
+    load_image,
+    processor_of,
+    render_chat,
+)
 
 __all__ = [
     "Environment", "Prompt", "Turn", "StepResult", "Episode", "LOOP_DEFAULTS", "run_episodes", "tokenize_env_text",
@@ -103,6 +113,7 @@ class Episode:
     info: dict[str, Any]
     # (source, start, end) per piece, in order: source is "model" or "env"
     segments: list[tuple[str, int, int]] = field(default_factory=list)
+    images: list = field(default_factory=list)  # image observations of the environment, in order
 
     def __iter__(self):  # `ids, mask, logprobs, info = episode`
         return iter((self.response_ids, self.loss_mask, self.logprobs, self.info))
@@ -111,11 +122,9 @@ class Episode:
 def _check_step_result(res: Any) -> None:
     if not isinstance(res, StepResult):
         raise TypeError(f"the environment returned a {type(res).__name__}, expected agents.environment.StepResult")
-    if res.images is not None:
-        raise NotImplementedError(
-            "StepResult.images: image observations (VLM policies) are part of the environment protocol but the "
-            "multi-turn loop does not feed them to the engine yet (the multimodal issue fills this in)"
-        )
+    if res.images is not None and res.message is None:
+        raise ValueError("StepResult.images: image observations come as a chat turn: give them with a "
+                         "StepResult.message (e.g. {'role': 'user', 'content': 'the new screen'})")
     if res.observation_ids is not None and res.observation:
         raise ValueError("StepResult: give the observation as text or as observation_ids, not both")
     if res.message is not None:
@@ -171,6 +180,31 @@ def encode_frame(tokenizer, before: str, content: str, after: str) -> list[int]:
     return ids
 
 
+def render_text(tokenizer, messages: list[dict]) -> str:
+    """The chat template's rendering of `messages` with the generation prompt, as text: the processor's
+    template for vision-language policies (image parts -> the model's image placeholder), else the
+    tokenizer's. Image parts carry no image here: only their placeholders are rendered."""
+    processor = processor_of(tokenizer)
+    if processor is None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    plain = [{**m, "content": [{k: v for k, v in p.items() if k != "image" and v is not None} for p in m["content"]]}
+             if isinstance(m.get("content"), list) else m for m in messages]
+    return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+
+
+_VISION: dict[int, VisionInputs] = {}
+
+
+def vision_inputs(tokenizer, where: str) -> VisionInputs:
+    """The policy's `VisionInputs` (placeholder counts), from the processor attached to its tokenizer."""
+    processor = processor_of(tokenizer)
+    if processor is None:
+        raise ValueError(f"{where}: image observations need a vision-language policy (the tokenizer has no processor)")
+    if id(processor) not in _VISION:
+        _VISION[id(processor)] = VisionInputs(processor)
+    return _VISION[id(processor)]
+
+
 def message_delta(tokenizer, conversation: list[dict], rendered: str, assistant_text: str, message: dict,
                   policy_closed: bool = False) -> tuple[list[int], str]:
     """The ids that end the assistant turn whose text so far is `assistant_text`, append `message` as a
@@ -185,9 +219,13 @@ def message_delta(tokenizer, conversation: list[dict], rendered: str, assistant_
     the ids the policy saw would not be what the template renders, so nothing is appended silently.
     """
     convo = conversation + [{"role": "assistant", "content": assistant_text}]
+    n_images = len(message.get("images") or ())
+    message = {k: v for k, v in message.items() if k != "images"}
 
     def render(msg):
-        return tokenizer.apply_chat_template(convo + [msg], add_generation_prompt=True, tokenize=False)
+        if n_images:  # image placeholders before the text (TRL's rule), rendered by the processor's template
+            msg = {**msg, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": msg["content"]}]}
+        return render_text(tokenizer, convo + [msg])
 
     full, frame = render(message), render({**message, "content": _CONTENT})
     head = rendered + assistant_text
@@ -223,9 +261,10 @@ class _Chat:
 
 
 class _State:
-    __slots__ = ("ids", "mask", "logprobs", "segments", "info")
+    __slots__ = ("ids", "mask", "logprobs", "segments", "info", "images")
 
     def __init__(self):
+        self.images: list = []  # the environment's image observations, in order (vision-language policies)
         self.ids: list[int] = []
         self.mask: list[int] = []
         self.logprobs: list[float] = []
@@ -272,6 +311,7 @@ def run_episodes(
     max_response_tokens: int | None = None,
     stop_on_eos: bool = True,
     prompt_messages: Sequence[list[dict] | None] | None = None,
+    prompt_images: Sequence[list] | None = None,
 ) -> list[Episode]:
     """Run all samples to termination; returns one `Episode` per prompt, in order.
 
@@ -285,6 +325,9 @@ def run_episodes(
     episode (`eos`) instead of receiving an environment reply. `prompt_messages[k]`: the chat
     messages prompt k was rendered from (`render_prompt`); a `StepResult.message` needs them,
     since its ids are a delta of the chat template's rendering of the conversation (`message_delta`).
+    `prompt_images[k]`: prompt k's images (vision-language policies; its ids hold their expanded image
+    tokens). A `StepResult.message` may bring `StepResult.images`: placed before the message's text and
+    expanded as the processor does (`rl.multimodal.expand_image_tokens`); `Episode.images` lists them.
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -310,7 +353,8 @@ def run_episodes(
             call_params = p
             if max_response_tokens:
                 call_params = dataclasses.replace(p, max_new_tokens=min(p.max_new_tokens, max(budget.values())))
-            gens = engine.generate([prompts_ids[i] + states[i].ids for i in active], call_params)
+            gens = generate(engine, [prompts_ids[i] + states[i].ids for i in active], call_params,
+                            [list(prompt_images[i]) + states[i].images for i in active] if prompt_images else None)
             if len(gens) != len(active):
                 raise RuntimeError(f"engine returned {len(gens)} generations for {len(active)} prompts")
 
@@ -375,8 +419,7 @@ def run_episodes(
                                 f"sample {i}: a StepResult.message needs the prompt as chat messages (Prompt.messages "
                                 "or the recipe's prompt builder), not as prompt ids"
                             )
-                        chat = chats[i] = _Chat(list(msgs), tokenizer.apply_chat_template(
-                            list(msgs), add_generation_prompt=True, tokenize=False))
+                        chat = chats[i] = _Chat(list(msgs), render_text(tokenizer, list(msgs)))
                     content = res.message["content"]
                     if max_obs_tokens is not None:
                         c_ids = tokenize_env_text(tokenizer, content)
@@ -387,9 +430,22 @@ def run_episodes(
                     closed = bool(own) and own[-1] == tokenizer.eos_token_id
                     assistant_text = tokenizer.decode(own[:-1] if closed else own, skip_special_tokens=False)
                     message = {**res.message, "content": content}
+                    obs_images = []
+                    if res.images:
+                        obs_images = [load_image(im, f"sample {i} turn {turn}: StepResult.images[{q}]")
+                                      for q, im in enumerate(res.images)]
+                        message["images"] = obs_images
                     env_ids, rendered = message_delta(tokenizer, chat.messages, chat.rendered, assistant_text,
                                                       message, policy_closed=closed)
-                    chat_after = (rendered, assistant_text, message)
+                    if obs_images:  # each image's placeholder repeated once per visual token, as the processor does
+                        vision = vision_inputs(tokenizer, f"sample {i} turn {turn}: StepResult.images")
+                        env_ids = expand_image_tokens(env_ids, vision.image_token_id,
+                                                      [vision.num_tokens(im) for im in obs_images],
+                                                      f"sample {i} turn {turn}")
+                        message = {**message, "content": [{"type": "image"}] * len(obs_images)
+                                   + [{"type": "text", "text": content}]}
+                        message.pop("images")
+                    chat_after = (rendered, assistant_text, message, obs_images)
                 elif res.observation_ids is not None:  # structured: the environment's ids, as they are
                     obs = [int(x) for x in res.observation_ids]
                     if max_obs_tokens is not None and len(obs) > max_obs_tokens:
@@ -416,7 +472,8 @@ def run_episodes(
                 for piece in pieces:
                     st.add("env", piece, None)
                 if chat_after is not None:  # the next assistant turn starts after the message (+ final text)
-                    chat, (rendered, assistant_text, message) = chats[i], chat_after
+                    chat, (rendered, assistant_text, message, obs_images) = chats[i], chat_after
+                    st.images.extend(obs_images)
                     chat.messages += [{"role": "assistant", "content": assistant_text}, message]
                     chat.rendered, chat.start = rendered, len(st.ids) - sum(map(len, pieces[1:]))
                 next_active.append(i)
@@ -427,7 +484,7 @@ def run_episodes(
         st.info["actions"] = dict(st.info["actions"])
         if st.info["termination"] is None:  # defensive: every path above sets it
             st.info["termination"] = "max_turns"
-        episodes.append(Episode(st.ids, st.mask, st.logprobs, st.info, st.segments))
+        episodes.append(Episode(st.ids, st.mask, st.logprobs, st.info, st.segments, st.images))
     return episodes
 
 
@@ -521,8 +578,10 @@ def multi_turn(
     info = the loop's keys (turns, actions, valid_actions, invalid_actions, termination, finish_reason,
     obs_truncated, model_tokens, env_tokens) updated with `env.info(k)`.
     """
-    from agents.single_turn import assemble_trajectories, render_prompt
+    from agents.single_turn import assemble_trajectories  # noqa: F401  (kept local, as before)
 
+    if getattr(params, "constraint", None) is not None:  # its trie restarts per turn and the trainer would not renormalise
+        raise ValueError("constrained decoding (SamplingParams.constraint / rollout.constraint) is single-turn only")
     env_cls = resolve_environment(env)
     name = env if isinstance(env, str) else env_cls.__name__
     opts = loop_options(env_cls, dict(
@@ -540,26 +599,27 @@ def multi_turn(
     rendered: dict[str, list[int]] = {}  # the G copies of a row (and equal prompts) are rendered once
     prompts: list[list[int]] = []
     prompt_messages: list[list[dict] | None] = []  # what each prompt was rendered from (message observations)
+    images: list[list] = []  # each prompt's images (vision-language policies)
     for k, (row, obs) in enumerate(zip(samples, first)):
         obs = _as_prompt(obs, k, name)
-        if obs.images is not None:
-            raise NotImplementedError(
-                f"environment {name}: Prompt.images (VLM prompts) is part of the protocol but the multi-turn loop "
-                "does not feed images to the engine yet (the multimodal issue fills this in)"
-            )
-        if obs.prompt_ids is not None:
+        if obs.prompt_ids is not None:  # structured: its image tokens are expanded already (checked by the engine)
             prompts.append([int(x) for x in obs.prompt_ids])
             prompt_messages.append(None)
+            images.append([load_image(im, f"environment {name} sample {k}: Prompt.images")
+                           for im in obs.images or ()])
             continue
         messages = obs.messages
         if messages is None:
             if prompt_builder is None:
                 raise ValueError(f"environment {name} gave sample {k} no prompt and the agent got no prompt_builder")
             messages = prompt_builder(row)
-        key = json.dumps(messages, sort_keys=True, default=str)
+        if obs.images:
+            messages = attach_images(messages, list(obs.images), f"environment {name} sample {k}")
+        key = json.dumps(messages, sort_keys=True, default=_image_json)
         if key not in rendered:
-            rendered[key] = render_prompt(tokenizer, messages)
-        prompts.append(rendered[key])
+            rendered[key] = render_chat(tokenizer, messages, where=f"environment {name} sample {k}")
+        prompts.append(rendered[key][0])
+        images.append(rendered[key][1])
         prompt_messages.append(messages)
 
     stops = list(environment.stop)
@@ -578,11 +638,19 @@ def multi_turn(
         max_response_tokens=opts["max_response_tokens"],
         stop_on_eos=opts["stop_on_eos"],
         prompt_messages=prompt_messages,
+        prompt_images=images if any(images) else None,
     )
     return assemble_trajectories(tokenizer, rows, group_size, first_group_id, [
         (prompts[k], ep.response_ids, ep.loss_mask, ep.logprobs, {**ep.info, **environment.info(k)})
         for k, ep in enumerate(episodes)
-    ])
+    ], images=[(images[k] + ep.images, len(images[k])) for k, ep in enumerate(episodes)])
+
+
+def _image_json(x: Any) -> str:
+    """JSON stand-in for an image in a prompt's cache key: its content hash (equal images, equal prompts)."""
+    from PIL import Image
+
+    return "image:" + image_key([x])[0] if isinstance(x, Image.Image) else str(x)
 
 
 def _resolved_kwargs(agent_kwargs: dict[str, Any]) -> dict[str, Any]:

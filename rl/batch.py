@@ -49,7 +49,8 @@ def prepare_batch(run, trajs: list[Trajectory], kl_coef: float) -> BatchPasses:
     recompute = cfg.old_logprobs == "recompute" or algo.rollout_correction != "none"
     # laid out once (packing builds a W x W mask per row) and reused by every no-grad pass
     whole_batch = build_micro_batches(
-        trajs, list(range(B)), cfg.micro_batch_tokens, cfg.packing, run.tokenizer.pad_token_id, cfg.pack_row_tokens
+        trajs, list(range(B)), cfg.micro_batch_tokens, cfg.packing, run.tokenizer.pad_token_id, cfg.pack_row_tokens,
+        run.vision,
     ) if (recompute or kl_coef > 0 or run.critic is not None) else []
     out = BatchPasses(mask=mask, old_logprobs=resp.rollout_logprobs * mask, advantages=None, returns=None)
     if recompute:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 # one checkpoint discovery for RL, SFT and eval runs: rl.common (re-exported here)
 from rl.common import CHECKPOINT_PREFIX as PREFIX
 from rl.common import find_checkpoint, latest_checkpoint, list_checkpoints  # noqa: F401
+from rl.multimodal import processor_of
 from rl.vocab import adapter_save_kwargs
 
 
@@ -116,7 +117,7 @@ def save_training_state(directory: Path, state: dict, *, policy, tokenizer, opti
     directory.mkdir(parents=True)
     # adapter_save_kwargs: a LoRA policy with added tokens saves its trained rows, not the whole embedding
     policy.save_pretrained(str(directory / "policy"), safe_serialization=True, **adapter_save_kwargs(policy))
-    tokenizer.save_pretrained(str(directory / "policy"))
+    (processor_of(tokenizer) or tokenizer).save_pretrained(str(directory / "policy"))  # a VLM's processor
     save_optimizer(_inner(optimizer), directory, "optimizer")
     (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     if critic is not None:
@@ -301,7 +302,7 @@ def save_final(run) -> Path:
             base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             del state
     if run.is_main:
-        run.tokenizer.save_pretrained(str(tmp))
+        (processor_of(run.tokenizer) or run.tokenizer).save_pretrained(str(tmp))  # a VLM's whole processor
         source = portable_model_name(cfg.model.name_or_path)
         if adapter_only:  # the base the adapter applies to, as the recipe named it
             config_file = tmp / "adapter_config.json"

@@ -41,6 +41,10 @@ class ModelConfig:
     # LoRA runs: <output_dir>/final/ holds the adapter (+ tokenizer) instead of the merged model
     # (smaller; loading it needs the base model, named portably in adapter_config.json)
     save_adapter_only: bool = False
+    # vision-language models: no gradients for the vision encoder (under LoRA: no adapters in it) /
+    # for the language model (trains the vision path only, e.g. projector pre-training)
+    freeze_vision_tower: bool = False
+    freeze_language_model: bool = False
     # Added vocabulary (rl/vocab.py, docs/added_tokens.md): new tokens (e.g. semantic IDs <a_12>) added to
     # the tokenizer, with new embedding (and untied head) rows that train (LoRA: only those rows, through
     # PEFT's trainable_token_indices). A list of tokens (or of {token, description}), or a .txt file (one

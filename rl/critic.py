@@ -19,7 +19,8 @@ class ValueModel(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.v_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        # a VLM backbone's hidden size is its language model's
+        self.v_head = torch.nn.Linear(backbone.config.get_text_config().hidden_size, 1)
         # zero init: the first advantages equal the returns instead of random noise
         torch.nn.init.zeros_(self.v_head.weight)
         torch.nn.init.zeros_(self.v_head.bias)
@@ -46,10 +47,12 @@ class ValueModel(torch.nn.Module):
         self.backbone.save_pretrained(path, safe_serialization=True)
         save_file({k: v.contiguous() for k, v in self.v_head.state_dict().items()}, str(Path(path) / HEAD_FILE))
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, keep=None) -> torch.Tensor:
-        """Values `[batch, seq]` (or `[batch, len(keep)]` at the positions in `keep`)."""
+    def forward(self, input_ids, position_ids=None, attention_mask=None, keep=None, **vision_inputs) -> torch.Tensor:
+        """Values `[batch, seq]` (or `[batch, len(keep)]` at the positions in `keep`); `vision_inputs`: a
+        vision-language backbone's pixel inputs (`rl.multimodal.VisionInputs`)."""
         hidden = self.backbone(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+            **vision_inputs,
         ).last_hidden_state
         if keep is not None:
             hidden = hidden[:, keep]
@@ -57,7 +60,8 @@ class ValueModel(torch.nn.Module):
 
 
 def _truncate_layers(backbone: torch.nn.Module, num_layers: int, path: str) -> None:
-    layers = getattr(backbone, "layers", None)
+    owner = getattr(backbone, "language_model", backbone)  # a VLM backbone: truncate its language model
+    layers = getattr(owner, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(
             f"algorithm.critic_layers={num_layers}: the backbone of {path} ({type(backbone).__name__}) "
@@ -65,8 +69,8 @@ def _truncate_layers(backbone: torch.nn.Module, num_layers: int, path: str) -> N
         )
     if num_layers > len(layers):
         raise ValueError(f"algorithm.critic_layers={num_layers}, but {path} has only {len(layers)} layers")
-    backbone.layers = layers[:num_layers]
-    config = backbone.config
+    owner.layers = layers[:num_layers]
+    config = owner.config
     config.num_hidden_layers = num_layers
     if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention types (sliding/full)
         config.layer_types = config.layer_types[:num_layers]

@@ -24,7 +24,13 @@ _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 @register_prompt_builder("messages")
 def messages_column(row: dict) -> list[dict]:
-    """The row's `messages` column, as is (chat messages with role/content)."""
+    """The row's `messages` column (chat messages with role/content). With an `images` column (vision-language
+    rows, the format SFT reads) the images fill the `{"type": "image"}` parts, in order, or go before the
+    text of the first user turn when there are none (`rl.multimodal.attach_images`)."""
+    if row.get("images"):
+        from rl.multimodal import attach_images
+
+        return attach_images(row["messages"], list(row["images"]))
     return row["messages"]
 
 
@@ -116,7 +122,22 @@ def load_source(source: str, kwargs: dict[str, Any] | None = None, split: str = 
         raise DataError(f"{source}: expected a datasets.Dataset, got {type(ds).__name__}")
     if len(ds) == 0:
         raise DataError(f"{source}: no rows")
+    if kind != "function" and "images" in ds.column_names:
+        ds = _absolute_image_paths(ds, path.parent if kind != "dir" else path)
     return ds
+
+
+def _absolute_image_paths(ds: datasets.Dataset, base: Path) -> datasets.Dataset:
+    """Relative image paths of an `images` column resolve against the data file's folder (as in SFT)."""
+    import os
+
+    def fix(images):
+        if not isinstance(images, list):
+            return images
+        return [os.path.join(base, os.path.expanduser(p)) if isinstance(p, str) and not os.path.isabs(os.path.expanduser(p))
+                else (os.path.expanduser(p) if isinstance(p, str) else p) for p in images]
+
+    return ds.map(lambda row: {"images": fix(row["images"])}, desc="image paths")
 
 
 def check_columns(ds: datasets.Dataset, columns: list[str], source: str) -> None:

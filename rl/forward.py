@@ -123,10 +123,13 @@ def _chunkable_head(model, mb: MicroBatch, device):
             seen = []
             handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
             n = min(8, mb.input_ids.shape[1])
+            probe = mb.input_ids[:1, :n].clone()
+            if mb.image_token_id is not None:  # a text-only probe: no pixel inputs go with it
+                probe[probe == mb.image_token_id] = 0
             try:
                 with torch.no_grad():
-                    out = model(input_ids=mb.input_ids[:1, :n].to(device),
-                                position_ids=mb.position_ids[:1, :n].to(device), use_cache=False, logits_to_keep=1)
+                    out = model(input_ids=probe.to(device), position_ids=torch.arange(n, device=device)[None],
+                                use_cache=False, logits_to_keep=1)
             finally:
                 handle.remove()
             logits = getattr(out, "logits", None)
@@ -134,6 +137,17 @@ def _chunkable_head(model, mb: MicroBatch, device):
                     and torch.equal(logits.float(), seen[0].float()))
         _HEAD_IS_LOGITS[head] = same
     return head if _HEAD_IS_LOGITS[head] else None
+
+
+class _BannedHead(torch.nn.Module):
+    """The output head with the ids the engine never samples set to -inf (`MicroBatch.banned_ids`)."""
+
+    def __init__(self, head: torch.nn.Module, banned: torch.Tensor):
+        super().__init__()
+        self.head, self.banned = head, banned
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h).index_fill(-1, self.banned, float("-inf"))
 
 
 def forward_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool, chunk_tokens: int | None = None):
@@ -144,18 +158,24 @@ def forward_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bo
     chunk = LOGPROB_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     inputs = dict(
         input_ids=mb.input_ids.to(device),
-        position_ids=mb.position_ids.to(device),
+        position_ids=mb.position_ids.to(device) if mb.position_ids is not None else None,
         attention_mask=mb.attention_mask.to(device),
         use_cache=False,
         logits_to_keep=mb.cols.to(device),  # logits only where a response token is predicted
+        **{k: v.to(device) for k, v in mb.vision_inputs.items()},  # pixel inputs of VLM samples
     )
     keep, targets = mb.keep.to(device), mb.targets.to(device)
     allowed = mb.allowed.to(device) if mb.allowed is not None else None  # constrained rollouts
     head = _chunkable_head(model, mb, device) if chunk > 0 else None
+    banned = mb.banned_ids.to(device) if mb.banned_ids is not None and len(mb.banned_ids) else None
     if head is not None:
         hidden = _run_to_head(model, head, **inputs).flatten(0, 1)[keep]  # [N, H], the head's input
+        if banned is not None:
+            head = _BannedHead(head, banned)
         return chunked_logprobs(head, hidden, targets, temperature, with_entropy, chunk, allowed)
     logits = model(**inputs).logits.flatten(0, 1)[keep]
+    if banned is not None:  # ids the engine suppressed (a VLM's image placeholders): not in its distribution
+        logits = logits.index_fill(-1, banned, float("-inf"))
     logits = mask_logits(logits.float() / (temperature if temperature > 0 else 1.0), allowed)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = algorithms.entropy_from_logits(logits) if with_entropy else None
@@ -165,8 +185,9 @@ def forward_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bo
 def forward_values(critic, mb: MicroBatch) -> torch.Tensor:
     device = next(critic.parameters()).device
     values = critic(
-        mb.input_ids.to(device), mb.position_ids.to(device), attention_mask=mb.attention_mask.to(device),
-        keep=mb.cols.to(device),
+        mb.input_ids.to(device), mb.position_ids.to(device) if mb.position_ids is not None else None,
+        attention_mask=mb.attention_mask.to(device), keep=mb.cols.to(device),
+        **{k: v.to(device) for k, v in mb.vision_inputs.items()},
     )
     return values.flatten()[mb.keep.to(device)]
 

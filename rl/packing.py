@@ -8,11 +8,12 @@ per-token values of a micro-batch to and from `[B, T]` response tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from rl.constraints import allowed_rows
+from rl.multimodal import VisionInputs, image_key
 from rl.trajectory import Trajectory
 
 __all__ = ["MicroBatch", "make_micro_batch", "plan_micro_batches", "build_micro_batches", "scatter_rows", "gather_rows"]
@@ -35,6 +36,13 @@ class MicroBatch:
     Logits are computed only for the columns in `cols` (those that predict a response
     token in some row); `keep` indexes the flattened `[rows, len(cols)]` logits in
     target order; `rows`/`lengths` map targets back to `[B, T]` response tensors.
+
+    Vision-language samples: samples share a prompt copy only when their prompt ids AND
+    prompt images are identical (`rl.multimodal.image_key`); `vision_inputs` holds the
+    model's pixel inputs for the images of all rows, in the order of their image tokens.
+    Models with M-RoPE (3D positions the model derives from ids + image grids: Qwen2-VL)
+    are laid out padded with `position_ids=None`, so the model computes its own positions
+    exactly as in generation (a shared prompt would need per-sample 3D positions).
     """
 
     input_ids: torch.Tensor
@@ -46,6 +54,9 @@ class MicroBatch:
     rows: list[int]  # indices into the batch
     lengths: list[int]  # response lengths, in order
     packed: bool = True
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
+    image_token_id: int | None = None
+    banned_ids: torch.Tensor | None = None  # ids the engine never samples (a VLM's image placeholders)
     # constrained rollouts: per target, the ids its constraint allowed ([N, K], -1 padded; a row of -1 =
     # unconstrained), so rl.forward renormalises over them; None when no sample was constrained
     allowed: torch.Tensor | None = None
@@ -56,11 +67,19 @@ def _constrained(mb: MicroBatch, trajs: list[Trajectory]) -> MicroBatch:
     return mb
 
 
+def _prompt_images(t: Trajectory) -> list:
+    return list((t.images or [])[: t.prompt_images])
+
+
+def _response_images(t: Trajectory) -> list:
+    return list((t.images or [])[t.prompt_images :])
+
+
 def _prompt_groups(trajs: list[Trajectory], rows: list[int]) -> list[list[int]]:
-    """Rows grouped by identical prompt ids, in first-seen order."""
+    """Rows grouped by identical prompt (ids and images), in first-seen order."""
     groups: dict[tuple, list[int]] = {}
     for r in rows:
-        groups.setdefault(tuple(trajs[r].prompt_ids), []).append(r)
+        groups.setdefault((tuple(trajs[r].prompt_ids), image_key(_prompt_images(trajs[r]))), []).append(r)
     return list(groups.values())
 
 
@@ -97,7 +116,8 @@ def _group_units(trajs: list[Trajectory], rows: list[int], capacity: int, share:
     return units
 
 
-def _finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, packed: bool) -> MicroBatch:
+def _finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, packed: bool,
+            images: list, vision: VisionInputs | None) -> MicroBatch:
     R, W = len(ids_rows), max(len(x) for x in ids_rows)
     ids = torch.full((R, W), pad_id, dtype=torch.long)
     pos = torch.zeros((R, W), dtype=torch.long)
@@ -107,20 +127,33 @@ def _finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_r
     cols = torch.tensor(sorted({c for _, c in keep_rc}), dtype=torch.long)
     col_index = {c: j for j, c in enumerate(cols.tolist())}
     keep = torch.tensor([r * len(cols) + col_index[c] for r, c in keep_rc], dtype=torch.long)
-    return MicroBatch(ids, pos, mask_rows(W), cols, keep, torch.tensor(targets, dtype=torch.long), order, lengths, packed)
+    mb = MicroBatch(ids, pos, mask_rows(W), cols, keep, torch.tensor(targets, dtype=torch.long), order, lengths, packed)
+    if vision is not None:
+        mb.vision_inputs, mb.image_token_id = vision.model_inputs(ids, images), vision.image_token_id
+        mb.banned_ids = torch.tensor(vision.banned_ids, dtype=torch.long)
+        if vision.mrope:
+            mb.position_ids = None  # the model derives its 3D positions from the ids, images and mask
+    elif images:
+        raise ValueError("rl.packing: trajectories with images need the policy's VisionInputs (a vision-language model)")
+    return mb
 
 
 def make_micro_batch(
-    trajs: list[Trajectory], rows: list[int], packed: bool, pad_id: int, row_tokens: int = 256
+    trajs: list[Trajectory], rows: list[int], packed: bool, pad_id: int, row_tokens: int = 256,
+    vision: VisionInputs | None = None,
 ) -> MicroBatch:
     keep_rc, targets, lengths, order = [], [], [], []
     ids_rows, pos_rows = [], []
+    images: list = []  # every image of every row, in the order of their tokens
+    if vision is not None and vision.mrope:
+        packed = False  # see MicroBatch: M-RoPE positions are per sample
     if packed:
         owners, segments = [], []
         for row_items in _first_fit(_group_units(trajs, rows, row_tokens, True), row_tokens):
             ids, pos, owner, segment = [], [], [], []
             for g, group in enumerate(_prompt_groups(trajs, row_items)):
                 prompt = trajs[group[0]].prompt_ids
+                images.extend(_prompt_images(trajs[group[0]]))
                 p, start = len(prompt), len(ids)
                 ids.extend(prompt)
                 pos.extend(range(p))
@@ -128,6 +161,7 @@ def make_micro_batch(
                 segment.extend([-1] * p)  # -1 = prompt: visible to every response of its group
                 for r in group:
                     resp = trajs[r].response_ids
+                    images.extend(_response_images(trajs[r]))
                     n, at = len(resp), len(ids)
                     # token 0 is predicted at the prompt's last position, token j at response position j-1
                     cols = ([start + p - 1] + list(range(at, at + n - 1))) if n else []
@@ -158,11 +192,12 @@ def make_micro_batch(
                 mask[i, 0].masked_fill_(allowed, 0.0)
             return mask
 
-        return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, True),
-                            trajs)
+        return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, mask_rows, True,
+                                    images, vision), trajs)
     for i, r in enumerate(rows):
         p, n = len(trajs[r].prompt_ids), len(trajs[r].response_ids)
         ids_rows.append(trajs[r].prompt_ids + trajs[r].response_ids)
+        images.extend(trajs[r].images or [])
         pos_rows.append(list(range(p + n)))
         keep_rc.extend((i, c) for c in range(p - 1, p - 1 + n))
         targets.extend(trajs[r].response_ids)
@@ -175,7 +210,8 @@ def make_micro_batch(
             mask[i, : len(x)] = 1
         return mask
 
-    return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, pad_mask, False), trajs)
+    return _constrained(_finish(ids_rows, pos_rows, keep_rc, targets, order, lengths, pad_id, pad_mask, False,
+                                images, vision), trajs)
 
 
 def plan_micro_batches(trajs: list[Trajectory], rows: list[int], max_tokens: int, packed: bool = True) -> list[list[int]]:
@@ -188,9 +224,9 @@ def plan_micro_batches(trajs: list[Trajectory], rows: list[int], max_tokens: int
 
 
 def build_micro_batches(trajs: list[Trajectory], rows: list[int], max_tokens: int, packed: bool, pad_id: int,
-                        row_tokens: int) -> list[MicroBatch]:
+                        row_tokens: int, vision: VisionInputs | None = None) -> list[MicroBatch]:
     """`plan_micro_batches` then `make_micro_batch` for each: the micro-batches of `rows`."""
-    return [make_micro_batch(trajs, part, packed, pad_id, row_tokens)
+    return [make_micro_batch(trajs, part, packed, pad_id, row_tokens, vision)
             for part in plan_micro_batches(trajs, rows, max_tokens, packed)]
 
 

@@ -15,7 +15,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
 from rl import algorithms, checkpoint
 from rl.common import prepare_output_dir, quiet_deepspeed, resolve_dtype
@@ -26,6 +26,13 @@ from rl.constraints import load_constraint
 from rl.engines import BaseEngine, SamplingParams, build_engine
 from rl.engines.base import eos_ids
 from rl.models import ModelPathError, resolve_model
+from rl.multimodal import (
+    VisionInputs,
+    apply_freezing,
+    load_pretrained_model,
+    load_tokenizer_and_processor,
+    lora_exclude_modules,
+)
 from rl.plugins import load_plugins
 from rl.registry import AGENTS
 from rl.rewards import RewardFn, build_rewards
@@ -73,6 +80,7 @@ class Run:
     value_loss_fn: Callable
     algo_options: dict[str, Any]
     checkpoint: Path | None  # the checkpoint resumed from
+    vision: VisionInputs | None = None  # vision-language policies: pixel inputs for the training passes
 
     @property
     def world(self) -> int:
@@ -91,13 +99,17 @@ class Run:
 
 
 def load_policy(cfg: TrainConfig, path: str, vocab=None):
+    """The policy (or reference) model: a causal LM or a vision-language model (`rl.multimodal`'s loader,
+    the one SFT uses), with `model.freeze_vision_tower` / `model.freeze_language_model` applied."""
     kwargs = dict(dtype=resolve_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
     if (Path(path) / "adapter_config.json").is_file():
         model = _merged_adapter(path, kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load_pretrained_model(path, **kwargs)
     # model.added_tokens (rl/vocab.py): rows for the run's added tokens, initialised unless the model has them
+    # (before freezing: a resize replaces the embedding modules)
     prepare_model(model, vocab, cfg.model, source=path)
+    apply_freezing(model, cfg.model.freeze_vision_tower, cfg.model.freeze_language_model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -111,7 +123,7 @@ def _merged_adapter(path: str, kwargs: dict):
 
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     try:
-        base_model = AutoModelForCausalLM.from_pretrained(resolve_model(base), **kwargs)
+        base_model = load_pretrained_model(resolve_model(base), **kwargs)
     except OSError as e:
         raise ModelPathError(f"model path {path!r} is a LoRA adapter whose base model {base!r} "
                              f"(adapter_config.json base_model_name_or_path) cannot be loaded here: "
@@ -161,6 +173,7 @@ def _models(cfg: TrainConfig, ckpt: Path | None, model_path: str, use_kl: bool, 
             policy = get_peft_model(policy, LoraConfig(
                 r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
                 target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM",
+                exclude_modules=lora_exclude_modules(cfg.model),
                 trainable_token_indices=trainable_token_indices(policy, vocab),  # only the added rows train
             ))
     elif use_kl:  # under LoRA the adapter-disabled base is the reference: no second copy
@@ -218,9 +231,7 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
 
     ckpt = checkpoint.find_checkpoint(resume, output_dir) if resume is not None else None
     model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, processor = load_tokenizer_and_processor(model_path)
     vocab = add_to_tokenizer(tokenizer, cfg.model)  # model.added_tokens (rl/vocab.py); None without
     policy, ref_model, critic = _models(cfg, ckpt, model_path, use_kl, algorithms.needs_values(estimator_name),
                                         accelerator.device, vocab)
@@ -261,6 +272,7 @@ def setup_run(cfg: TrainConfig, resume: str | None) -> Run:
         estimator=algorithms.get_advantage_estimator(estimator_name),
         policy_loss_fn=algorithms.get_policy_loss(algo.policy_loss), kl_fn=algorithms.get_kl_estimator(algo.kl_estimator),
         value_loss_fn=algorithms.get_value_loss(algo.value_loss), algo_options=algo.function_options(), checkpoint=ckpt,
+        vision=VisionInputs(processor, unwrapped) if processor is not None else None,
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,10 @@ class Trajectory:
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # turns, searches, finish reason, ...
-    # VLM samples' images: the slot the multimodal issue fills (agents/environment.py reserves the
-    # matching Prompt.images / StepResult.images); nothing sets it yet
+    # vision-language samples: every image of the sequence, in the order of their image tokens (the
+    # prompt's first `prompt_images` of them, then the environment's observations' in the response)
     images: list[Any] | None = None
+    prompt_images: int = 0
     # the rl.constraints.TokenTrie the rollout was sampled under (single-turn agent), so the trainer's
     # log-probs are of the same renormalised distribution (rl.packing builds the per-token masks)
     constraint: Any = None
@@ -40,6 +41,8 @@ class Trajectory:
                 f"trajectory lengths disagree: response_ids={n}, loss_mask={len(self.loss_mask)}, "
                 f"rollout_logprobs={len(self.rollout_logprobs)}"
             )
+        if self.prompt_images > len(self.images or ()):
+            raise ValueError(f"trajectory: prompt_images={self.prompt_images} but {len(self.images or ())} image(s)")
 
 
 @dataclass

@@ -169,7 +169,7 @@ def update_step(run, trajs: list[Trajectory], passes: BatchPasses, kl_coef: floa
             counts = acc.reduce(counts, reduction="sum").tolist()  # global (num_tokens, num_seqs)
             # laid out once, used by the policy pass and the critic pass
             micro = build_micro_batches(trajs, mini, cfg.micro_batch_tokens, cfg.packing,
-                                        run.tokenizer.pad_token_id, cfg.pack_row_tokens)
+                                        run.tokenizer.pad_token_id, cfg.pack_row_tokens, run.vision)
             bad = _accumulate(run, run.policy, micro,
                               lambda mb: _policy_micro_step(run, mb, passes, kl_coef, counts, stats))
             if run.critic is not None:

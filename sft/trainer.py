@@ -83,34 +83,24 @@ def _mixed_precision(mode: str) -> tuple[bool, bool]:
 
 
 def load_tokenizer(model_path: str):
-    """The tokenizer; for a vision-language model its processor (`sft.vlm.load_processor`)."""
-    from transformers import AutoTokenizer
+    """The tokenizer; for a vision-language model its processor (`rl.multimodal`, the loader RL uses too)."""
+    from rl.multimodal import load_tokenizer_and_processor
 
-    from sft.vlm import is_vision_language_model, load_processor
-
-    if is_vision_language_model(model_path):
-        return load_processor(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    tokenizer, processor = load_tokenizer_and_processor(model_path)
+    return processor if processor is not None else tokenizer
 
 
 def load_model(recipe: SFTRecipe, model_path: str, vocab=None):
-    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model; `vocab`: the
-    added tokens (rl/vocab.py), whose rows the model gets."""
-    from transformers import AutoModelForCausalLM
+    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a vision-language model (with
+    `model.freeze_vision_tower` / `model.freeze_language_model` applied): `rl.multimodal`'s loader."""
+    from rl.multimodal import apply_freezing, load_pretrained_model
 
     from rl.vocab import prepare_model
-    from sft.vlm import is_vision_language_model, load_vlm
 
-    if is_vision_language_model(model_path):
-        model = load_vlm(model_path, resolve_dtype(recipe.model.dtype), recipe.model.attn_implementation)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(recipe.model.dtype), attn_implementation=recipe.model.attn_implementation
-        )
+    model = load_pretrained_model(model_path, resolve_dtype(recipe.model.dtype), recipe.model.attn_implementation)
+    # model.added_tokens (rl/vocab.py): rows for the added tokens, before freezing (a resize replaces modules)
     prepare_model(model, vocab, recipe.model, source=model_path)
+    apply_freezing(model, recipe.model.freeze_vision_tower, recipe.model.freeze_language_model)
     return model
 
 
@@ -122,12 +112,15 @@ def build_peft_config(recipe: SFTRecipe, trainable_token_indices: dict | None = 
         return None
     from peft import LoraConfig
 
+    from rl.multimodal import lora_exclude_modules
+
     modules = list(m.lora_target_modules)
     return LoraConfig(
         r=m.lora_r,
         lora_alpha=m.lora_alpha,
         lora_dropout=m.lora_dropout,
         target_modules="all-linear" if modules == ["all-linear"] else modules,
+        exclude_modules=lora_exclude_modules(m),
         trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM",
     )

@@ -57,6 +57,16 @@ import logging
 import os
 from pathlib import Path
 
+from rl.multimodal import (  # noqa: F401  (the loaders live in rl/ so that RL loads VLMs the same way)
+    IMAGE_ONLY_PROCESSORS,
+    image_only_processor_class,
+    is_processor,
+    is_vision_language_model,
+    load_processor,
+    load_vlm,
+    text_tokenizer,
+    torchvision_available,
+)
 from sft.rows import IGNORE_INDEX, SFTDataError, format_problems
 
 __all__ = [
@@ -78,27 +88,7 @@ __all__ = [
 
 logger = logging.getLogger("sft.vlm")
 
-# processor classes whose video processor is optional at run time (image-only use)
-IMAGE_ONLY_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 _INLINE_IMAGE_KEYS = ("image", "url", "path", "base64", "image_url")
-
-
-def torchvision_available() -> bool:
-    from transformers.utils import is_torchvision_available
-
-    return is_torchvision_available()
-
-
-def is_processor(obj) -> bool:
-    """A multimodal processor (image processor + tokenizer), not a plain tokenizer."""
-    from transformers import ProcessorMixin
-
-    return isinstance(obj, ProcessorMixin)
-
-
-def text_tokenizer(processing_class):
-    """The tokenizer of a processor, or the tokenizer itself."""
-    return getattr(processing_class, "tokenizer", processing_class)
 
 
 def qwen2_vl_chat_template() -> str:
@@ -106,113 +96,6 @@ def qwen2_vl_chat_template() -> str:
     from trl.chat_template_utils import qwen2_5_vl_chat_template
 
     return qwen2_5_vl_chat_template
-
-
-# ----------------------------------------------------------------------------- processors
-
-
-_IMAGE_ONLY_CLASSES: dict[str, type] = {}
-
-
-def image_only_processor_class(name: str = "Qwen2VLProcessor") -> type:
-    """A subclass of transformers' `name` processor without the video processor.
-
-    Its sub-processors are ``image_processor`` and ``tokenizer`` only (transformers reads
-    them from the ``__init__`` signature), so it builds and loads without torchvision.
-    The class is named like its base so that saved files name the standard class."""
-    if name not in IMAGE_ONLY_PROCESSORS:
-        raise ValueError(f"no image-only variant of {name}: supported are {list(IMAGE_ONLY_PROCESSORS)}")
-    if name in _IMAGE_ONLY_CLASSES:
-        return _IMAGE_ONLY_CLASSES[name]
-    import transformers
-    from transformers import ProcessorMixin
-
-    base = getattr(transformers, name)
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # the token attributes the base __init__ sets, before ProcessorMixin's own __init__
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.image_token
-        )
-        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-            self.video_token
-        )
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    cls = type(
-        name,
-        (base,),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{name} without a video processor (images only; no torchvision needed).",
-        },
-    )
-    _IMAGE_ONLY_CLASSES[name] = cls
-    return cls
-
-
-def _processor_class_name(path: Path) -> str | None:
-    for fname in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        f = path / fname
-        if f.is_file():
-            try:
-                name = json.loads(f.read_text(encoding="utf-8")).get("processor_class")
-            except (OSError, json.JSONDecodeError):
-                continue
-            if name:
-                return name
-    return None
-
-
-def load_processor(model_path: str):
-    """The model's processor, PIL image processing, with or without torchvision.
-
-    ``AutoProcessor`` first; for the Qwen2-VL family without torchvision (or when a
-    checkpoint has no video processor config) the image-only variant, loaded from the
-    same files. The tokenizer gets ``pad_token = eos_token`` when it has none."""
-    from transformers import AutoProcessor
-
-    # No backend="pil" here: from_pretrained passes it to the tokenizer too, which then
-    # reports itself as not `tokenizers`-backed and TRL's assistant mask refuses it.
-    # Without torchvision, AutoImageProcessor picks the PIL image processor by itself.
-    path = Path(model_path)
-    name = _processor_class_name(path) if path.is_dir() else None
-    if name in IMAGE_ONLY_PROCESSORS and not torchvision_available():
-        processor = image_only_processor_class(name).from_pretrained(model_path)
-    else:
-        try:
-            processor = AutoProcessor.from_pretrained(model_path)
-        except OSError as e:
-            if name not in IMAGE_ONLY_PROCESSORS or "video processor" not in str(e):
-                raise
-            processor = image_only_processor_class(name).from_pretrained(model_path)
-    tok = text_tokenizer(processor)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return processor
-
-
-def is_vision_language_model(model_path: str) -> bool:
-    """True for checkpoints whose config has a vision tower and an image-text-to-text class."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    config = AutoConfig.from_pretrained(model_path)
-    return getattr(config, "vision_config", None) is not None and (
-        config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    )
-
-
-def load_vlm(model_path: str, dtype, attn_implementation: str):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=attn_implementation
-    )
 
 
 def training_chat_template(processor) -> str | None:

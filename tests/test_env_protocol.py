@@ -127,9 +127,14 @@ def test_prompts_from_the_builder_or_as_ids(tiny_tokenizer):
 def test_protocol_errors_are_clear(tiny_tokenizer):
     tok = tiny_tokenizer
 
-    class ImagePrompt(Environment):
+    from PIL import Image
+
+    from rl.multimodal import ImageError
+
+    class ImagePrompt(Environment):  # images for a text policy (the tiny tokenizer has no processor)
         def reset(self, rows):
-            return [Prompt(messages=[{"role": "user", "content": "q"}], images=["img"]) for _ in rows]
+            return [Prompt(messages=[{"role": "user", "content": "q"}], images=[Image.new("RGB", (8, 8))])
+                    for _ in rows]
 
     class ImageObs(Environment):
         def reset(self, rows):
@@ -139,9 +144,9 @@ def test_protocol_errors_are_clear(tiny_tokenizer):
             return [StepResult(images=["screen"]) for _ in turns]
 
     eng = ScriptedEngine(tok, [chat(tok, "q")], [[R("a"), R("b")]])
-    with pytest.raises(NotImplementedError, match="multimodal"):
+    with pytest.raises(ImageError, match="text model"):
         multi_turn(eng, tok, [{}], params=PARAMS, env=ImagePrompt)
-    with pytest.raises(NotImplementedError, match="multimodal"):
+    with pytest.raises(ValueError, match="come as a chat turn"):  # image observations need a message
         multi_turn(eng, tok, [{}], params=PARAMS, env=ImageObs, max_turns=2)
     with pytest.raises(ValueError, match=r"unknown environment 'nope'.*toy_guess"):
         multi_turn(eng, tok, [{}], params=PARAMS, env="nope")

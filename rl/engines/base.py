@@ -2,7 +2,10 @@
 
 An engine turns token ids into token ids + log-probs + finish reasons:
 
-    generate(prompts, params) -> list[Generation]    one Generation per prompt, in order
+    generate(prompts, params, images=None) -> list[Generation]    one Generation per prompt, in order;
+                                                     images[i]: prompt i's images (vision-language
+                                                     policies), in the order their image tokens appear
+                                                     in prompts[i] (placeholders already expanded)
     update_weights(model)                            sample from the trainer's current weights next
     sleep() / wake()                                 free / re-take the engine's own memory around training
     close()                                          release everything (workers, connections, temp files)
@@ -68,7 +71,8 @@ class Generation:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list[Any]] | None = None) -> list[Generation]: ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...
 
@@ -93,8 +97,9 @@ class BaseEngine:
     cache worth keeping between calls.
     """
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        raise NotImplementedError(f"{type(self).__name__} must implement generate(prompts, params)")
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list[Any]] | None = None) -> list[Generation]:
+        raise NotImplementedError(f"{type(self).__name__} must implement generate(prompts, params, images=None)")
 
     def update_weights(self, model: torch.nn.Module) -> None:
         raise NotImplementedError(

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from rl.constraints import TokenTrie, TrieLogitsProcessor, constrained_beam_search, explicit_generation_config
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids
 from rl.forward import release_memory
+from rl.multimodal import ImageError, VisionInputs, processor_of
 
 
 def _first_stop(text_of: Callable[[int], str], n: int, stops: list[str]) -> tuple[int, str] | None:
@@ -62,6 +63,7 @@ class HFEngine(BaseEngine):
         self._prefix: _PrefixCache | None = None  # set inside `session()`
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0}  # over the engine's life (benchmarks read them)
+        self._vision_inputs: VisionInputs | None = None  # made on the first prompt with images
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -83,9 +85,29 @@ class HFEngine(BaseEngine):
             self._prefix.clear()
             self._prefix = outer
 
+    def _vision(self) -> VisionInputs:
+        """Pixel inputs for image prompts, from the processor attached to the tokenizer (`rl.multimodal`)."""
+        if self._vision_inputs is None:
+            processor = processor_of(self.tokenizer)
+            if processor is None:
+                raise ImageError("HFEngine.generate: prompts with images, but the policy has no processor "
+                                 "(a text model): use a vision-language model")
+            self._vision_inputs = VisionInputs(processor, self.model)
+        return self._vision_inputs
+
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list[Any]] | None = None) -> list[Generation]:
         out: list[Generation] = []
+        if images is not None:
+            if len(images) != len(prompts):
+                raise ValueError(f"HFEngine.generate: {len(images)} image lists for {len(prompts)} prompts")
+            if any(images):
+                vision = self._vision()
+                for i, (p, ims) in enumerate(zip(prompts, images)):
+                    vision.check(p, ims, f"prompt {i}")
+            else:
+                images = None
         was_training = self.model.training
         self.model.eval()
         restore_config = explicit_generation_config(self.model)  # the recipe decides, never generation_config.json
@@ -93,7 +115,8 @@ class HFEngine(BaseEngine):
             starts = range(0, len(prompts), self.batch_size)
             # a bar only when there is more than one batch (evaluation, big groups)
             for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) < 2):
-                out.extend(self._generate_batch(prompts[start : start + self.batch_size], params))
+                batch_images = images[start : start + self.batch_size] if images is not None else None
+                out.extend(self._generate_batch(prompts[start : start + self.batch_size], params, batch_images))
             if self._prefix is not None:
                 self._prefix.commit()
         finally:
@@ -144,14 +167,18 @@ class HFEngine(BaseEngine):
             self._stop_criteria[stops] = StopStringCriteria(self.tokenizer, list(stops))
         return self._stop_criteria[stops]
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        images: list[list[Any]] | None = None) -> list[Generation]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("HFEngine.generate: empty prompt (every prompt needs at least one token)")
         device = next(self.model.parameters()).device
         # Layout of row j: [pad | cached c_j tokens] [pad | s_j new prompt tokens] [generated ...]
         # with C = max c_j columns of cache and S = max s_j columns of new input. Without a
-        # session (or with nothing to reuse) C = 0: plain left padding.
-        plan = self._prefix.plan(prompts) if self._prefix is not None else [(None, 0)] * len(prompts)
+        # session (or with nothing to reuse) C = 0: plain left padding. Batches with images are
+        # prefilled whole: their pixel inputs go with the prompt (and M-RoPE models derive their
+        # position offsets from the full prompt), so no cache is reused or kept for them.
+        reuse = self._prefix is not None and images is None
+        plan = self._prefix.plan(prompts) if reuse else [(None, 0)] * len(prompts)
         cached = [c for _, c in plan]
         C = max(cached)
         S = max(len(p) - c for p, c in zip(prompts, cached))
@@ -164,6 +191,11 @@ class HFEngine(BaseEngine):
         kwargs = self._generate_kwargs(params)
         if C > 0:
             kwargs["past_key_values"] = self._prefix.gather(plan, C, device)
+        if processor_of(self.tokenizer) is not None:  # a VLM policy never samples an image placeholder
+            kwargs["suppress_tokens"] = self._vision().banned_ids  # (the trainer masks the same ids)
+        if images is not None:
+            flat = [im for row in images for im in row]
+            kwargs.update({k: v.to(device) for k, v in self._vision().model_inputs(input_ids, flat).items()})
         self.stats["prefill_tokens"] += sum(len(p) - c for p, c in zip(prompts, cached))
         self.stats["reused_tokens"] += sum(cached)
         res = self.model.generate(
@@ -192,7 +224,7 @@ class HFEngine(BaseEngine):
                 if found is not None:
                     n, reason, stop_string = found[0], "stop", found[1]
             gens.append(Generation(ids[:n], logprobs[i, :n].tolist(), reason, stop_string))
-        if self._prefix is not None:
+        if reuse:
             self._prefix.add(res.past_key_values, prompts, cached, C, S, [g.token_ids for g in gens])
         return gens
 
