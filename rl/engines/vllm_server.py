@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids, group_prompts, map_finish
+from rl.engines.vllm_vision import Placeholders, check_expansion, check_images, collapse_placeholders, placeholders
 from rl.weights import checkpoint_dir, export_weights
 
 logger = logging.getLogger("rl.engines.vllm_server")
@@ -32,6 +33,17 @@ __all__ = ["VLLMServerEngine", "policy_weight_source", "WEIGHT_SYNCS"]
 
 
 WEIGHT_SYNCS = ("none", "disk", "nccl", "ipc")
+GENERATE_ROUTE = "/inference/v1/generate"  # vLLM's token-in route that also takes images (--enable-scale-out)
+
+
+def _data_url(image) -> str:
+    """A PIL image as a PNG data URL (lossless)."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 WEIGHT_TRANSFERS = ("nccl", "ipc")  # through vLLM's weight-transfer API
 
 
@@ -172,6 +184,9 @@ class VLLMServerEngine(BaseEngine):
             )
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids(model, tokenizer) if model is not None else sorted({tokenizer.eos_token_id})
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.placeholders = placeholders(base_model.config) if model is not None else Placeholders()
+        self._no_model = model is None
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_retries = max_retries
@@ -250,9 +265,15 @@ class VLLMServerEngine(BaseEngine):
         transfer = ""
         if self.weight_sync in WEIGHT_TRANSFERS:
             transfer = f" --weight-transfer-config '{{\"backend\": \"{self.weight_sync}\"}}'"
+        # a vision-language policy: its images go through the scale-out route, and the launcher makes vLLM's
+        # LLaVA / Qwen2-VL start without torchvision (rl.engines.vllm_vision) in the server's processes
+        launcher, scale_out = "vllm.entrypoints.openai.api_server", ""
+        if self.placeholders.ids:
+            launcher, scale_out = "rl.engines.vllm_serve", " --enable-scale-out"
         return (
-            f"{env}python -m vllm.entrypoints.openai.api_server --model {path} --host {u.hostname} "
-            f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs{transfer}"
+            f"{env}python -m {launcher} --model {path} --host {u.hostname} "
+            f"--port {u.port or (443 if u.scheme == 'https' else 80)} --logprobs-mode processed_logprobs"
+            f"{scale_out}{transfer}"
         )
 
     def _check_weight_transfer(self, model: torch.nn.Module | None) -> int:
@@ -365,14 +386,75 @@ class VLLMServerEngine(BaseEngine):
             gens.append(Generation(ids, [float(x) for x in lp], reason, stop_string))
         return gens
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate_with_images(self, prompt: list[int], images: list, n: int, params: SamplingParams,
+                              index: int) -> list[Generation]:
+        """One prompt with images through vLLM's token-in route `/inference/v1/generate` (`/v1/completions`
+        takes no images with token prompts): the placeholders collapsed to one per image (vLLM expands
+        them, see `rl.engines.vllm_vision`), the images as PNG data URLs (lossless: the server decodes the
+        same pixels), the sampling parameters as vLLM's own `SamplingParams` fields."""
+        body = self._body(prompt, n, params)
+        sampling = {k: body[k] for k in ("n", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
+                                         "include_stop_str_in_output", "skip_special_tokens",
+                                         "spaces_between_special_tokens", "logprobs")}
+        sampling.update(max_tokens=params.max_new_tokens, detokenize=bool(params.stop))
+        request = {
+            "model": self.model_name,
+            "token_ids": collapse_placeholders(prompt, self.placeholders),
+            "content_parts": [{"type": "image_url", "url": _data_url(im)} for im in images],
+            "sampling_params": sampling,
+            "return_token_ids": True,
+        }
+        url = f"{self.base_url}{GENERATE_ROUTE}"
+        try:
+            res = self._request("POST", GENERATE_ROUTE, json=request)
+        except RuntimeError as e:
+            if " -> 403" in str(e) or " -> 404" in str(e):
+                raise RuntimeError(
+                    f"vllm_server: prompts with images go through {url}, which this server does not serve ({e}); "
+                    f"start it with --enable-scale-out (and, for LLaVA / Qwen2-VL without torchvision, through "
+                    f"`python -m rl.engines.vllm_serve`):\n  {self._start_hint(None)}"
+                ) from e
+            raise
+        check_expansion(index, prompt, (res or {}).get("prompt_token_ids"))
+        try:
+            choices = sorted(res["choices"], key=lambda c: c["index"])
+        except (TypeError, KeyError) as e:
+            raise RuntimeError(f"vLLM server {url} answered without indexed `choices`: {str(res)[:300]}") from e
+        if len(choices) != n:
+            raise RuntimeError(f"vLLM server {url} returned {len(choices)} choices for n={n}")
+        gens = []
+        for c in choices:
+            ids = list(c.get("token_ids") or [])
+            content = (c.get("logprobs") or {}).get("content") or []
+            if [x.get("token_id") for x in content] != ids:
+                raise RuntimeError(f"vLLM server {url} returned {len(ids)} token ids and {len(content)} log-probs "
+                                   "that do not line up")
+            reason, stop_string = map_finish(c.get("finish_reason"), c.get("stop_reason"))
+            gens.append(Generation(ids, [float(x["logprob"]) for x in content], reason, stop_string))
+        return gens
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list[Any]] | None = None) -> list[Generation]:
         if not prompts:
             return []
-        groups = group_prompts(prompts)
+        if images is not None and any(images) and self._no_model:
+            raise ValueError("vllm_server: prompts with images need the engine built with the policy model (its "
+                             "config names the image placeholders), got model=None")
+        images = check_images(prompts, images, self.placeholders)  # None when no prompt has images
+        groups = group_prompts(prompts, images)
+        jobs, i = [], 0
+        for p, n in groups:
+            jobs.append((p, n, i, images[i] if images is not None else None))
+            i += n
+
+        def run(job):
+            p, n, first, ims = job
+            return self._generate_with_images(p, ims, n, params, first) if ims else self._complete(p, n, params)
+
         workers = min(self.max_concurrency, len(groups))
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
         try:
-            results = list(pool.map(lambda g: self._complete(g[0], g[1], params), groups))
+            results = list(pool.map(run, jobs))
         finally:  # on a failure, requests not yet sent are dropped (those in flight end within their timeouts)
             pool.shutdown(wait=True, cancel_futures=True)
         gens = [g for r in results for g in r]
@@ -450,7 +532,7 @@ class VLLMServerEngine(BaseEngine):
         """Rank 0's half of a sync: through vLLM's weight-transfer engine, or a safetensors file the server reloads."""
         if self.weight_sync in WEIGHT_TRANSFERS:
             self._send_transfer(model, 0)
-            self._request("POST", "/reset_prefix_cache")
+            self._reset_caches()
             return
         from safetensors.torch import save_file
 
@@ -473,7 +555,13 @@ class VLLMServerEngine(BaseEngine):
             "POST", "/collective_rpc",
             json={"method": "reload_weights", "kwargs": {"weights_path": str(path), "is_checkpoint_format": True}},
         )
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """After new weights: the prefix cache, and for a VLM the cached vision-tower outputs (old weights)."""
         self._request("POST", "/reset_prefix_cache")
+        if self.placeholders.ids:
+            self._request("POST", "/reset_encoder_cache")
 
     def close(self) -> None:
         if self._transfer is not None:

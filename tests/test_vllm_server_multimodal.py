@@ -1,0 +1,94 @@
+"""Images on the `vllm_server` engine: a real vLLM server (started through `rl.engines.vllm_serve`, which
+prepares vLLM's LLaVA for a machine without torchvision) against a teacher-forced HF forward, before and
+after a disk weight sync. Its own module: its server never runs next to another module's vLLM engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rl.engines import SamplingParams, build_engine
+from test_vllm_multimodal import batch, flat, needs_vllm, teacher_forced
+from tiny_vlm import save_tiny_llava
+
+
+@contextlib.contextmanager
+def vlm_server(model_dir: str, log_path, start_timeout: float = 300):
+    """`python -m rl.engines.vllm_serve` on a free port with the scale-out route and the dev endpoints;
+    yields its base URL once /health answers, fails the test with its log if it does not start."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl.engines.vllm_serve", "--model", model_dir, "--host", "127.0.0.1", "--port",
+         str(port), "--dtype", "float32", "--enforce-eager", "--logprobs-mode", "processed_logprobs",
+         "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20), "--enable-scale-out",
+         "--limit-mm-per-prompt", '{"image": 4}'],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
+    )
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail("the vLLM server did not start:\n" + open(log_path).read()[-3000:])
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_engine_images_match_hf_and_sync_weights(tmp_path):
+    from rl.multimodal import load_pretrained_model, load_tokenizer_and_processor
+
+    path = save_tiny_llava(tmp_path / "llava")
+    tok, processor = load_tokenizer_and_processor(path)
+    model = load_pretrained_model(path, torch.float32, "sdpa").eval()
+    prompts, images = batch(processor)  # 1 image, 2 images, none; each twice
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    with vlm_server(path, tmp_path / "server.log") as url:
+        (tmp_path / "sync").mkdir()
+        eng = build_engine("vllm_server", model, tok, 16, base_url=url, timeout=120, weight_sync="disk",
+                           sync_dir=str(tmp_path / "sync"))
+        try:
+            gens = eng.generate(prompts, params, images=images)
+            assert eng.stats["requests"] == 3
+            torch.testing.assert_close(flat(gens), teacher_forced(model, processor, prompts, images, gens, 1.0),
+                                       rtol=1e-4, atol=2e-4)
+            policy = copy.deepcopy(model)  # projector and vision tower moved: the server must reload both
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "multi_modal_projector" in name or "vision_tower.encoder" in name:
+                        p.add_(torch.randn(p.shape, generator=g) * 0.2)
+            eng.update_weights(policy)
+            gens = eng.generate(prompts, params, images=images)
+            torch.testing.assert_close(flat(gens), teacher_forced(policy, processor, prompts, images, gens, 1.0),
+                                       rtol=1e-4, atol=2e-4)
+            assert not torch.allclose(flat(gens), teacher_forced(model, processor, prompts, images, gens, 1.0),
+                                      atol=1e-3)
+        finally:
+            eng.close()
