@@ -6,6 +6,7 @@ On the tiny Llama (tied embeddings) and an untied variant (`tie_word_embeddings=
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -419,3 +420,25 @@ def test_rl_run_with_the_vllm_engine_and_added_tokens(vdir, tmp_path):
     assert [h["step"] for h in steps] == [1, 2]
     for h in steps:  # the rollout after the first step's sync came from the updated weights
         assert 0 <= h["rollout/logp_abs_diff"] < 1e-3 and h["rollout/token_ratio_max"] < 1.01
+
+
+def test_ppo_critic_gets_the_rows_and_resumes_without_reinit(tiny_model_dir, tmp_path):
+    from rl.setup import setup_run
+
+    out = tmp_path / "run"
+    ppo = {"algorithm__name": "ppo", "algorithm__kl_coef": 0.05, "algorithm__critic_layers": 1,
+           "algorithm__critic_lr": 1e-2}
+    result = rl_run(tiny_model_dir, out, **ppo)
+    assert all(math.isfinite(h["grad_norm"]) for h in result["history"] if "grad_norm" in h)
+    critic_dir = out / "checkpoint-2" / "critic"
+    saved = load_file(str(critic_dir / "model.safetensors"))
+    assert saved["embed_tokens.weight"].shape[0] == 512 + 3
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))[EMBED]
+    assert not torch.allclose(saved["embed_tokens.weight"][512:], base.mean(0).expand(3, -1))  # trained
+    assert json.loads((critic_dir / "config.json").read_text())[MARKER] == json.loads(
+        (out / "final" / "config.json").read_text())[MARKER]
+    cfg = config_from_dict(arithmetic_recipe(tiny_model_dir, out, model__added_tokens=TOKENS, **ppo))
+    run = setup_run(cfg, resume="latest")
+    critic = run.accelerator.unwrap_model(run.critic)
+    assert torch.equal(critic.backbone.get_input_embeddings().weight.detach(), saved["embed_tokens.weight"])
+    assert run.ref_model.get_input_embeddings().weight.shape[0] == 512 + 3
