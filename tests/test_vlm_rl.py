@@ -309,3 +309,23 @@ def test_full_finetune_with_frozen_vision_tower_trains_only_the_rest(vlm_dirs, v
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any("multi_modal_projector" in k for k in changed) and any("language_model" in k for k in changed)
     assert not any("vision_tower" in k for k in changed)
+
+
+def test_an_sft_vlm_checkpoint_is_an_rl_start_as_is(vlm_dirs, vqa_rows, tmp_path):
+    """SFT and RL load VLMs through one loader: sft.train's final/ (Qwen2-VL, processor without
+    torchvision) starts an RL run unchanged, and the RL run's final/ is a VLM checkpoint again."""
+    from sft.config import recipe_from_dict
+    from sft.trainer import train as sft_train
+
+    rows = [json.loads(line) for line in vqa_rows.read_text().splitlines()]
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"messages": r["messages"] + [{"role": "assistant", "content": r["answer"]}],
+                                            "images": [str(vqa_rows.parent / r["images"][0])]}) + "\n" for r in rows))
+    sft_train(recipe_from_dict({
+        "model": {"name_or_path": vlm_dirs["qwen2_vl"]}, "data": {"train": str(sft_data), "format": "messages"},
+        "training": {"per_device_batch_size": 2, "num_threads": 1}, "steps": 2, "output_dir": str(tmp_path / "sft"),
+    }))
+    result = train(config_from_dict(vlm_recipe(str(tmp_path / "sft" / "final"), vqa_rows, tmp_path / "rl", steps=1)))
+    assert [h["step"] for h in result["history"] if "reward/mean" in h] == [1]
+    tok, processor, _ = _load(str(tmp_path / "rl" / "final"))
+    assert type(processor).__name__ == "Qwen2VLProcessor"
