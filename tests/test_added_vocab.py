@@ -442,3 +442,34 @@ def test_ppo_critic_gets_the_rows_and_resumes_without_reinit(tiny_model_dir, tmp
     critic = run.accelerator.unwrap_model(run.critic)
     assert torch.equal(critic.backbone.get_input_embeddings().weight.detach(), saved["embed_tokens.weight"])
     assert run.ref_model.get_input_embeddings().weight.shape[0] == 512 + 3
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_language_models_get_the_rows_too(family, tmp_path):
+    """The processor's tokenizer gets the tokens; the language model's embedding (and head) the rows; only
+    those rows train under LoRA, and the export names them as the checkpoint does."""
+    from peft import LoraConfig, get_peft_model
+
+    from rl.multimodal import load_pretrained_model, load_tokenizer_and_processor
+    from rl.weights import export_weights
+    from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
+
+    d = (save_tiny_llava if family == "llava" else save_tiny_qwen2_vl)(tmp_path / "vlm")
+    tok, processor = load_tokenizer_and_processor(d)
+    cfg = ModelConfig(added_tokens=TOKENS)
+    vocab = add_to_tokenizer(tok, cfg)
+    assert len(processor.tokenizer) == len(tok)  # one tokenizer object: the processor renders the new ids
+    assert processor.tokenizer.convert_tokens_to_ids("<b_1>") == vocab.ids["<b_1>"]
+    model = load_pretrained_model(d, torch.float32, "sdpa")
+    n = model.get_input_embeddings().weight.shape[0]
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert prepare_model(model, vocab, cfg) == vocab.token_ids
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) and torch.equal(emb[:n], old)
+    torch.testing.assert_close(emb[vocab.token_ids[0]], old[:n].mean(0))
+    indices = trainable_token_indices(model, vocab)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices))
+    assert any("trainable_tokens_delta" in k for k, p in policy.named_parameters() if p.requires_grad)
+    exported = dict(export_weights(policy))
+    embed_key = next(k for k in exported if k.endswith("embed_tokens.weight"))
+    assert exported[embed_key].shape[0] == len(tok) and not any("token_adapter" in k for k in exported)
