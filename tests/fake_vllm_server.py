@@ -11,13 +11,16 @@ stays open); `no_token_ids` (choices without `token_ids`, like a vLLM too old fo
 `return_token_ids` or another OpenAI-compatible server). `GET /inflight` tells how many
 completions are being answered right now (tests wait for it before killing the server),
 and what the weight-sync endpoints received: `POST /collective_rpc` (the JSON bodies, in
-order, under `collective_rpc`) and `POST /reset_prefix_cache` (a count); both answer
+order, under `collective_rpc`), `POST /reset_prefix_cache` and `/reset_encoder_cache` (counts); they answer
 like vLLM's dev endpoints, without loading anything. The weight-transfer routes of vLLM
 0.32's RL router (`GET /get_world_size` answering `--world-size`, and `POST
 /init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`,
 `/finish_weight_update`, `/shutdown_weight_transfer_engine`) record (route, JSON body) in
 order under `weight_transfer`; `--no-weight-transfer` leaves them out (404, like a server
 started without VLLM_SERVER_DEV_MODE).
+`POST /inference/v1/generate` (vLLM's token-in route, which the engine uses for prompts with
+images) records the request bodies under `generate` and answers like `/v1/completions`, in that
+route's shape (`logprobs.content` entries with `token_id` and `logprob` -0.25).
 No vLLM, no model: FastAPI + uvicorn only, starts in about a second.
 """
 
@@ -37,7 +40,8 @@ WEIGHT_TRANSFER_POSTS = ("init_weight_transfer_engine", "start_weight_update", "
 
 def make_app(delay: float = 0.0, mode: str = "ok", world_size: int | None = 1) -> FastAPI:
     app = FastAPI()
-    state = {"inflight": 0, "served": 0, "collective_rpc": [], "reset_prefix_cache": 0, "weight_transfer": []}
+    state = {"inflight": 0, "served": 0, "collective_rpc": [], "reset_prefix_cache": 0, "weight_transfer": [],
+             "generate": [], "reset_encoder_cache": 0}
 
     if world_size is not None:
         @app.get("/get_world_size")
@@ -75,6 +79,22 @@ def make_app(delay: float = 0.0, mode: str = "ok", world_size: int | None = 1) -
     async def reset_prefix_cache():
         state["reset_prefix_cache"] += 1
         return {}
+
+    @app.post("/reset_encoder_cache")
+    async def reset_encoder_cache():
+        state["reset_encoder_cache"] += 1
+        return {}
+
+    @app.post("/inference/v1/generate")
+    async def generate(request: Request):  # vLLM's token-in route (prompts with images): bodies recorded
+        body = await request.json()
+        state["generate"].append(body)
+        sampling = body["sampling_params"]
+        ids = [(body["token_ids"][-1] + k + 1) % 1000 for k in range(sampling.get("max_tokens") or 16)]
+        content = [{"token_id": t, "logprob": -0.25} for t in ids]
+        return {"choices": [{"index": i, "token_ids": ids, "logprobs": {"content": content}, "finish_reason": "length",
+                             "stop_reason": None} for i in range(sampling.get("n") or 1)],
+                "prompt_token_ids": None}  # a real server expands the placeholders; this one cannot
 
     @app.post("/v1/completions")
     async def completions(request: Request):

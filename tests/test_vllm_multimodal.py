@@ -274,3 +274,71 @@ def test_update_weights_matches_the_new_policy(engine, llava, lora):
         assert not torch.allclose(flat(gens), old, atol=1e-3)  # the sync did change vLLM's weights
     finally:
         engine.update_weights(model)  # the module's other tests sample from the original weights
+
+
+# ----------------------------------------------------------------------------- server engine (stand-in server)
+
+
+def test_server_engine_sends_images_through_the_token_in_route(llava, tmp_path):
+    """No vLLM: tests/fake_vllm_server.py records what the engine sends. Prompts with images go to
+    /inference/v1/generate with one placeholder per image and the images as lossless PNG data URLs, grouped
+    by ids + image content; text prompts still go to /v1/completions; a sync also resets the encoder cache."""
+    import base64
+    import io
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    import socket
+
+    model, tok, processor = llava
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake = str(Path(__file__).with_name("fake_vllm_server.py"))
+    proc = subprocess.Popen([sys.executable, fake, "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            assert time.time() < deadline and proc.poll() is None, "the stand-in server did not start"
+        (tmp_path / "sync").mkdir()
+        eng = build_engine("vllm_server", model, tok, 8, base_url=url, timeout=30, weight_sync="disk",
+                           sync_dir=str(tmp_path / "sync"))
+        red, red_again, blue = draw("red"), draw("red"), draw("blue", "rectangle", (30, 70))
+        p1, _ = render(processor, [red])
+        p2, _ = render(processor, [red, blue])
+        text = tok("What is 2 plus 3?")["input_ids"]
+        gens = eng.generate([p1, p1, p1, p2, text], SamplingParams(max_new_tokens=3),
+                            images=[[red], [red_again], [blue], [red, blue], []])
+        seen = httpx.get(f"{url}/inflight").json()
+        # the requests are concurrent: order them as sent (n=2 first, then by prompt length)
+        bodies = sorted(seen["generate"], key=lambda b: (-b["sampling_params"]["n"], len(b["token_ids"])))
+        assert [b["sampling_params"]["n"] for b in bodies] == [2, 1, 1]  # red twice: one request; blue: another
+        assert seen["served"] == 1  # the text prompt, through /v1/completions
+        spec = placeholders(model.config)
+        assert [b["token_ids"] for b in bodies] == [collapse_placeholders(p, spec) for p in (p1, p1, p2)]
+        sent = [[part["url"] for part in b["content_parts"]] for b in bodies]
+        assert all(u.startswith("data:image/png;base64,") for us in sent for u in us)
+        decoded = Image.open(io.BytesIO(base64.b64decode(sent[2][1].split(",", 1)[1])))
+        assert decoded.tobytes() == blue.tobytes() and decoded.size == blue.size  # lossless
+        assert [len(g.token_ids) for g in gens] == [3] * 5
+        assert [g.logprobs[0] for g in gens] == [-0.25] * 4 + [-0.5]  # image route x 4, completions x 1
+        with pytest.raises(ImageError, match="prompt 0: 2 image"):
+            eng.generate([p1], SamplingParams(max_new_tokens=2), images=[[red, blue]])
+        eng.update_weights(model)
+        seen = httpx.get(f"{url}/inflight").json()
+        assert (seen["reset_prefix_cache"], seen["reset_encoder_cache"]) == (1, 1)
+        eng.close()
+    finally:
+        proc.kill()
+        proc.wait()
