@@ -3,7 +3,8 @@ teacher-forced HF forward of the same vision-language model.
 
 The model is tests/tiny_vlm.py's tiny LLaVA (CLIP tower + projector + Llama with head_dim 32, 16 tokens per
 56 x 56 image). Prompts are what the HF processor renders (placeholders expanded), images are drawn here.
-One colocate engine per module (`@pytest.mark.slow`: vLLM starts in ~5 s but the module runs ~1 min).
+One colocate engine per module; tests that start vLLM or a server process are `@pytest.mark.slow`
+(the whole module: ~25 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rl.engines import SamplingParams, build_engine
 from rl.engines.base import group_prompts
 from rl.engines.vllm_vision import (
     Placeholders,
+    banned_ids,
     check_images,
     collapse_placeholders,
     placeholders,
@@ -77,11 +79,11 @@ def render(processor, images, text="What color is it?"):
 
 
 def teacher_forced(model, processor, prompts, images, gens, temperature):
-    """The HF model's log-probs of every generated token (one forward per sample), flattened.
+    """The HF model's log-probs of every generated token (one forward per sample), flattened, with the
+    image placeholder masked (-inf) as the trainer masks it: no engine samples it (`banned_ids`).
 
-    The image features go into the prompt's placeholder positions only (`inputs_embeds`): a sampled
-    response may contain the `<image>` token itself (a random policy does), which vLLM embeds as a plain
-    token, while `model(input_ids=..., pixel_values=...)` would take it for one more image slot and fail."""
+    The image features go into the prompt's placeholder positions only (`inputs_embeds`), so the helper stays
+    valid for responses that contain the placeholder (engines before the ban sampled it: a random policy does)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     out = []
@@ -99,9 +101,27 @@ def teacher_forced(model, processor, prompts, images, gens, temperature):
                 slots = (ids[0] == cfg.image_token_index) & (torch.arange(ids.shape[1]) < len(p))
                 embeds[0, slots] = torch.cat(list(feats)).to(embeds.dtype)
             logits = model(inputs_embeds=embeds).logits[0, len(p) - 1 : -1].float()
+            logits[:, banned_ids(cfg)] = float("-inf")
         logp = (logits / temperature).log_softmax(-1)
         out.append(logp.gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0])
     return torch.cat(out)
+
+
+def trainer_logprobs(model, tok, processor, prompts, images, gens, temperature):
+    """The trainer's log-probs of every generated token: `rl.packing.make_micro_batch` (packed, with the
+    policy's `VisionInputs`) and `rl.forward.forward_logprobs`, as an RL step computes them; flattened."""
+    from rl.forward import forward_logprobs
+    from rl.multimodal import VisionInputs
+    from rl.packing import make_micro_batch, scatter_rows
+    from rl.trajectory import Trajectory
+
+    trajs = [Trajectory(p, g.token_ids, [1] * len(g.token_ids), g.logprobs, i, {}, images=list(ims) or None,
+                        prompt_images=len(ims)) for i, (p, ims, g) in enumerate(zip(prompts, images, gens))]
+    mb = make_micro_batch(trajs, list(range(len(trajs))), True, tok.pad_token_id, 4096, VisionInputs(processor, model))
+    with torch.no_grad():
+        logp, _ = forward_logprobs(model, mb, temperature, False)
+    full = scatter_rows(logp, mb, len(trajs), max(len(t.response_ids) for t in trajs))
+    return torch.cat([full[i, : len(t.response_ids)] for i, t in enumerate(trajs)])
 
 
 def flat(gens):
@@ -181,7 +201,7 @@ def test_export_weights_names_are_the_hf_llava_names(llava):
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_teacher_forcing(engine, llava, temperature):
-    model, _, processor = llava
+    model, tok, processor = llava
     prompts, images = batch(processor)
     requests = engine.stats["requests"]
     gens = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature), images=images)
@@ -189,6 +209,32 @@ def test_sampled_logprobs_match_teacher_forcing(engine, llava, temperature):
     assert sum(len(g.token_ids) for g in gens) > 20
     torch.testing.assert_close(flat(gens), teacher_forced(model, processor, prompts, images, gens, temperature),
                                rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(flat(gens), trainer_logprobs(model, tok, processor, prompts, images, gens, temperature),
+                               rtol=1e-4, atol=2e-4)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_image_placeholders_are_never_sampled(engine, llava):
+    """The placeholder is banned (as in the HF engine and the trainer): with its logit raised far above the
+    rest in the policy, the other tokens still come out, and their log-probs exclude it."""
+    model, _, processor = llava
+    policy = copy.deepcopy(model)
+    image_id = model.config.image_token_index
+    prompts, images = batch(processor)
+    with torch.no_grad():  # point the placeholder's head row (tied: its embedding, unused) along the last hidden state
+        h = policy(input_ids=torch.tensor([prompts[4]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        policy.lm_head.weight[image_id] = h / h.norm() ** 2 * 30.0  # its logit there: 30
+    with torch.no_grad():  # unbanned, the policy's favourite next token is the placeholder
+        assert int(policy(input_ids=torch.tensor([prompts[4]])).logits[0, -1].argmax()) == image_id
+    try:
+        engine.update_weights(policy)
+        gens = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0), images=images)
+        assert all(image_id not in g.token_ids for g in gens)
+        torch.testing.assert_close(flat(gens), teacher_forced(policy, processor, prompts, images, gens, 1.0),
+                                   rtol=1e-4, atol=2e-4)
+    finally:
+        engine.update_weights(model)
 
 
 @needs_vllm
@@ -279,6 +325,7 @@ def test_update_weights_matches_the_new_policy(engine, llava, lora):
 # ----------------------------------------------------------------------------- server engine (stand-in server)
 
 
+@pytest.mark.slow  # spawns the stand-in server (no vLLM needed)
 def test_server_engine_sends_images_through_the_token_in_route(llava, tmp_path):
     """No vLLM: tests/fake_vllm_server.py records what the engine sends. Prompts with images go to
     /inference/v1/generate with one placeholder per image and the images as lossless PNG data URLs, grouped
@@ -325,6 +372,8 @@ def test_server_engine_sends_images_through_the_token_in_route(llava, tmp_path):
         bodies = sorted(seen["generate"], key=lambda b: (-b["sampling_params"]["n"], len(b["token_ids"])))
         assert [b["sampling_params"]["n"] for b in bodies] == [2, 1, 1]  # red twice: one request; blue: another
         assert seen["served"] == 1  # the text prompt, through /v1/completions
+        banned = {str(model.config.image_token_index): -100.0}  # never sampled, on both routes
+        assert all(b["sampling_params"]["logit_bias"] == banned for b in bodies)
         spec = placeholders(model.config)
         assert [b["token_ids"] for b in bodies] == [collapse_placeholders(p, spec) for p in (p1, p1, p2)]
         sent = [[part["url"] for part in b["content_parts"]] for b in bodies]

@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from rl.engines import SamplingParams, build_engine
-from rl.engines.vllm_vision import Placeholders, VisionModelUnsupported, placeholders, prepare_vllm_for_vlm
-from test_vllm_multimodal import draw, flat, needs_vllm
+from rl.engines.vllm_vision import (
+    Placeholders,
+    VisionModelUnsupported,
+    banned_ids,
+    placeholders,
+    prepare_vllm_for_vlm,
+)
+from test_vllm_multimodal import draw, flat, needs_vllm, trainer_logprobs
 from tiny_vlm import save_tiny_qwen2_vl
 
 
@@ -47,8 +53,8 @@ def prompts_and_images(processor):
 
 
 def teacher_forced(model, processor, prompts, images, gens, temperature=1.0):
-    """HF log-probs of the sampled tokens. Image features and M-RoPE image positions cover the prompt's
-    placeholders only (a sampled <|image_pad|> in the response is a plain token, as in vLLM)."""
+    """HF log-probs of the sampled tokens, image and video placeholders masked as the trainer masks them.
+    Image features and M-RoPE image positions cover the prompt's placeholders only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     image_id = base.config.image_token_id
     out = []
@@ -66,7 +72,9 @@ def teacher_forced(model, processor, prompts, images, gens, temperature=1.0):
                 embeds[0, slots] = torch.cat(list(feats)).to(embeds.dtype)
                 kwargs["position_ids"], _ = base.model.get_rope_index(
                     ids, mm_token_type_ids=slots[None].int(), image_grid_thw=enc["image_grid_thw"])
+            base.model.rope_deltas = None  # cached by an earlier forward (another batch): not for this one
             logits = model(inputs_embeds=embeds, **kwargs).logits[0, len(p) - 1 : -1].float()
+            logits[:, banned_ids(base.config)] = float("-inf")  # never sampled: the trainer masks them too
         logp = (logits / temperature).log_softmax(-1)
         out.append(logp.gather(-1, torch.tensor(g.token_ids)[:, None])[:, 0])
     return torch.cat(out)
@@ -75,6 +83,7 @@ def teacher_forced(model, processor, prompts, images, gens, temperature=1.0):
 def test_placeholders_and_unsupported_families(qwen):
     model, _, _ = qwen
     assert placeholders(model.config) == Placeholders(frozenset({model.config.image_token_id}), None)
+    assert banned_ids(model.config) == sorted({model.config.image_token_id, model.config.video_token_id})
     from transformers import Qwen2_5_VLConfig
     from transformers.utils import is_torchvision_available
 
@@ -87,12 +96,14 @@ def test_placeholders_and_unsupported_families(qwen):
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_teacher_forcing(engine, qwen, temperature):
-    model, _, processor = qwen
+    model, tok, processor = qwen
     prompts, images = prompts_and_images(processor)
     requests = engine.stats["requests"]
     gens = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=temperature), images=images)
     assert engine.stats["requests"] - requests == 3
     torch.testing.assert_close(flat(gens), teacher_forced(model, processor, prompts, images, gens, temperature),
+                               rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(flat(gens), trainer_logprobs(model, tok, processor, prompts, images, gens, temperature),
                                rtol=1e-4, atol=2e-4)
 
 

@@ -29,6 +29,7 @@ import torch
 from rl.constraints import vllm_extra_args, vllm_logits_processor
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids, group_prompts, map_finish
 from rl.engines.vllm_vision import (
+    banned_ids,
     check_expansion,
     check_images,
     collapse_placeholders,
@@ -211,6 +212,8 @@ class VLLMColocateEngine(BaseEngine):
         path = model_path or checkpoint_dir(model)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.placeholders = placeholders(base_model.config)
+        # a VLM policy never samples its image placeholders (as the HF engine; the trainer masks them too)
+        self.logit_bias = {i: float("-inf") for i in banned_ids(base_model.config)} or None
         prepare_vllm_for_vlm(base_model.config)  # torchvision-free LLaVA, or a clear error (Qwen2-VL)
         kwargs: dict[str, Any] = dict(
             dtype=dtype or ("float32" if cpu else str(param.dtype).removeprefix("torch.")),
@@ -357,6 +360,7 @@ class VLLMColocateEngine(BaseEngine):
             spaces_between_special_tokens=False,
             detokenize=bool(params.stop),  # text is only needed to match stop strings
             extra_args=vllm_extra_args(params.constraint) if params.constraint is not None else None,
+            logit_bias=self.logit_bias,  # -inf on a VLM's placeholders, before the processed log-probs
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,

@@ -24,7 +24,14 @@ from typing import Any, Iterator
 import torch
 
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids, group_prompts, map_finish
-from rl.engines.vllm_vision import Placeholders, check_expansion, check_images, collapse_placeholders, placeholders
+from rl.engines.vllm_vision import (
+    Placeholders,
+    banned_ids,
+    check_expansion,
+    check_images,
+    collapse_placeholders,
+    placeholders,
+)
 from rl.weights import checkpoint_dir, export_weights
 
 logger = logging.getLogger("rl.engines.vllm_server")
@@ -186,6 +193,9 @@ class VLLMServerEngine(BaseEngine):
         self.eos_ids = eos_ids(model, tokenizer) if model is not None else sorted({tokenizer.eos_token_id})
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.placeholders = placeholders(base_model.config) if model is not None else Placeholders()
+        # a VLM policy never samples its image placeholders (as the HF engine; the trainer masks them too);
+        # -100, not -inf: JSON has no infinity and vLLM clamps biases to [-100, 100] (e^-100 is below fp32 resolution)
+        self.logit_bias = {str(i): -100.0 for i in banned_ids(base_model.config)} if model is not None else {}
         self._no_model = model is None
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -353,6 +363,7 @@ class VLLMServerEngine(BaseEngine):
             "include_stop_str_in_output": True,
             "skip_special_tokens": False,
             "spaces_between_special_tokens": False,
+            **({"logit_bias": self.logit_bias} if self.logit_bias else {}),
         }
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams) -> list[Generation]:
@@ -396,6 +407,8 @@ class VLLMServerEngine(BaseEngine):
         sampling = {k: body[k] for k in ("n", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
                                          "include_stop_str_in_output", "skip_special_tokens",
                                          "spaces_between_special_tokens", "logprobs")}
+        if self.logit_bias:  # vLLM's own SamplingParams here: int keys, no clamp; -100 as on /v1/completions
+            sampling["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         sampling.update(max_tokens=params.max_new_tokens, detokenize=bool(params.stop))
         request = {
             "model": self.model_name,

@@ -44,6 +44,7 @@ from rl.multimodal import ImageError
 __all__ = [
     "Placeholders",
     "VisionModelUnsupported",
+    "banned_ids",
     "check_expansion",
     "check_images",
     "collapse_placeholders",
@@ -89,6 +90,18 @@ def placeholders(config: Any) -> Placeholders:
         if getattr(config, "vision_feature_select_strategy", "default") == "full":
             per_image += 1  # ... is kept by the "full" strategy only
     return Placeholders(ids, per_image)
+
+
+def banned_ids(config: Any) -> list[int]:
+    """The ids a vision-language policy never samples: its image (and video) placeholders, as
+    `rl.multimodal.VisionInputs.banned_ids` (the HF engine suppresses them, the trainer masks them:
+    a sampled placeholder would have no pixels in the training forward). Empty for a text model.
+    The vLLM engines pass them as a logit bias of -inf (colocate) / -100 (server, JSON and the
+    server's clamp), applied before vLLM's processed log-probs, so all three compare one distribution."""
+    if not is_vlm_config(config):
+        return []
+    ids = {v for k in ("image_token_id", "image_token_index", "video_token_id") if isinstance(v := getattr(config, k, None), int)}
+    return sorted(i for i in ids if i >= 0)
 
 
 def _runs(ids: list[int], placeholder: frozenset[int]) -> int:
