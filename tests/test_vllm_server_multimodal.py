@@ -1,6 +1,6 @@
 """Images on the `vllm_server` engine: a real vLLM server (started through `rl.engines.vllm_serve`, which
-prepares vLLM's LLaVA for a machine without torchvision) against a teacher-forced HF forward, before and
-after a disk weight sync. Its own module: its server never runs next to another module's vLLM engine.
+prepares vLLM's LLaVA / Qwen2-VL for a machine without torchvision) against a teacher-forced HF forward,
+before and after a disk weight sync. Its own module: its server never runs next to another module's vLLM engine.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rl.engines import SamplingParams, build_engine
-from test_vllm_multimodal import batch, flat, needs_vllm, teacher_forced
-from tiny_vlm import save_tiny_llava
+from test_vllm_multimodal import batch, flat, needs_vllm
+from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
 
 
 @contextlib.contextmanager
@@ -61,13 +61,24 @@ def vlm_server(model_dir: str, log_path, start_timeout: float = 300):
 
 @needs_vllm
 @pytest.mark.slow
-def test_server_engine_images_match_hf_and_sync_weights(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_server_engine_images_match_hf_and_sync_weights(tmp_path, family):
+    import test_vllm_multimodal
+    import test_vllm_qwen2_vl
     from rl.multimodal import load_pretrained_model, load_tokenizer_and_processor
 
-    path = save_tiny_llava(tmp_path / "llava")
+    if family == "llava":
+        path = save_tiny_llava(tmp_path / family)
+        moved = ("multi_modal_projector", "vision_tower.encoder")  # projector and tower: the server reloads both
+        teacher_forced = test_vllm_multimodal.teacher_forced
+    else:
+        path = save_tiny_qwen2_vl(tmp_path / family)
+        moved = ("visual.",)
+        teacher_forced = test_vllm_qwen2_vl.teacher_forced
     tok, processor = load_tokenizer_and_processor(path)
     model = load_pretrained_model(path, torch.float32, "sdpa").eval()
-    prompts, images = batch(processor)  # 1 image, 2 images, none; each twice
+    # 1 image, 2 images, none; each twice in a row (one request with n=2 each)
+    prompts, images = batch(processor) if family == "llava" else test_vllm_qwen2_vl.prompts_and_images(processor)
     params = SamplingParams(max_new_tokens=8, temperature=1.0)
     with vlm_server(path, tmp_path / "server.log") as url:
         (tmp_path / "sync").mkdir()
@@ -78,11 +89,11 @@ def test_server_engine_images_match_hf_and_sync_weights(tmp_path):
             assert eng.stats["requests"] == 3
             torch.testing.assert_close(flat(gens), teacher_forced(model, processor, prompts, images, gens, 1.0),
                                        rtol=1e-4, atol=2e-4)
-            policy = copy.deepcopy(model)  # projector and vision tower moved: the server must reload both
+            policy = copy.deepcopy(model)
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 for name, p in policy.named_parameters():
-                    if "multi_modal_projector" in name or "vision_tower.encoder" in name:
+                    if any(m in name for m in moved):
                         p.add_(torch.randn(p.shape, generator=g) * 0.2)
             eng.update_weights(policy)
             gens = eng.generate(prompts, params, images=images)

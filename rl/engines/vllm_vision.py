@@ -39,6 +39,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from rl.common import UserError
 from rl.multimodal import ImageError
 
 __all__ = [
@@ -58,8 +59,9 @@ __all__ = [
 _NEEDS_TORCHVISION = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
 
-class VisionModelUnsupported(RuntimeError):
-    """The vision-language model cannot run on this vLLM install (a missing dependency)."""
+class VisionModelUnsupported(UserError, RuntimeError):
+    """The vision-language model cannot run on this vLLM install (a missing dependency): `rl.train`
+    prints it as one error line naming the fix."""
 
 
 def is_vlm_config(config: Any) -> bool:
