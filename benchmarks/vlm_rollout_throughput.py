@@ -180,8 +180,8 @@ def main(argv=None) -> dict:
         "vllm_start_s": start_s,
         "vllm_sync_s": sync_s,
         "rounds": rounds,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0],
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
     }
     md = "\n".join([

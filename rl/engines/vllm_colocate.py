@@ -160,6 +160,11 @@ class VLLMColocateEngine(BaseEngine):
     from the process's torch RNG, which the trainer also seeds per rank). `close()` keeps
     the trainer's default process group alive (vLLM's shutdown would destroy it).
 
+    Vision-language policies (the module doc; `rl.engines.vllm_vision`): `generate(..., images=...)`,
+    up to `max_images_per_prompt` images per prompt (vLLM's `limit_mm_per_prompt`; its default is 1),
+    the policy's image placeholders banned (logit bias -inf) as in the HF engine and the trainer, and
+    vLLM's encoder cache reset after each weight sync.
+
     Limits: FSDP1 is refused (ZeRO-3 partitions are gathered by `export_weights`); tensor or
     pipeline parallel vLLM across the trainer's ranks is not supported.
     """

@@ -102,8 +102,9 @@ def banned_ids(config: Any) -> list[int]:
     server's clamp), applied before vLLM's processed log-probs, so all three compare one distribution."""
     if not is_vlm_config(config):
         return []
-    ids = {v for k in ("image_token_id", "image_token_index", "video_token_id") if isinstance(v := getattr(config, k, None), int)}
-    return sorted(i for i in ids if i >= 0)
+    keys = ("image_token_id", "image_token_index", "video_token_id")
+    ids = {getattr(config, k, None) for k in keys}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
 def _runs(ids: list[int], placeholder: frozenset[int]) -> int:
