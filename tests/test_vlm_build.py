@@ -275,3 +275,28 @@ def test_vqa_eval_scores_a_llava_checkpoint(tiny_vlm, tmp_path):
     assert result["n"] == 2 and set(result["per_type"]) == {"color", "shape"}
     assert result["majority_per_type"]["accuracy"] == 1.0  # "red" for colour, "circle" for shape
     assert len(result["examples"]) == 2 and all(isinstance(e["prediction"], str) for e in result["examples"])
+
+
+def test_image_feature_stats_see_a_collapsed_projector(tiny_vlm, tmp_path):
+    """The collapse check of docs/vlm.md: a projector that outputs a constant has cosine 1 between images."""
+    from transformers import AutoModelForImageTextToText
+
+    from envs.vqa.build_vlm import image_feature_stats
+
+    data = fake_easy_vqa(tmp_path / "easy")
+    images = [str(data / "train" / "images" / f"{i}.png") for i in range(4)]
+    fresh = image_feature_stats(tiny_vlm, images)
+    assert fresh["mean_cosine_between_images"] < 0.999 and fresh["image_feature_norm"] > 0
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    with torch.no_grad():  # the last layer ignores its input: every image maps to its (large) bias
+        model.model.multi_modal_projector.linear_2.weight.zero_()
+        model.model.multi_modal_projector.linear_2.bias.fill_(5.0)
+    model.save_pretrained(tmp_path / "collapsed")
+    from transformers import AutoProcessor
+
+    AutoProcessor.from_pretrained(tiny_vlm).save_pretrained(tmp_path / "collapsed")
+    collapsed = image_feature_stats(tmp_path / "collapsed", images)
+    assert collapsed["mean_cosine_between_images"] == pytest.approx(1.0, abs=1e-5)
+    assert collapsed["image_feature_norm"] == pytest.approx(5.0 * model.config.text_config.hidden_size ** 0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        image_feature_stats(tiny_vlm, images[:1])

@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild the init / replace --out if they exist")
     b.add_argument("overrides", nargs="*", help="recipe overrides for the pre-training (key.path=value)")
+    v = sub.add_parser("vlm-stats", help="image-feature norms and cosines of a LLaVA checkpoint (collapse check)")
+    v.add_argument("--model", required=True)
+    v.add_argument("--images", nargs="+", required=True, help="image files (at least 2)")
     e = sub.add_parser("eval", help="held-out accuracy vs the majority baselines (same as python -m envs.vqa.eval)")
     e.add_argument("rest", nargs=argparse.REMAINDER)
     if argv is None:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             s = meta["splits"][split]
             print(f"{path}: {s['rows']} of {s['of']} questions, {s['images']} images, {s['question_types']}")
         return 0
-    if args.cmd in ("digit-scenes", "captions", "build-vlm"):
+    if args.cmd in ("digit-scenes", "captions", "build-vlm", "vlm-stats"):
         return _vlm_command(args)
     from envs.vqa.model import save_tiny_vlm
 
@@ -138,6 +141,11 @@ def _vlm_command(args) -> int:
     from rl.common import UserError, WheelFetchError
 
     try:
+        if args.cmd == "vlm-stats":
+            from envs.vqa.build_vlm import image_feature_stats
+
+            print(json.dumps(image_feature_stats(args.model, args.images), indent=2))
+            return 0
         if args.cmd == "digit-scenes":
             from envs.vqa.digits import fetch_digits, make_scenes
 

@@ -40,6 +40,7 @@ __all__ = [
     "build_smollm2_vlm",
     "default_init",
     "default_out",
+    "image_feature_stats",
     "parameter_counts",
     "pretrain",
 ]
@@ -140,3 +141,36 @@ def pretrain(
     publish_dir(tmp, out)
     result = {k: v for k, v in result.items() if k != "log_history"}
     return out, result
+
+
+def image_feature_stats(model_dir: str | os.PathLike, images: list) -> dict[str, float]:
+    """How much a LLaVA checkpoint's image path says about its images: the mean norm of the projected
+    image features (the language model's inputs) next to the mean norm of its token embeddings, and
+    the mean pairwise cosine between the images' mean-pooled features (off the diagonal). A cosine
+    near 1 with a norm far above the embeddings' means the image path collapsed to an image-independent
+    soft prompt. `images`: paths or PIL images (at least 2)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from rl.multimodal import load_image
+
+    if len(images) < 2:
+        raise ValueError(f"image_feature_stats: need at least 2 images to compare, got {len(images)}")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    pixels = processor.image_processor([load_image(im) for im in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels)
+    feats = getattr(feats, "pooler_output", feats)  # transformers returns an output object or the tensor(s)
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    feats = feats.reshape(len(images), -1, feats.shape[-1])
+    pooled = torch.nn.functional.normalize(feats.mean(dim=1), dim=-1)
+    cos = pooled @ pooled.T
+    n = len(images)
+    off_diagonal = (cos.sum() - cos.diagonal().sum()) / (n * n - n)
+    embed = model.get_input_embeddings().weight.detach()
+    return {
+        "image_feature_norm": float(feats.norm(dim=-1).mean()),
+        "token_embedding_norm": float(embed.norm(dim=-1).mean()),
+        "mean_cosine_between_images": float(off_diagonal),
+    }
