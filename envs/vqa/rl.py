@@ -9,12 +9,12 @@ SFT prompt (the messages before the answer, the image before the question's text
 from __future__ import annotations
 
 from envs.vqa.eval import normalize_answer
-from rl.data import register_prompt_builder
+from rl.data import DataError, load_source, register_dataset, register_prompt_builder
 from rl.multimodal import attach_images
 from rl.rewards import register_reward
 from rl.trajectory import Trajectory
 
-__all__ = ["QUESTION_TYPES", "gold_answer", "vqa_exact", "vqa_question"]
+__all__ = ["QUESTION_TYPES", "gold_answer", "vqa_exact", "vqa_question", "vqa_questions"]
 
 
 def gold_answer(row: dict) -> str:
@@ -35,6 +35,21 @@ def vqa_question(row: dict) -> list[dict]:
 
 
 QUESTION_TYPES = ("yes/no", "shape", "color")
+
+
+@register_dataset("vqa_questions")
+def vqa_questions(path: str, question_types: list[str] | None = None):
+    """The rows of an easy-vqa JSONL file (`python -m envs.vqa fetch`), optionally only some question
+    types (e.g. `[shape, color]`: train where the image matters; image paths resolve as in any file)."""
+    ds = load_source(path)
+    if question_types:
+        unknown = sorted(set(question_types) - set(QUESTION_TYPES))
+        if unknown:
+            raise DataError(f"vqa_questions: unknown question_types {unknown} (easy-vqa has {list(QUESTION_TYPES)})")
+        ds = ds.filter(lambda row: row["question_type"] in question_types, desc="question types")
+        if len(ds) == 0:
+            raise DataError(f"{path}: no rows of question_types {question_types}")
+    return ds
 
 
 @register_reward("vqa_exact")
