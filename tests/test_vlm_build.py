@@ -300,3 +300,26 @@ def test_image_feature_stats_see_a_collapsed_projector(tiny_vlm, tmp_path):
     assert collapsed["image_feature_norm"] == pytest.approx(5.0 * model.config.text_config.hidden_size ** 0.5, rel=1e-4)
     with pytest.raises(ValueError, match="at least 2 images"):
         image_feature_stats(tiny_vlm, images[:1])
+
+
+def test_cli_writes_scenes_and_captions_from_the_cache(tmp_path, capsys):
+    """`python -m envs.vqa digit-scenes` / `captions` with the sources already in the cache (no download)."""
+    from envs.vqa.__main__ import main
+    from envs.vqa.data import vqa_cache_dir
+    from envs.vqa.digits import digits_cache_path
+
+    cache = tmp_path / "cache"
+    digits = digits_cache_path(cache)
+    digits.parent.mkdir(parents=True)
+    fake_digits(digits)
+    fake_easy_vqa(vqa_cache_dir(cache))
+    scenes = tmp_path / "scenes"
+    assert main(["digit-scenes", "--out", str(scenes), "--train-scenes", "3", "--test-scenes", "2", "--side", "32",
+                 "--cache-dir", str(cache)]) == 0
+    assert main(["captions", "--out", str(tmp_path / "captions"), "--digit-scenes", str(scenes),
+                 "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "12 questions" in out and "7 rows" in out
+    assert len(read_jsonl(tmp_path / "captions" / "train.jsonl")) == 7
+    assert main(["digit-scenes", "--grid", "4", "--out", str(scenes), "--cache-dir", str(cache)]) == 1
+    assert "--grid 4" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m envs.vqa {fetch,init-model,eval,digit-scenes,captions,build-vlm}`: easy-vqa data, VLMs, accuracy.
+"""`python -m envs.vqa {fetch,init-model,eval,digit-scenes,captions,build-vlm,vlm-stats}`: easy-vqa data, VLMs, accuracy.
 
     python -m envs.vqa fetch          # -> data/easy_vqa/{train,test}.jsonl (all 38,575 train, 1,000 test questions)
     python -m envs.vqa init-model     # -> outputs/vqa_tiny_init (tiny random Qwen2-VL, tokenizer, processor)
