@@ -54,6 +54,17 @@ def _data_url(image) -> str:
 WEIGHT_TRANSFERS = ("nccl", "ipc")  # through vLLM's weight-transfer API
 
 
+def _choices(res, url: str, n: int) -> list[dict]:
+    """A server answer's `choices`, in index order; exactly `n` of them, else one clear error."""
+    try:
+        choices = sorted(res["choices"], key=lambda c: c["index"])
+    except (TypeError, KeyError) as e:
+        raise RuntimeError(f"vLLM server {url} answered without indexed `choices`: {str(res)[:300]}") from e
+    if len(choices) != n:
+        raise RuntimeError(f"vLLM server {url} returned {len(choices)} choices for n={n}")
+    return choices
+
+
 def _free_port(host: str) -> int:
     import socket
 
@@ -369,12 +380,7 @@ class VLLMServerEngine(BaseEngine):
     def _complete(self, prompt: list[int], n: int, params: SamplingParams) -> list[Generation]:
         res = self._request("POST", "/v1/completions", json=self._body(prompt, n, params))
         url = f"{self.base_url}/v1/completions"
-        try:
-            choices = sorted(res["choices"], key=lambda c: c["index"])
-        except (TypeError, KeyError) as e:
-            raise RuntimeError(f"vLLM server {url} answered without indexed `choices`: {str(res)[:300]}") from e
-        if len(choices) != n:
-            raise RuntimeError(f"vLLM server {url} returned {len(choices)} choices for n={n}")
+        choices = _choices(res, url, n)
         gens = []
         for c in choices:
             if c.get("token_ids") is None:  # silently empty samples otherwise
@@ -429,12 +435,7 @@ class VLLMServerEngine(BaseEngine):
                 ) from e
             raise
         check_expansion(index, prompt, (res or {}).get("prompt_token_ids"))
-        try:
-            choices = sorted(res["choices"], key=lambda c: c["index"])
-        except (TypeError, KeyError) as e:
-            raise RuntimeError(f"vLLM server {url} answered without indexed `choices`: {str(res)[:300]}") from e
-        if len(choices) != n:
-            raise RuntimeError(f"vLLM server {url} returned {len(choices)} choices for n={n}")
+        choices = _choices(res, url, n)
         gens = []
         for c in choices:
             ids = list(c.get("token_ids") or [])
