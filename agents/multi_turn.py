@@ -97,6 +97,7 @@ from rl.multimodal import (
     load_image,
     processor_of,
     render_chat,
+    vision_inputs_of,
 )
 
 __all__ = [
@@ -192,17 +193,12 @@ def render_text(tokenizer, messages: list[dict]) -> str:
     return processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
-_VISION: dict[int, VisionInputs] = {}
-
-
 def vision_inputs(tokenizer, where: str) -> VisionInputs:
     """The policy's `VisionInputs` (placeholder counts), from the processor attached to its tokenizer."""
     processor = processor_of(tokenizer)
     if processor is None:
         raise ValueError(f"{where}: image observations need a vision-language policy (the tokenizer has no processor)")
-    if id(processor) not in _VISION:
-        _VISION[id(processor)] = VisionInputs(processor)
-    return _VISION[id(processor)]
+    return vision_inputs_of(processor)
 
 
 def message_delta(tokenizer, conversation: list[dict], rendered: str, assistant_text: str, message: dict,

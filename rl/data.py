@@ -137,6 +137,10 @@ def _absolute_image_paths(ds: datasets.Dataset, base: Path) -> datasets.Dataset:
         return [os.path.join(base, os.path.expanduser(p)) if isinstance(p, str) and not os.path.isabs(os.path.expanduser(p))
                 else (os.path.expanduser(p) if isinstance(p, str) else p) for p in images]
 
+    column = ds["images"]
+    if not any(isinstance(p, str) and not os.path.isabs(os.path.expanduser(p))
+               for images in column if isinstance(images, list) for p in images):
+        return ds  # every path absolute already (e.g. files written by `python -m envs.vqa fetch`)
     return ds.map(lambda row: {"images": fix(row["images"])}, desc="image paths")
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "render_chat",
     "text_tokenizer",
     "torchvision_available",
+    "vision_inputs_of",
     "vision_tower",
 ]
 
@@ -188,7 +189,9 @@ def load_processor(model_path: str):
 def is_vision_language_model(model_path: str) -> bool:
     """True for checkpoints whose config has a vision tower and an image-text-to-text class."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     config = AutoConfig.from_pretrained(model_path)
     return getattr(config, "vision_config", None) is not None and (
@@ -393,9 +396,14 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     if processor is None:
         raise ImageError(f"{where + ': ' if where else ''}the prompt has {len(images)} image(s) but the policy is a "
                          "text model (no processor): use a vision-language model")
+    # the template's text tokenised as apply_chat_template(tokenize=True) does (no special tokens added),
+    # then each placeholder expanded as the processor does; tests compare it with processor(text, images).
+    # Not processor(...) itself: it would also compute the pixel values, which the engine computes (once
+    # per image, cached) when it generates
     text = processor.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
-    ids = processor(text=[text], images=images, return_tensors=None)["input_ids"][0]
-    return [int(x) for x in ids], images
+    vision = vision_inputs_of(processor)
+    ids = text_tokenizer(processor)(text, add_special_tokens=False)["input_ids"]
+    return expand_image_tokens(ids, vision.image_token_id, [vision.num_tokens(im) for im in images], where), images
 
 
 def expand_image_tokens(ids: list[int], image_token_id: int, counts: list[int], where: str = "") -> list[int]:
@@ -413,6 +421,17 @@ def expand_image_tokens(ids: list[int], image_token_id: int, counts: list[int], 
     if k != len(counts):
         raise ImageError(f"{where + ': ' if where else ''}{k} image placeholder(s) but {len(counts)} image(s)")
     return out
+
+
+_VISION_BY_PROCESSOR: dict[int, tuple[Any, "VisionInputs"]] = {}
+
+
+def vision_inputs_of(processor) -> "VisionInputs":
+    """A `VisionInputs` per processor (placeholder counts only: no model), made once."""
+    hit = _VISION_BY_PROCESSOR.get(id(processor))
+    if hit is None or hit[0] is not processor:
+        hit = _VISION_BY_PROCESSOR[id(processor)] = (processor, VisionInputs(processor))
+    return hit[1]
 
 
 class VisionInputs:
