@@ -14,7 +14,6 @@ for _p in (str(_TESTS.parent), str(_TESTS)):  # `import rl`, `import tiny`
         sys.path.insert(0, _p)
 
 import pytest  # noqa: E402
-
 from tiny import make_tiny_tokenizer, save_tiny_checkpoint  # noqa: E402
 
 
@@ -75,3 +74,19 @@ def recorded_trajectories(monkeypatch) -> list:
 
     monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
     return seen
+
+
+@pytest.fixture
+def colocate_engines(monkeypatch) -> list:
+    """Every `VLLMColocateEngine` built during the test (the trainer builds its own), in order."""
+    from rl.engines import vllm_colocate
+
+    built: list = []
+    init = vllm_colocate.VLLMColocateEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(vllm_colocate.VLLMColocateEngine, "__init__", spy)
+    return built

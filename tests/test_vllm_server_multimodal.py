@@ -5,58 +5,23 @@ before and after a disk weight sync. Its own module: its server never runs next 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-
-from rl.engines import SamplingParams, build_engine
+from test_vllm_engines import vllm_server
 from test_vllm_multimodal import batch, flat, needs_vllm
 from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
 
+from rl.engines import SamplingParams, build_engine
 
-@contextlib.contextmanager
-def vlm_server(model_dir: str, log_path, start_timeout: float = 300):
-    """`python -m rl.engines.vllm_serve` on a free port with the scale-out route and the dev endpoints;
-    yields its base URL once /health answers, fails the test with its log if it does not start."""
-    import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rl.engines.vllm_serve", "--model", model_dir, "--host", "127.0.0.1", "--port",
-         str(port), "--dtype", "float32", "--enforce-eager", "--logprobs-mode", "processed_logprobs",
-         "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20), "--enable-scale-out",
-         "--limit-mm-per-prompt", '{"image": 4}'],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
-    )
-    try:
-        deadline = time.time() + start_timeout
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("the vLLM server did not start:\n" + open(log_path).read()[-3000:])
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+def vlm_server(model_dir: str, tmp_path, start_timeout: float = 300):
+    """`python -m rl.engines.vllm_serve` (test_vllm_engines' `vllm_server`) with the scale-out route
+    (images with token prompts) and the dev endpoints."""
+    return vllm_server(model_dir, tmp_path, "--kv-cache-memory-bytes", str(64 << 20), "--enable-scale-out",
+                       "--limit-mm-per-prompt", '{"image": 4}', env={"VLLM_SERVER_DEV_MODE": "1"},
+                       start_timeout=start_timeout, module="rl.engines.vllm_serve")
 
 
 @needs_vllm
@@ -65,6 +30,7 @@ def vlm_server(model_dir: str, log_path, start_timeout: float = 300):
 def test_server_engine_images_match_hf_and_sync_weights(tmp_path, family):
     import test_vllm_multimodal
     import test_vllm_qwen2_vl
+
     from rl.multimodal import load_pretrained_model, load_tokenizer_and_processor
 
     if family == "llava":
@@ -80,7 +46,7 @@ def test_server_engine_images_match_hf_and_sync_weights(tmp_path, family):
     # 1 image, 2 images, none; each twice in a row (one request with n=2 each)
     prompts, images = batch(processor) if family == "llava" else test_vllm_qwen2_vl.prompts_and_images(processor)
     params = SamplingParams(max_new_tokens=8, temperature=1.0)
-    with vlm_server(path, tmp_path / "server.log") as url:
+    with vlm_server(path, tmp_path) as url:
         (tmp_path / "sync").mkdir()
         eng = build_engine("vllm_server", model, tok, 16, base_url=url, timeout=120, weight_sync="disk",
                            sync_dir=str(tmp_path / "sync"))

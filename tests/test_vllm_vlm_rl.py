@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_vllm_multimodal import needs_vllm
+from test_vlm_rl import vlm_dirs, vlm_recipe, vqa_rows  # noqa: F401  (fixtures and the recipe)
 
 from rl.config import config_from_dict
 from rl.trainer import train
-from test_vllm_multimodal import needs_vllm
-from test_vlm_rl import vlm_dirs, vlm_recipe, vqa_rows  # noqa: F401  (fixtures and the recipe)
 
 
 @needs_vllm
@@ -22,17 +22,8 @@ from test_vlm_rl import vlm_dirs, vlm_recipe, vqa_rows  # noqa: F401  (fixtures 
     ("llava", {"model__lora": True, "model__lora_target_modules": ["q_proj", "v_proj", "linear_1"]}),
     ("qwen2_vl", {}),
 ], ids=["llava", "llava-lora", "qwen2_vl"])
-def test_two_step_vlm_run_on_vllm(vlm_dirs, vqa_rows, tmp_path, monkeypatch, family, overrides):  # noqa: F811
-    from rl.engines import vllm_colocate
-
-    built = []
-    init = vllm_colocate.VLLMColocateEngine.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    monkeypatch.setattr(vllm_colocate.VLLMColocateEngine, "__init__", spy)
+def test_two_step_vlm_run_on_vllm(vlm_dirs, vqa_rows, tmp_path, colocate_engines, family, overrides):  # noqa: F811
+    built = colocate_engines
     cfg = vlm_recipe(vlm_dirs[family], vqa_rows, tmp_path, rollout__engine="vllm",
                      rollout__engine_kwargs={"kv_cache_gb": 0.05, "max_model_len": 512},
                      algorithm__rollout_correction="token", **overrides)
