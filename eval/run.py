@@ -287,10 +287,11 @@ def _env_of(agent_kwargs: Mapping[str, Any]):
     return env if isinstance(env, type) else ENVIRONMENTS.get(env)
 
 
-def default_metrics(agent_kwargs: Mapping[str, Any]) -> str:
-    """The metric set of the agent's environment (its `metrics` attribute), else `rewards`."""
+def default_metrics(agent_kwargs: Mapping[str, Any], agent_fn: Any = None) -> str:
+    """The metric set of the agent's environment (its `metrics` attribute), else the agent function's
+    own `metrics` attribute (an agent that is not an environment loop, e.g. `negrec_topk`), else `rewards`."""
     env_cls = _env_of(agent_kwargs)
-    return (env_cls.metrics if env_cls is not None else None) or "rewards"
+    return (env_cls.metrics if env_cls is not None else None) or getattr(agent_fn, "metrics", None) or "rewards"
 
 
 def _is_registered_source(src: str) -> bool:
@@ -418,7 +419,7 @@ def evaluate(
     agent_kwargs = dict(agent_kwargs or {})
     agent_fn = AGENTS.get(agent) if isinstance(agent, str) else agent
     if metrics is None:
-        metrics = default_metrics(agent_kwargs)
+        metrics = default_metrics(agent_kwargs, agent_fn)
     ms = get_metric_set(metrics)
     builder = PROMPT_BUILDERS.get(prompt_builder or "messages") if not callable(prompt_builder) else prompt_builder
     # before loading the model: bad data fails fast
@@ -646,11 +647,11 @@ def plan_from_recipe(
     for key, value in _parse_kv(env_kwargs, "--env-kwarg"):
         _set_dotted(kwargs, f"env_kwargs.{key}", value)
     agent_name = agent or cfg.rollout.agent
-    AGENTS.get(agent_name)  # unknown agents fail here, listing the registered ones
+    agent_fn = AGENTS.get(agent_name)  # unknown agents fail here, listing the registered ones
     env_cls = _env_of(kwargs)
     if env_cls is not None and callable(getattr(env_cls, "check", None)):
         env_cls.check(**(kwargs.get("env_kwargs") or {}))
-    metric_name = metrics or default_metrics(kwargs)
+    metric_name = metrics or default_metrics(kwargs, agent_fn)
     get_metric_set(metric_name)
     PROMPT_BUILDERS.get(cfg.data.prompt_builder)
     default_data = {"eval": cfg.data.eval} if cfg.data.eval else {}
