@@ -1,0 +1,1 @@
+"""CoNRec: negative-feedback recommendation on MovieLens-100k (issue 14)."""
