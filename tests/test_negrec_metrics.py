@@ -211,6 +211,7 @@ def test_agent_returns_valid_distinct_sids_and_a_candidate_pick(sid_model):
     # the pick is the candidate with the highest log-prob under the candidate-constrained distribution,
     # recomputed here by brute force: one forward per step, log_softmax over the ids the trie allows
     cat = load_catalog(items, tok, sorted(engine.eos_ids))
+    assert load_catalog(items, tok, sorted(engine.eos_ids)) is cat  # built once per file and tokenizer
     cands = [c for c in rows[0]["candidates"] if c in ITEMS]
     trie, _ = cat.candidate_trie(cands, "cands")
     best, best_lp = None, -math.inf

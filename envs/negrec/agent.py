@@ -97,7 +97,7 @@ def load_catalog(path: str | os.PathLike, tokenizer, eos_ids: list[int]) -> SidC
     if not p.is_file():
         raise NegrecAgentError(f"negrec_topk: agent_kwargs.items: file not found: {path} (the build's items.jsonl)")
     st = p.stat()
-    key = (str(p.resolve()), st.st_mtime_ns, st.st_size, tuple(sorted(eos_ids)))
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size, tuple(sorted(eos_ids)), len(tokenizer))  # + tokens added later
     try:
         per_tok = _CACHE.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer that cannot be weakly referenced: no caching
