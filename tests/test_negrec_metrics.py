@@ -50,11 +50,11 @@ def test_aggregate_by_hand_with_invalid_slots_and_long_tail():
         record(["a", None, "z"], row(nxt="a", future=("a",), tail_user=True, tail_items=[]), "a", k=3),
         record(["x", "b", None], row(nxt="a", future=("a", "b"), tail_user=True, tail_items=["b"]), "c", k=3),
         record(["x", "y"], row(nxt="q", future=("q",), tail_items=["q"]), "q", k=3),  # 2 items for 3 slots
-        record(["x", "y", "z"], row(nxt="q", future=("q",)), "b", k=3),
+        record(["x", "y", "z"], row(nxt="q", future=("q",), negatives=("y", "z", "w")), "b", k=3),
     ]
     m = aggregate(recs)
-    assert list(m) == ["n", "hr@3", "fhr@3", "luf@3", "lif@3", "cand_acc", "invalid_rate", "n_long_tail_users",
-                       "n_long_tail_items"]
+    assert list(m) == ["n", "hr@3", "fhr@3", "luf@3", "lif@3", "cand_acc", "invalid_rate", "history_rate",
+                       "n_long_tail_users", "n_long_tail_items"]
     assert m["n"] == 4
     assert m["hr@3"] == pytest.approx(1 / 4)
     assert m["fhr@3"] == pytest.approx(2 / 4)
@@ -62,6 +62,7 @@ def test_aggregate_by_hand_with_invalid_slots_and_long_tail():
     assert m["lif@3"] == pytest.approx(1 / 2)  # rows 2 (b: hit) and 3 (q: miss)
     assert m["cand_acc"] == pytest.approx(2 / 4)
     assert m["invalid_rate"] == pytest.approx(3 / 12)  # two None slots and one missing
+    assert m["history_rate"] == pytest.approx(2 / 12)  # y, z of the last row were disliked before
     assert (m["n_long_tail_users"], m["n_long_tail_items"]) == (2, 2)
 
 
@@ -148,7 +149,7 @@ def test_baseline_records_share_the_model_table():
             row(user="u2", negatives=("b",), nxt="c", future=("c", "d"), candidates=("c", "d"), tail_user=True)]
     table = leaderboard_rows({name: {"test": records_for_baseline(rows, b, k=2)} for name, b in bl.items()})
     assert [t["model"] for t in table] == ["random", "neg_popularity", "co_negative_knn"]
-    assert all(t["invalid_rate"] == 0.0 and t["n"] == 2 for t in table)
+    assert all(t["invalid_rate"] == 0.0 and t["history_rate"] == 0.0 and t["n"] == 2 for t in table)
     md = leaderboard_markdown(table)
     assert "| model | dataset | n | hr@2 | fhr@2 | luf@2 | lif@2 |" in md and "| - |" in md  # no long-tail items: -
 
@@ -259,8 +260,8 @@ def test_eval_run_with_the_agent_gives_the_negrec_table(sid_model):
     res = evaluate((model, tok), {"test": agent_rows()}, agent="negrec_topk", agent_kwargs={"items": items, "k": 5},
                    prompt_builder=builder, progress=False)
     m = res["datasets"]["test"]["metrics"]
-    assert set(m) == {"n", "hr@5", "fhr@5", "luf@5", "lif@5", "cand_acc", "invalid_rate", "n_long_tail_users",
-                      "n_long_tail_items"}
+    assert set(m) == {"n", "hr@5", "fhr@5", "luf@5", "lif@5", "cand_acc", "invalid_rate", "history_rate",
+                      "n_long_tail_users", "n_long_tail_items"}
     assert m["n"] == 2 and m["invalid_rate"] == 0.0 and (m["n_long_tail_users"], m["n_long_tail_items"]) == (1, 1)
     preds = res["datasets"]["test"]["predictions"]
     assert [p["user"] for p in preds] == ["u1", "u2"] and all(len(p["topk"]) == 5 for p in preds)

@@ -14,11 +14,15 @@ candidate — the definitions used here:
   Cand.Acc   1 if the pick is the next negative (the candidates always include it)
   invalid    the fraction of the K slots that were None (an invalid generation; 0 for baselines and,
              by construction, for constrained beam search — counting it is the check)
+  history    the fraction of the K slots holding an item of the prompt's history negatives
+             (`row["negatives"]`): on MovieLens a user rates an item once, so such a slot can never
+             hit; baselines exclude them (0), a model that copies its prompt shows it here
 
 A subset with no rows (no long-tail user / item) gives NaN, never 0 (the table shows `-`).
 
 `record(topk, row, pick, k)` makes one JSON-safe line; `aggregate(records)` the leaderboard numbers:
-`{n, hr@K, fhr@K, luf@K, lif@K, cand_acc, invalid_rate, n_long_tail_users, n_long_tail_items}` with K
+`{n, hr@K, fhr@K, luf@K, lif@K, cand_acc, invalid_rate, history_rate, n_long_tail_users,
+n_long_tail_items}` with K
 from the records (all records of one table must share it). The metric set "negrec" (`--metrics
 negrec`, the `negrec_topk` agent's default) records a trajectory from its `info` (`topk`, `pick`,
 `invalid`) and `row`; `records_for_baseline` gives the same records for a baseline, so models and
@@ -34,7 +38,7 @@ from typing import Any
 from eval.metrics import MetricSet, mean
 from rl.registry import METRICS
 
-__all__ = ["hr_at_k", "fhr_at_k", "lif_hit", "cand_acc", "invalid_slots", "record", "aggregate", "trajectory_record",
+__all__ = ["hr_at_k", "fhr_at_k", "lif_hit", "cand_acc", "invalid_slots", "history_slots", "record", "aggregate", "trajectory_record",
            "records_for_baseline", "leaderboard_rows", "leaderboard_markdown", "NEGREC_METRICS", "DEFAULT_K"]
 
 DEFAULT_K = 20
@@ -74,6 +78,12 @@ def invalid_slots(topk: Sequence[str | None], k: int = DEFAULT_K) -> int:
     return sum(i is None for i in top) + max(0, k - len(top))
 
 
+def history_slots(topk: Sequence[str | None], row: Mapping, k: int = DEFAULT_K) -> int:
+    """How many of the first k items are among the row's history negatives."""
+    hist = {str(n["item"]) for n in row.get("negatives") or ()}
+    return sum(i is not None and str(i) in hist for i in list(topk)[:k])
+
+
 def record(topk: Sequence[str | None], row: Mapping, pick: str | None = None, k: int = DEFAULT_K,
            **extra: Any) -> dict:
     """One prediction line: the row's identity, the output, and its per-row metrics (`extra` is kept)."""
@@ -83,7 +93,7 @@ def record(topk: Sequence[str | None], row: Mapping, pick: str | None = None, k:
         "topk": [None if i is None else str(i) for i in topk], "pick": pick,
         "hr": hr_at_k(topk, row, k), "fhr": fhr_at_k(topk, row, k),
         "long_tail_user": bool(row.get("long_tail_user", False)), "lif": lif_hit(topk, row, k),
-        "cand_acc": cand_acc(pick, row), "invalid": invalid_slots(topk, k),
+        "cand_acc": cand_acc(pick, row), "invalid": invalid_slots(topk, k), "history": history_slots(topk, row, k),
         **extra,
     }  # fmt: skip
 
@@ -105,6 +115,7 @@ def aggregate(records: Sequence[Mapping]) -> dict:
         f"lif@{k}": mean([r["lif"] for r in tail_items]),
         "cand_acc": mean([r["cand_acc"] for r in records]),
         "invalid_rate": sum(r["invalid"] for r in records) / slots if slots else float("nan"),
+        "history_rate": sum(r["history"] for r in records) / slots if slots else float("nan"),
         "n_long_tail_users": len(tail_users),
         "n_long_tail_items": len(tail_items),
     }
