@@ -8,16 +8,31 @@ import math
 
 import pytest
 import torch
+from tiny import make_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from envs.negrec.agent import NegrecAgentError, load_catalog, negrec_topk
-from envs.negrec.baselines import CoNegativeKNN, NegativePopularity, RandomBaseline, fit_baselines, train_negatives
-from envs.negrec.metrics import (aggregate, cand_acc, fhr_at_k, hr_at_k, leaderboard_markdown, leaderboard_rows,
-                                 lif_hit, record, records_for_baseline)
+from envs.negrec.baselines import (
+    CoNegativeKNN,
+    NegativePopularity,
+    RandomBaseline,
+    fit_baselines,
+    train_negatives,
+)
+from envs.negrec.metrics import (
+    aggregate,
+    cand_acc,
+    fhr_at_k,
+    hr_at_k,
+    leaderboard_markdown,
+    leaderboard_rows,
+    lif_hit,
+    record,
+    records_for_baseline,
+)
 from envs.negrec.swing import expand_gts, swing_similarity
 from rl.config import ModelConfig
 from rl.vocab import add_to_tokenizer, prepare_model
-from tiny import make_tiny_tokenizer
 
 
 def row(user="u1", nxt="a", future=("a",), negatives=(), candidates=("a", "b", "c"), tail_user=False,

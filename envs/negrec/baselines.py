@@ -30,7 +30,7 @@ import numpy as np
 
 from envs.negrec.swing import swing_similarity
 
-__all__ = ["RandomBaseline", "NegativePopularity", "CoNegativeKNN", "train_negatives", "fit_baselines"]
+__all__ = ["CoNegativeKNN", "NegativePopularity", "RandomBaseline", "fit_baselines", "train_negatives"]
 
 
 def _history(row: Mapping) -> set[str]:

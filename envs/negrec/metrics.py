@@ -38,8 +38,22 @@ from typing import Any
 from eval.metrics import MetricSet, mean
 from rl.registry import METRICS
 
-__all__ = ["hr_at_k", "fhr_at_k", "lif_hit", "cand_acc", "invalid_slots", "history_slots", "record", "aggregate", "trajectory_record",
-           "records_for_baseline", "leaderboard_rows", "leaderboard_markdown", "NEGREC_METRICS", "DEFAULT_K"]
+__all__ = [
+    "DEFAULT_K",
+    "NEGREC_METRICS",
+    "aggregate",
+    "cand_acc",
+    "fhr_at_k",
+    "history_slots",
+    "hr_at_k",
+    "invalid_slots",
+    "leaderboard_markdown",
+    "leaderboard_rows",
+    "lif_hit",
+    "record",
+    "records_for_baseline",
+    "trajectory_record",
+]
 
 DEFAULT_K = 20
 

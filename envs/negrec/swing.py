@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["swing_similarity", "expand_gts"]
+__all__ = ["expand_gts", "swing_similarity"]
 
 
 def swing_similarity(
