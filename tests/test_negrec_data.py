@@ -253,6 +253,7 @@ def test_examples_hand_built():
     assert p[p["user"] == "u"]["split"].tolist() == ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
     train = build_examples(p, cfg, "train", sid_of={x: f"<{x}>" for x in "abcdefghijklm"})
     assert [r["next_negative"] for r in train] == ["c", "e", "f"]  # a has no earlier negative
+    assert train.stats["users_without_anchor"] == 1 and train.stats["n_examples"] == 3  # o: no negative
     r = train[1]
     assert r["negatives"] == [{"item": "a", "sid": "<a>", "day": 0}, {"item": "c", "sid": "<c>", "day": 2}]
     assert [x["item"] for x in r["positives"]] == ["b", "d"]

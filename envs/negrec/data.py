@@ -722,8 +722,8 @@ def build_examples(
 ) -> Examples:
     """Example rows of `split` (one per anchor negative; fields in docs / the module docstring).
 
-    Returns an `Examples` list whose ``.stats`` counts examples, users without an anchor (valid /
-    test), anchors without negative history, and candidate lists filled from each source."""
+    Returns an `Examples` list whose ``.stats`` counts examples, users without an anchor (train: no
+    negative with enough earlier negatives), anchors without negative history, and candidate lists filled from each source."""
     cfg = cfg or FeedbackConfig()
     if split not in _SPLIT_RANK:
         raise RecDataError(f"build_examples: split {split!r} is not one of {list(_SPLIT_RANK)}")
@@ -782,7 +782,8 @@ def build_examples(
                 stats["users_without_anchor"] += 1
                 continue
             anchors = anchors[:1]
-        if len(anchors) == 0:
+        if len(anchors) == 0:  # train: no negative with enough history
+            stats["users_without_anchor"] += 1
             continue
         neg_idx = np.flatnonzero(is_neg)
         pos_idx = np.flatnonzero(is_pos)
