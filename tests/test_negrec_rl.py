@@ -168,6 +168,15 @@ def test_hit_reward_levels(table):
     assert hit(["i0"], ["i1"], gamma=0.0) == 1.0
 
 
+def test_centred_similarity(table):
+    # the mean of the raw code embeddings is subtracted before the cosine
+    centred = EMB - EMB.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    expect = max(unit[0] @ unit[1], unit[0] @ unit[3]) - 0.5 * (unit[0] @ unit[4])
+    assert reward(table, sid(0), center=True)["score"] == pytest.approx(float(expect), abs=1e-6)
+    assert reward(table, sid(0), center=False)["score"] == pytest.approx(0.6 - 0.5 * math.sqrt(0.5), abs=1e-6)
+
+
 def test_item_table_is_loaded_once_and_checks_its_files(table, tmp_path):
     assert negrec_rl.item_table(table["items"], table["embeddings"]) is negrec_rl.item_table(
         table["items"], table["embeddings"])

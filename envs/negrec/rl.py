@@ -10,7 +10,8 @@ Registered builders are called as f(row), so the registered ones have fixed defa
 ``recent7 = functools.partial(envs.negrec.rl.recent_negatives, recent_days=7)`` and
 ``prompt_builder: mymodule:recent7``.
 
-Reward ``negrec_future_negative`` (rewards[i].kwargs: items, embeddings, variant, gamma, threshold, invalid):
+Reward ``negrec_future_negative`` (rewards[i].kwargs: items, embeddings, variant, gamma, threshold, invalid,
+center):
 the response is decoded to an item through its SID (whitespace stripped; the chat end token is a special
 token, already left out of the decoded text); a response that is no item's SID scores `invalid`.
     similarity: max_{i in gts} cos(e_gen, e_i) - gamma * max_{t in future_positives} cos(e_gen, e_t)
@@ -18,7 +19,10 @@ token, already left out of the decoded text); a response that is no item's SID s
     hit:        max over gts of 1 (full SID) / 0.1 (first 2 levels) / 0.01 (first level) / 0,
                 minus gamma * the same over future_positives
 e = the item's code embedding (`sid_embeddings.npy`, the sum of its level centroids, rows in items.jsonl
-order). An empty GTS gives a 0 first term (nothing to be near) and an empty FPS no penalty. Extras logged
+order). `center: true` subtracts the mean code embedding before the cosine: sums of centroids share a
+large common part, so raw cosines of unrelated items are high (on ML-100k a near-random policy already
+has max cos to GTS ~0.82) and the 0.6 threshold hardly ever applies; centred, unrelated items sit near
+0. Off by default (the paper's similarity). An empty GTS gives a 0 first term (nothing to be near) and an empty FPS no penalty. Extras logged
 per sample: `valid`, `hit` (the item is in gts), `hit_next` (it is the next negative), `sim_gts` and
 `sim_fps` (the raw max cosines, whatever the variant; 0 when the set is empty or the SID invalid).
 """
@@ -68,7 +72,7 @@ register_prompt_builder("negrec_negatives_positives", negatives_positives)
 class ItemTable:
     """items.jsonl + sid_embeddings.npy: SID -> item, item -> its L2-normalised code embedding row."""
 
-    def __init__(self, items_path: str | Path, embeddings_path: str | Path):
+    def __init__(self, items_path: str | Path, embeddings_path: str | Path, center: bool = False):
         self.items: list[str] = []
         self.sids: list[str] = []
         with open(items_path) as f:
@@ -91,6 +95,8 @@ class ItemTable:
         if emb.ndim != 2 or emb.shape[0] != len(self.items):
             raise DataError(f"{embeddings_path}: expected [{len(self.items)}, d] rows (one per line of {items_path}), "
                             f"got shape {list(emb.shape)}")
+        if center:
+            emb = emb - emb.mean(axis=0, keepdims=True)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         self.emb = emb / np.maximum(norms, 1e-12)  # cosine = dot product of unit rows
         self.levels = {item: _TOKEN.findall(sid) for item, sid in zip(self.items, self.sids)}
@@ -103,9 +109,9 @@ class ItemTable:
 
 
 @functools.lru_cache(maxsize=8)
-def item_table(items: str, embeddings: str) -> ItemTable:
-    """One `ItemTable` per (items, embeddings) path pair, loaded on first use."""
-    return ItemTable(items, embeddings)
+def item_table(items: str, embeddings: str, center: bool = False) -> ItemTable:
+    """One `ItemTable` per (items, embeddings, center), loaded on first use."""
+    return ItemTable(items, embeddings, center)
 
 
 def _max_cos(table: ItemTable, gen: str, others: Sequence[str]) -> float:
@@ -139,12 +145,13 @@ def _hit_level(table: ItemTable, gen: str, others: Sequence[str]) -> float:
 
 @register_reward("negrec_future_negative")
 def negrec_future_negative(row: dict, traj, items: str, embeddings: str, variant: str = "similarity",
-                           gamma: float = 0.5, threshold: float = 0.6, invalid: float = -1.0) -> dict:
+                           gamma: float = 0.5, threshold: float = 0.6, invalid: float = -1.0,
+                           center: bool = False) -> dict:
     """The future-negative reward (module docstring): near the user's coming negatives (gts), away from
     their coming positives (future_positives)."""
     if variant not in VARIANTS:
         raise ValueError(f"negrec_future_negative: variant {variant!r} is not one of {list(VARIANTS)}")
-    table = item_table(str(items), str(embeddings))
+    table = item_table(str(items), str(embeddings), bool(center))
     gen = table.item_of_sid.get(traj.response_text.strip())
     if gen is None:
         return {"score": float(invalid), "valid": 0.0, "hit": 0.0, "hit_next": 0.0, "sim_gts": 0.0, "sim_fps": 0.0}
