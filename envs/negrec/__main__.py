@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--collision", choices=["nearest_free", "extra_level"], default=BuildConfig.collision)
     b.add_argument("--gts-neighbours", type=int, default=BuildConfig.gts_neighbours,
                    help="Swing neighbours added per future negative to the reward's ground-truth set")
+    b.add_argument("--sft-alignment-rows", type=int, default=BuildConfig.sft_alignment_rows,
+                   help="alignment SFT rows (a seeded subsample of the train examples; 0 = all)")
     b.add_argument("--negative-max-rating", type=float, default=2.0)
     b.add_argument("--positive-min-rating", type=float, default=4.0)
     b.add_argument("--window-days", type=int, default=7)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{out} already holds a build (stats.json); pass --overwrite to replace it")
             cfg = BuildConfig(levels=args.levels, codebook_size=args.codebook_size, collision=args.collision,
                               gts_neighbours=args.gts_neighbours, seed=args.seed,
+                              sft_alignment_rows=args.sft_alignment_rows or None,
                               feedback={"negative_max_rating": args.negative_max_rating,
                                         "positive_min_rating": args.positive_min_rating,
                                         "window_days": args.window_days, "seed": args.seed})

@@ -48,6 +48,9 @@ class BuildConfig:
     gts_neighbours: int = 5
     gts_min_similarity: float = 0.0
     sft_tasks: tuple[str, ...] = ("sid2title", "title2sid", "alignment")
+    # alignment rows: a seeded subsample of the train examples, about as many as the translation rows
+    # (2 per item), so a CPU-sized SFT budget sees both tasks evenly (None: one per usable example, ~10.9k)
+    sft_alignment_rows: int | None = 3400
     seed: int = 0
     k: int = 20  # top-K of the baselines' table
     baseline_seeds: tuple[int, ...] = (0, 1)  # the random baseline's seeds
@@ -120,7 +123,8 @@ def build(data, out: str | Path, cfg: BuildConfig | None = None, *, embed_cache:
         example_stats[split] = dict(getattr(rows, "stats", {}))
         log(f"negrec: {split}: {len(rows):,} examples")
 
-    sft_train = negtasks.sft_rows(items_out, examples["train"], tasks=cfg.sft_tasks, seed=cfg.seed)
+    sft_train = negtasks.sft_rows(items_out, examples["train"], tasks=cfg.sft_tasks, seed=cfg.seed,
+                                  max_alignment_rows=cfg.sft_alignment_rows)
     # held-out SFT rows: alignment questions of validation users (translation rows are the catalogue itself)
     sft_valid = negtasks.sft_rows(items_out, examples["valid"], tasks=("alignment",), seed=cfg.seed + 1)
     write_jsonl(out / "sft" / "train.jsonl", sft_train)
