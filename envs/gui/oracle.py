@@ -1,0 +1,576 @@
+"""The DOM oracle: scripted policies that solve MiniWoB++ task families, and every valid action by replay.
+
+**Policies.** `POLICIES[task](screen, memory) -> Decision`: the next action from MiniWoB's utterance fields
+and the element list alone (what a text policy sees), plus a small per-episode `memory` (tabs already
+opened, buttons already pressed). Most are stateless over the DOM: a field that does not hold its text yet
+is clicked (when not focused) or typed into (when focused), a checkbox whose state is wrong is clicked, then
+the submit button. Each decision carries a short thought and a note for the running *semantic context*
+("Typed "karrie" into the username field."), the SecAgent step's summary the SFT rows teach.
+
+**Execution.** A click on an element is recorded as ``click(element=ref)`` but executed as a click at the
+centre of the element's box (integer pixels, origin top-left): what a policy clicking by point does, and
+what the static benchmark checks (a point inside a valid box). Text nodes (MiniWoB ``t`` pseudo-elements)
+have negative refs, which the action format does not take; they are valid click targets by point (a
+checkbox's label text toggles it) and are recorded as ``click(x=cx, y=cy)`` at their box centre (the
+matcher takes the smallest box holding a gold point: the text node's own).
+
+**Valid actions by replay** (`valid_actions_by_replay`). For each step, the page is brought back to the
+step's screen (reset to the same task and seed, replay the recorded actions before it) and each candidate
+click is tried: every leaf element whose box centre lies on the screen (text nodes included), in DOM order
+with the oracle's own target first, at most `max_candidates` (default 40) per step. A candidate is valid
+when the next state's digest (`state_digest`: every element's tag, text, value, checked/selected, focus and
+box, + MiniWoB's done flag and raw reward; refs are left out since text nodes get new refs every step)
+equals the oracle action's. Cost bound: after a candidate that left the digest unchanged (a click on plain
+text), the next candidate is tried from the same page without a replay, so only state-changing candidates
+pay for a reset + replay; the page is also replayed when the MiniWoB episode clock (10 s) gets near its end.
+This assumes a click that changes nothing in the digest changed nothing the task reads (JS state that never
+shows in the DOM); no supported family has such state. Steps whose action is not a click (type, key) have
+only their own action: ``type`` writes into the focused field, so the target field is the previous click's
+choice, not this step's. If replaying the oracle's own click does not reproduce its recorded next state (a
+page that is not deterministic), the step keeps only the oracle action and says so
+(``valid_actions_source: "oracle"`` instead of ``"replay"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envs.gui.actions import Action, format_action
+from envs.gui.episodes import episode_id
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Decision",
+    "OracleError",
+    "POLICIES",
+    "SUPPORTED_TASKS",
+    "element_dict",
+    "record_episode",
+    "state_digest",
+    "valid_actions_by_replay",
+]
+
+MAX_CANDIDATES = 40
+MAX_STEPS = 15
+# MiniWoB ends an episode after 10 s (core.EPISODE_MAX_TIME); replays restart well before that
+_EPISODE_CLOCK_S = 6.0
+
+
+class OracleError(RuntimeError):
+    """The oracle cannot act on this screen (an unsupported task, a page it does not recognise)."""
+
+
+@dataclass
+class Decision:
+    action: Action
+    thought: str
+    note: str  # what this step did, one sentence, appended to the semantic context
+    target: Any = None  # the clicked Element (clicks), else None
+
+
+# ----------------------------------------------------------------------------- element helpers
+
+
+def _centre(box: Sequence[float]) -> tuple[int, int]:
+    left, top, width, height = box
+    return int(math.floor(left + width / 2)), int(math.floor(top + height / 2))
+
+
+def _value_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def element_dict(el: Any) -> dict:
+    """An `envs.gui.browser.Element` as the episode format stores it (+ classes, id: they name elements)."""
+    return {
+        "ref": int(el.ref),
+        "tag": str(el.tag),
+        "text": str(el.text or ""),
+        "box": [int(round(v)) for v in el.box],
+        "value": _value_str(el.value),
+        "classes": str(getattr(el, "classes", "") or ""),
+        "id": str(getattr(el, "id", "") or ""),
+    }
+
+
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _checked(el: Any) -> bool:
+    return _value_str(el.value).lower() == "true"
+
+
+def _visible(el: Any, size: tuple[int, int]) -> bool:
+    cx, cy = _centre(el.box)
+    return 0 <= cx < size[0] and 0 <= cy < size[1] and el.box[2] > 0 and el.box[3] > 0
+
+
+def _screen_size(screen: Any) -> tuple[int, int]:
+    shot = getattr(screen, "screenshot", None)
+    if shot is not None:
+        return tuple(shot.size)
+    from envs.gui.browser import screen_size
+
+    return screen_size(screen.task)
+
+
+def _fields(screen: Any) -> dict:
+    return dict(screen.fields or {})
+
+
+def _click(el: Any, thought: str, note: str) -> Decision:
+    return Decision(Action(kind="click", element=int(el.ref)), thought, note, target=el)
+
+
+def _type(text: str, thought: str, note: str) -> Decision:
+    return Decision(Action(kind="type", text=text), thought, note)
+
+
+def _by_text(screen: Any, text: str, *, tags: Sequence[str] | None = None, exact: bool = True) -> list:
+    want = _norm(text)
+    out = []
+    for el in screen.elements:
+        if tags is not None and el.tag not in tags:
+            continue
+        have = _norm(el.text)
+        if have == want if exact else have.lower() == want.lower():
+            out.append(el)
+    return out
+
+
+def _one(found: list, what: str, screen: Any) -> Any:
+    if not found:
+        raise OracleError(f"{screen.task} seed {screen.seed}: no {what} on the screen")
+    return found[0]
+
+
+def _field_name(el: Any) -> str:
+    """'the username field' from the element's id (MiniWoB's forms name their inputs), else 'the text field'."""
+    ident = (getattr(el, "id", "") or "").strip()
+    if ident and ident not in ("tt",) and not re.fullmatch(r"tt\d+", ident):
+        return f"the {ident} field"
+    return "the text field"
+
+
+def _fill(el: Any, text: str, field_name: str) -> Decision | None:
+    """Click the field when it is not focused, type `text` when it is; None once it holds `text`."""
+    if _value_str(el.value) == text:
+        return None
+    if not getattr(el, "focused", False):
+        return _click(el, f"{field_name[0].upper()}{field_name[1:]} must hold {text!r}; I select it first.",
+                      f"Clicked {field_name}.")
+    return _type(text, f"{field_name[0].upper()}{field_name[1:]} is focused; I type {text!r}.",
+                 f'Typed "{text}" into {field_name}.')
+
+
+def _submit(screen: Any, label: str = "Submit") -> Decision:
+    btn = _one(_by_text(screen, label, tags=("button",), exact=False), f'"{label}" button', screen)
+    return _click(btn, f"Everything is filled in; I press {_norm(btn.text)}.", f"Clicked {_norm(btn.text)}.")
+
+
+def _label_of(screen: Any, box_el: Any) -> str:
+    """The text to the right of a checkbox / radio on the same line (MiniWoB wraps them in a <label> whose text
+    node follows the input; the element list has no parents, so pair them by geometry)."""
+    left, top, width, height = box_el.box
+    cy = top + height / 2
+    best, best_dx = "", None
+    for el in screen.elements:
+        if el is box_el or not _norm(el.text) or el.tag.startswith("input"):
+            continue
+        l2, t2, w2, h2 = el.box
+        if l2 < left + width - 1 or not (t2 <= cy <= t2 + h2):
+            continue
+        dx = l2 - (left + width)
+        if best_dx is None or dx < best_dx:
+            best, best_dx = _norm(el.text), dx
+    return best
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def _click_by_label(kind: str) -> Callable:
+    """click-button / click-link: click the (first) element whose text is the target."""
+
+    def policy(screen, memory):
+        target = _fields(screen).get("target", "")
+        tags = ("button",) if kind == "button" else None
+        found = [el for el in _by_text(screen, target, tags=tags)
+                 if kind == "button" or "alink" in (el.classes or "") or el.tag == "a"]
+        el = _one(found, f"{kind} {target!r}", screen)
+        return _click(el, f'The {kind} "{target}" is on the screen; I click it.', f'Clicked the {kind} "{target}".')
+
+    return policy
+
+
+def _click_tab(screen, memory):
+    target = _fields(screen).get("target", "")
+    el = _one(_by_text(screen, f"Tab #{target}"), f"tab #{target}", screen)
+    return _click(el, f"I need Tab #{target}; I click it.", f"Clicked Tab #{target}.")
+
+
+def _click_tab_2(screen, memory):
+    target = _fields(screen).get("target", "")
+    links = [el for el in _by_text(screen, target) if "alink" in (el.classes or "")]
+    if links:
+        return _click(links[0], f'The link "{target}" is visible; I click it.', f'Clicked the link "{target}".')
+    tabs = [el for el in screen.elements if "ui-tabs-anchor" in (el.classes or "")]
+    seen = memory.setdefault("tabs", set())
+    # the first tab is open at the start: count it as seen
+    if tabs and not seen:
+        seen.add(_norm(tabs[0].text))
+    for tab in tabs:
+        if _norm(tab.text) not in seen:
+            seen.add(_norm(tab.text))
+            return _click(tab, f'The link "{target}" is not on this tab; I open {_norm(tab.text)}.',
+                          f'Opened {_norm(tab.text)} looking for the link "{target}".')
+    raise OracleError(f"{screen.task} seed {screen.seed}: link {target!r} not found on any tab")
+
+
+def _focus_text(screen, memory):
+    inputs = [el for el in screen.elements if el.tag == "input_text"]
+    el = _one(inputs, "text box", screen)
+    return _click(el, "I click into the text box to focus it.", "Clicked into the text box.")
+
+
+_ORDINAL = re.compile(r"(\d+)")
+
+
+def _focus_text_2(screen, memory):
+    n = int(_ORDINAL.search(_fields(screen).get("target", "1")).group(1))
+    inputs = [el for el in screen.elements if el.tag == "input_text"]
+    if len(inputs) < n:
+        raise OracleError(f"{screen.task} seed {screen.seed}: no text box #{n}")
+    el = inputs[n - 1]
+    return _click(el, f"I click into text box number {n}.", f"Clicked into text box number {n}.")
+
+
+def _enter_text(screen, memory):
+    target = _fields(screen).get("target", "")
+    el = _one([e for e in screen.elements if e.tag == "input_text"], "text field", screen)
+    return _fill(el, target, "the text field") or _submit(screen)
+
+
+def _enter_text_2(screen, memory):
+    f = _fields(screen)
+    text = f.get("text", "")
+    text = text.upper() if f.get("case") == "upper" else text.lower()
+    el = _one([e for e in screen.elements if e.tag == "input_text"], "text field", screen)
+    return _fill(el, text, "the text field") or _submit(screen)
+
+
+def _login_user(screen, memory):
+    f = _fields(screen)
+    user = _one([e for e in screen.elements if e.id == "username"], "username field", screen)
+    pw = _one([e for e in screen.elements if e.id == "password"], "password field", screen)
+    return (_fill(user, f.get("username", ""), "the username field")
+            or _fill(pw, f.get("password", ""), "the password field") or _submit(screen, "Login"))
+
+
+def _enter_password(screen, memory):
+    target = _fields(screen).get("target", "")
+    pw = _one([e for e in screen.elements if e.id == "password"], "password field", screen)
+    verify = _one([e for e in screen.elements if e.id == "verify"], "verify field", screen)
+    return _fill(pw, target, "the password field") or _fill(verify, target, "the verify field") or _submit(screen)
+
+
+def _click_checkboxes(screen, memory):
+    f = _fields(screen)
+    wanted = {_norm(v) for k, v in f.items() if k.startswith("target")}
+    for el in screen.elements:
+        if el.tag != "input_checkbox":
+            continue
+        label = _label_of(screen, el)
+        if (label in wanted) != _checked(el):
+            verb = "check" if label in wanted else "uncheck"
+            return _click(el, f'"{label}" must be {verb}ed; I click its checkbox.', f'{verb.capitalize()}ed "{label}".')
+    return _submit(screen)
+
+
+def _click_option(screen, memory):
+    target = _norm(_fields(screen).get("target", ""))
+    for el in screen.elements:
+        if el.tag == "input_radio" and _label_of(screen, el) == target:
+            if _checked(el):
+                return _submit(screen)
+            return _click(el, f'I select the option "{target}".', f'Selected "{target}".')
+    raise OracleError(f"{screen.task} seed {screen.seed}: no option {target!r}")
+
+
+def _click_dialog(screen, memory):
+    x = _one([e for e in screen.elements if "ui-icon-closethick" in (e.classes or "")], 'dialog "x"', screen)
+    return _click(x, 'The dialog has an "x" in its title bar; I click it.', "Closed the dialog with its x.")
+
+
+def _click_dialog_2(screen, memory):
+    target = _fields(screen).get("target", "")
+    if target.lower() == "x":
+        return _click_dialog(screen, memory)
+    el = _one(_by_text(screen, target, tags=("button",)), f"dialog button {target!r}", screen)
+    return _click(el, f'The dialog has a "{target}" button; I click it.', f'Clicked "{target}" in the dialog.')
+
+
+def _click_button_sequence(screen, memory):
+    pressed = memory.setdefault("pressed", [])
+    label = "ONE" if not pressed else "TWO"
+    el = _one(_by_text(screen, label, tags=("button",)), f"button {label}", screen)
+    pressed.append(label)
+    return _click(el, f"Button {label} comes {'first' if label == 'ONE' else 'next'}; I click it.",
+                  f"Clicked button {label}.")
+
+
+POLICIES: dict[str, Callable[[Any, dict], Decision]] = {
+    "click-button": _click_by_label("button"),
+    "click-link": _click_by_label("link"),
+    "click-tab": _click_tab,
+    "click-tab-2": _click_tab_2,
+    "focus-text": _focus_text,
+    "focus-text-2": _focus_text_2,
+    "enter-text": _enter_text,
+    "enter-text-2": _enter_text_2,
+    "login-user": _login_user,
+    "enter-password": _enter_password,
+    "click-checkboxes": _click_checkboxes,
+    "click-checkboxes-large": _click_checkboxes,
+    "click-option": _click_option,
+    "click-dialog": _click_dialog,
+    "click-dialog-2": _click_dialog_2,
+    "click-button-sequence": _click_button_sequence,
+}
+SUPPORTED_TASKS = tuple(POLICIES)
+
+
+# ----------------------------------------------------------------------------- state digest
+
+
+_DOM_ELEMENT_KEYS = ("tag", "text", "value", "checked", "selected", "focused", "box")
+
+
+def state_digest(screen: Any, *, done: bool, raw_reward: float) -> str:
+    """A hash of what a step changed: each element's tag/text/value/checked/selected/focus/box in DOM order +
+    MiniWoB's done flag and raw reward (refs left out: text nodes are renumbered every step)."""
+    dom_elements = (getattr(screen, "dom", None) or {}).get("elements")
+    if dom_elements:
+        items = [[el.get(k) for k in _DOM_ELEMENT_KEYS] for el in dom_elements]
+    else:
+        items = [[el.tag, el.text, _value_str(el.value), None, None, bool(getattr(el, "focused", False)),
+                  [int(round(v)) for v in el.box]] for el in screen.elements]
+    for item in items:  # boxes as ints: sub-pixel layout noise is not a different state
+        if isinstance(item[-1], (list, tuple)):
+            item[-1] = [int(round(v)) for v in item[-1]]
+    blob = json.dumps([bool(done), round(float(raw_reward), 4), items], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _exec_action(decision_action: Action, screen: Any) -> Action:
+    """What is sent to the browser: a click on an element becomes a click at its box centre."""
+    if decision_action.kind == "click" and decision_action.element is not None:
+        el = next((e for e in screen.elements if e.ref == decision_action.element), None)
+        if el is None:
+            raise OracleError(f"{screen.task} seed {screen.seed}: element {decision_action.element} not on the screen")
+        x, y = _centre(el.box)
+        return Action(kind="click", x=x, y=y)
+    return decision_action
+
+
+def _raw_reward(reward: float, info: dict) -> float:
+    return float(info.get("raw_reward", reward) if isinstance(info, dict) else reward)
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+@dataclass
+class _Recorded:
+    screens: list = field(default_factory=list)  # the screen each step acted on
+    decisions: list = field(default_factory=list)
+    executed: list = field(default_factory=list)  # Actions sent to the browser
+    pre: list = field(default_factory=list)  # digest before each step
+    post: list = field(default_factory=list)  # digest after each step
+    after: list = field(default_factory=list)  # the screen after each step
+    done: bool = False
+    raw_reward: float = 0.0
+
+
+def _play(session: Any, task: str, seed: int, max_steps: int) -> _Recorded:
+    policy = POLICIES.get(task)
+    if policy is None:
+        raise OracleError(f"no oracle for task {task!r} (supported: {', '.join(SUPPORTED_TASKS)})")
+    rec = _Recorded()
+    screen = session.reset(task, seed)
+    memory: dict = {}
+    for _ in range(max_steps):
+        decision = policy(screen, memory)
+        executed = _exec_action(decision.action, screen)
+        rec.pre.append(state_digest(screen, done=False, raw_reward=0.0))
+        nxt, reward, done, info = session.step(executed)
+        raw = _raw_reward(reward, info)
+        rec.screens.append(screen)
+        rec.decisions.append(decision)
+        rec.executed.append(executed)
+        rec.post.append(state_digest(nxt, done=done, raw_reward=raw))
+        rec.after.append(nxt)
+        screen = nxt
+        if done:
+            rec.done, rec.raw_reward = True, raw
+            break
+    return rec
+
+
+def _candidates(screen: Any, target: Any, size: tuple[int, int], limit: int) -> list:
+    """Leaf elements with their centre on the screen, the oracle's target first, one per centre point."""
+    out, points = [], set()
+    ordered = ([target] if target is not None else []) + [e for e in screen.elements if e is not target]
+    for el in ordered:
+        if not getattr(el, "is_leaf", True) and el is not target:
+            continue
+        if not _visible(el, size):
+            continue
+        pt = _centre(el.box)
+        if pt in points:
+            continue
+        points.add(pt)
+        out.append(el)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def valid_actions_by_replay(
+    session: Any, task: str, seed: int, rec: _Recorded, *, max_candidates: int = MAX_CANDIDATES
+) -> tuple[list[list[str]], list[str], dict]:
+    """Per step: the canonical texts of every valid action and where they come from ("replay" | "oracle"),
+    + counters (replays, candidates tried). See the module docstring for the rule and its cost bound."""
+    valid_all, sources = [], []
+    counters = {"replays": 0, "candidates": 0, "nondeterministic_steps": 0}
+    for i, decision in enumerate(rec.decisions):
+        own = format_action(decision.action)
+        if decision.action.kind != "click" or decision.target is None:
+            valid_all.append([own])
+            sources.append("replay")
+            continue
+        screen = rec.screens[i]
+        size = _screen_size(screen)
+        at_step = False
+        clock = 0.0
+
+        def goto() -> None:
+            nonlocal at_step, clock
+            s = session.reset(task, seed)
+            for a in rec.executed[:i]:
+                s, _, _, _ = session.step(a)
+            counters["replays"] += 1
+            if state_digest(s, done=False, raw_reward=0.0) != rec.pre[i]:
+                raise _NotReplayable()
+            at_step, clock = True, time.monotonic()
+
+        valid, own_ok = [], False
+        try:
+            for el in _candidates(screen, decision.target, size, max_candidates):
+                if not at_step or time.monotonic() - clock > _EPISODE_CLOCK_S:
+                    goto()
+                x, y = _centre(el.box)
+                nxt, reward, done, info = session.step(Action(kind="click", x=x, y=y))
+                counters["candidates"] += 1
+                d = state_digest(nxt, done=done, raw_reward=_raw_reward(reward, info))
+                if d == rec.post[i]:
+                    # text nodes have negative refs, which the action format does not take: their valid
+                    # click is the point at their centre (matching takes the smallest box holding it)
+                    valid.append(format_action(Action(kind="click", element=int(el.ref)) if el.ref >= 0
+                                               else Action(kind="click", x=x, y=y)))
+                    own_ok = own_ok or el is decision.target
+                at_step = d == rec.pre[i]
+        except _NotReplayable:
+            own_ok = False
+        if own_ok:
+            valid_all.append(valid)
+            sources.append("replay")
+        else:
+            counters["nondeterministic_steps"] += 1
+            log.warning("%s seed %d step %d: replay does not reproduce the oracle's next state; "
+                        "keeping only the oracle action", task, seed, i)
+            valid_all.append([own])
+            sources.append("oracle")
+    return valid_all, sources, counters
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def record_episode(
+    session: Any,
+    task: str,
+    seed: int,
+    *,
+    screens_dir: str | Path | None = None,
+    screens_rel: str = "",
+    max_steps: int = MAX_STEPS,
+    max_candidates: int = MAX_CANDIDATES,
+    replay: bool = True,
+) -> tuple[dict, dict]:
+    """Play the oracle on (task, seed) in `session` (an `envs.gui.browser.MiniWobSession`) and return
+    (episode in the episode format, counters). Screenshots go to ``screens_dir/<task>/seed<seed>/step<i>.png``
+    and are referenced as ``screens_rel/<task>/seed<seed>/step<i>.png`` (relative to the episodes file)."""
+    from envs.gui.milestones import milestone_states
+
+    t0 = time.monotonic()
+    rec = _play(session, task, seed, max_steps)
+    if replay:
+        valid, sources, counters = valid_actions_by_replay(session, task, seed, rec, max_candidates=max_candidates)
+    else:
+        valid = [[format_action(d.action)] for d in rec.decisions]
+        sources, counters = ["oracle"] * len(rec.decisions), {}
+    first = rec.screens[0]
+    fields = _fields(first)
+    steps, context = [], ""
+    for i, (screen, decision) in enumerate(zip(rec.screens, rec.decisions)):
+        shot = None
+        if screens_dir is not None and getattr(screen, "screenshot", None) is not None:
+            rel = Path(task) / f"seed{seed}" / f"step{i}.png"
+            path = Path(screens_dir) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            screen.screenshot.save(path)
+            shot = str(Path(screens_rel) / rel) if screens_rel else str(rel)
+        context = f"{context} {decision.note}".strip()
+        after = rec.after[i]
+        dom = dict(getattr(after, "dom", None) or {})
+        dom.setdefault("fields", fields)
+        steps.append({
+            "screenshot": shot,
+            "elements": [element_dict(e) for e in screen.elements],
+            "action": format_action(decision.action),
+            "valid_actions": valid[i],
+            "valid_actions_source": sources[i],
+            "semantic_context": context,
+            "thought": decision.thought,
+            "step_instruction": None,
+            "milestones": milestone_states(task, dom, fields),
+        })
+    w, h = _screen_size(first)
+    episode = {
+        "episode_id": episode_id(task, seed),
+        "source": "miniwob-oracle",
+        "task": task,
+        "seed": seed,
+        "instruction": first.utterance,
+        "screen_size": [int(w), int(h)],
+        "steps": steps,
+        "success": bool(rec.done and rec.raw_reward > 0),
+        "raw_reward": rec.raw_reward,
+    }
+    counters = {**counters, "seconds": time.monotonic() - t0}
+    return episode, counters
