@@ -256,6 +256,8 @@ def test_click_tab_2_and_single_click_milestones():
     opened = {"elements": [_el(3, "a", "Tab #2"), _el(9, "span", "fauna", classes="alink")], "done": False}
     assert milestone_states("click-tab-2", closed, fields) == {"tab opened": False, "link clicked": False}
     assert milestone_states("click-tab-2", opened, fields) == {"tab opened": True, "link clicked": False}
+    hidden = {"elements": [_el(9, "span", "fauna", classes="alink", visible=False)], "done": False}
+    assert not milestone_states("click-tab-2", hidden, fields)["tab opened"]
     assert milestone_states("click-tab-2-hard", {"elements": [], "done": True, "reward": 1.0}, fields)["link clicked"]
     assert milestone_names("click-button") == ["clicked"]
     assert milestone_names("some-unknown-task") == ["completed"]
@@ -501,3 +503,33 @@ def test_gui_live_aggregate():
     assert m["success/login-user"] == 0.5 and m["success/click-button"] == 0.0
     with pytest.raises(KeyError, match="'miniwob' environment"):
         ms(_traj("", {}, {"turns": 1}))
+
+
+def test_gui_static_through_eval_run(tiny_tokenizer):
+    """The generic leaderboard runner with the secagent prompt builder and the gui_static set: the records'
+    correctness is the secagent reward's, the prompts' token counts are the rendered prompts'."""
+    from agents.single_turn import render_prompt
+    from test_multi_turn import R, ScriptedEngine
+
+    from eval.run import evaluate
+    from rl.rewards import REWARDS
+
+    tok = tiny_tokenizer
+    base = {"instruction": "Click OK.", "screen_text": '[5] button "OK" box=(10,20,40,20)', "elements": _ELEMENTS}
+    rows = [{**base, "episode_id": "e1", "step": 0, "num_steps": 2, "action": "click(element=5)",
+             "valid_actions": ["click(element=5)"], "history": "semantic"},
+            {**base, "episode_id": "e1", "step": 1, "num_steps": 2, "action": 'terminate(status="success")',
+             "valid_actions": ['terminate(status="success")'], "semantic_context": "Clicked OK.",
+             "history_steps": [{"screen_text": base["screen_text"], "action": "click(element=5)"}]}]
+    replies = [format_step_output("Clicked OK.", "OK is the target.", "click(x=30, y=30)"),
+               "<action>terminate(status=\"failure\")</action>"]
+    prompts = [render_prompt(tok, secagent_prompt(r)) for r in rows]
+    engine = ScriptedEngine(tok, prompts, [[R(t)] for t in replies])
+    res = evaluate("scripted", {"static": rows}, metrics="gui_static", prompt_builder="secagent", engine=engine,
+                   tokenizer=tok, max_new_tokens=200, progress=False)
+    preds, m = res["datasets"]["static"]["predictions"], res["datasets"]["static"]["metrics"]
+    assert [p["correct"] for p in preds] == [True, False] and [p["well_formed"] for p in preds] == [True, False]
+    reward = REWARDS.get("secagent")
+    assert [reward(r, SimpleNamespace(response_text=t))["correct"] for r, t in zip(rows, replies)] == [1.0, 0.0]
+    assert [p["input_tokens"] for p in preds] == [len(p) for p in prompts]
+    assert m["sa"] == 0.5 and m["ta"] == 0.0 and m["ams"] == 0.5 and m["acc_terminate"] == 0.0

@@ -6,7 +6,8 @@ The predicates read only this part of the snapshot:
     dom = {"elements": [{"ref": int, "tag": str, "text": str, "value": str, "id": str, "classes": str,
                          "checked": bool | None, "selected": bool | None, "focused": bool,
                          "parent": int (optional: the parent element's ref),
-                         "box": [l, t, w, h] (optional: pairs a checkbox with its label without parents)}, ...],
+                         "box": [l, t, w, h] (optional: pairs a checkbox with its label without parents),
+                         "visible": bool (optional: false = on the page but not seen)}, ...],
            "done": bool,            # the page ended the episode (MiniWoB's core.endEpisode ran)
            "reward": float,         # MiniWoB's raw reward once done ("raw_reward" is read too)
            "fields": {name: value}} # MiniWoB's utterance fields (or passed as `fields=`)
@@ -155,11 +156,11 @@ def _option_selected(dom: Mapping) -> bool:
 
 
 def _link_visible(dom: Mapping) -> bool:
-    """click-tab-2: the tab holding the target link is open (MiniWoB lists only visible elements: a
-    closed tab's links have no size and are not in the snapshot)."""
+    """click-tab-2: the tab holding the target link is open (a closed tab's links have no size, so MiniWoB
+    leaves them out of the snapshot; an element the browser marks `visible: false` does not count either)."""
     target = _field(dom, "target")
     return target is not None and any("alink" in str(e.get("classes") or "").split() and str(e.get("text")) == target
-                                      for e in _elements(dom))
+                                      and e.get("visible", True) is not False for e in _elements(dom))
 
 
 def _list_item_selected(dom: Mapping) -> bool:
