@@ -133,14 +133,20 @@ def test_prompt_raw_mode_has_last_k(k):
         assert text.index("B2") < text.index("B3") and f"Screen {shown} steps ago" in text
 
 
+_SHOT_STEPS = [{**s, "screenshot": None} for s in _STEPS]
+
+
 @pytest.mark.parametrize("mode,k,n_images", [("none", 3, 1), ("semantic", 3, 2), ("raw", 2, 3), ("raw", 3, 4)])
 def test_prompt_image_parts(mode, k, n_images):
-    msgs = render_step_prompt("Do.", "", history=mode, history_steps=_STEPS, history_k=k, image=True)
+    msgs = render_step_prompt("Do.", "", history=mode, history_steps=_SHOT_STEPS, history_k=k, image=True)
     content = msgs[-1]["content"]
     assert count_image_parts(msgs) == n_images
     # all image parts first, then one text part (the loop's and TRL's order)
     assert [p["type"] for p in content] == ["image"] * n_images + ["text"]
     assert f"Current screen (screenshot {n_images})" in content[-1]["text"] and "(see the screenshot)" in content[-1]["text"]
+    # history steps without a "screenshot" key are text only: one image, the current screen's
+    msgs = render_step_prompt("Do.", "", history=mode, history_steps=_STEPS, history_k=k, image=True)
+    assert count_image_parts(msgs) == 1 and "Current screen (screenshot 1)" in _user_text(msgs)
 
 
 def test_prompt_images_attach_in_order():
@@ -149,12 +155,12 @@ def test_prompt_images_attach_in_order():
     from rl.multimodal import attach_images, images_in_messages
 
     ims = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]
-    msgs = render_step_prompt("Do.", "[1] t", history="semantic", history_steps=_STEPS, image=True)
+    msgs = render_step_prompt("Do.", "[1] t", history="semantic", history_steps=_SHOT_STEPS, image=True)
     filled = attach_images(msgs, ims)
     _, loaded = images_in_messages(filled)
     assert [im.getpixel((0, 0)) for im in loaded] == [(255, 0, 0), (0, 0, 255)]
     # the row prompt builder does the same from the row's columns
-    row = {"instruction": "Do.", "screen_text": "[1] t", "history_steps": _STEPS, "semantic_context": "c",
+    row = {"instruction": "Do.", "screen_text": "[1] t", "history_steps": _SHOT_STEPS, "semantic_context": "c",
            "images": ims}
     assert count_image_parts(secagent_prompt(row)) == 2
     with pytest.raises(Exception, match="image part"):  # 3 images for 2 parts: loud, never dropped
@@ -435,7 +441,7 @@ def test_miniwob_task_reward():
 
 def _static_row(ep, step, action, valid, num_steps=None):
     row = {"episode_id": ep, "step": step, "action": action, "valid_actions": valid, "elements": _ELEMENTS}
-    return row if num_steps is None else {**row, "num_steps": num_steps}
+    return row if num_steps is None else {**row, "n_steps": num_steps}
 
 
 def test_gui_static_aggregate():
@@ -516,9 +522,9 @@ def test_gui_static_through_eval_run(tiny_tokenizer):
 
     tok = tiny_tokenizer
     base = {"instruction": "Click OK.", "screen_text": '[5] button "OK" box=(10,20,40,20)', "elements": _ELEMENTS}
-    rows = [{**base, "episode_id": "e1", "step": 0, "num_steps": 2, "action": "click(element=5)",
+    rows = [{**base, "episode_id": "e1", "step": 0, "n_steps": 2, "action": "click(element=5)",
              "valid_actions": ["click(element=5)"], "history": "semantic"},
-            {**base, "episode_id": "e1", "step": 1, "num_steps": 2, "action": 'terminate(status="success")',
+            {**base, "episode_id": "e1", "step": 1, "n_steps": 2, "action": 'terminate(status="success")',
              "valid_actions": ['terminate(status="success")'], "semantic_context": "Clicked OK.",
              "history_steps": [{"screen_text": base["screen_text"], "action": "click(element=5)"}]}]
     replies = [format_step_output("Clicked OK.", "OK is the target.", "click(x=30, y=30)"),

@@ -7,7 +7,7 @@ gui_static: one static step per prompt (rows of `static_{train,test}.jsonl`: the
   SA        step accuracy: the fraction of steps whose action matches one of the step's valid actions
             (kind and arguments; clicks inside an enlarged valid box, `envs.gui.matching`).
   TA        task accuracy: the fraction of episodes with EVERY step correct (records grouped by
-            `episode_id`). An episode with fewer evaluated steps than its `num_steps` column (a
+            `episode_id`). An episode with fewer evaluated steps than its `n_steps` column (a
             `--limit` cut it) is left out of TA and counted in `partial_episodes`; without the column,
             the evaluated steps are the episode.
   AMS       action matching score, as we define it (AndroidLens reports it per step but publishes no
@@ -84,7 +84,7 @@ def static_record(traj, *, margin: float = 0.2, text_match: str = "equal") -> di
         "episode_id": row.get("episode_id"),
         "step": _step_index(row),
         "task": row.get("task"),
-        "num_steps": row.get("num_steps"),
+        "n_steps": row.get("n_steps", row.get("num_steps")),
         "gold": row.get("action"),
         "valid_actions": list(row["valid_actions"]),
         "prediction": out["action"],
@@ -105,7 +105,7 @@ def static_aggregate(records: Sequence[dict]) -> dict:
         episodes[r.get("episode_id") if r.get("episode_id") is not None else ("#", i)].append(r)
     complete, partial = [], 0
     for recs in episodes.values():
-        expected = recs[0].get("num_steps")
+        expected = recs[0].get("n_steps")
         if expected is not None and len({r.get("step") for r in recs}) < int(expected):
             partial += 1
         else:

@@ -25,8 +25,11 @@ The output format is the same in every mode (one parser, one reward): in `none` 
 writes a context, which the next prompt does not show.
 
 Screens are the element-list text of `envs.gui.observation.render_elements`. With `image=True` (VLM
-policies) every screen shown also gets an image part: the shown history screens' (oldest first), then the
-current one. All image parts come FIRST in the user message, before its single text part: that is the
+policies) the current screen gets an image part, and so does every shown history step that carries a
+"screenshot" key (its image, or None for a placeholder): the paper's setting is one history screenshot
+(semantic mode with the previous step's screenshot); history steps without the key are shown as text
+only. Image parts are ordered as the screens: shown history steps oldest first, then the current
+one. All image parts come FIRST in the user message, before its single text part: that is the
 order in which the multi-turn loop places an observation's images (`StepResult.images` before the
 message text) and TRL's rule for rows without image parts, so an SFT row, a static prompt and a live
 step render the same way. An image part carries the image when one is given (`screenshot=` for the
@@ -193,12 +196,12 @@ def render_step_prompt(
     """The chat messages of one step: [system, user] (no system message when `system` is None).
 
     `history_steps`: the earlier steps of the episode, oldest first, as `{"screen_text": str, "action": str}`
-    (+ "screenshot": a path / PIL image, used with `image=True`). `history` picks what of them is shown
+    (+ "screenshot": a path / PIL image / None, which gives the step an image part with `image=True`). `history` picks what of them is shown
     (module docstring): "none" | "raw" (the last `history_k`) | "semantic" (`semantic_context` + the last
     one). On the first step (no history steps) raw and semantic show no previous screen; semantic still
     shows its (empty) context line, so the policy always sees where the summary goes.
-    `image=True`: image parts first (shown history screens oldest first, then the current screen's
-    `screenshot`, placeholders when not given), then one text part (see the module docstring).
+    `image=True`: image parts first (the shown history steps that have a "screenshot" key, oldest first,
+    then the current screen's `screenshot`; placeholders for None), then one text part (module docstring).
     Raises ValueError on an unknown mode or a history step without its keys (a bug in the caller's
     data, named by index).
     """
@@ -215,19 +218,21 @@ def render_step_prompt(
     lines = [f"Task: {instruction.strip()}", ""]
     if history == "semantic":
         lines += [f"Semantic context: {semantic_context.strip() or '(nothing done yet)'}", ""]
-    n = len(shown)
+    n, pictured = len(shown), 0
     for j, s in enumerate(shown):
         ago = n - j
         label = "Previous screen" if ago == 1 else f"Screen {ago} steps ago"
-        if image:
-            label += f" (screenshot {j + 1})"
-        lines += [f"{label}:", _screen(s["screen_text"], image), f"Action taken: {str(s['action']).strip()}", ""]
-    current = "Current screen" + (f" (screenshot {n + 1})" if image else "")
+        has_image = image and "screenshot" in s
+        if has_image:
+            pictured += 1
+            label += f" (screenshot {pictured})"
+        lines += [f"{label}:", _screen(s["screen_text"], has_image), f"Action taken: {str(s['action']).strip()}", ""]
+    current = "Current screen" + (f" (screenshot {pictured + 1})" if image else "")
     lines += [f"{current}:", _screen(screen_text, image)]
     text = "\n".join(lines)
 
     if image:
-        parts = [_image_part(s.get("screenshot")) for s in shown] + [_image_part(screenshot)]
+        parts = [_image_part(s["screenshot"]) for s in shown if "screenshot" in s] + [_image_part(screenshot)]
         content: Any = parts + [{"type": "text", "text": text}]
     else:
         content = text
@@ -246,7 +251,8 @@ def secagent_prompt(row: dict) -> list[dict]:
 
     Reads `instruction`, `screen_text`, and optionally `history` (default "semantic"), `semantic_context`
     (the context BEFORE this step), `history_steps`, `history_k`, `images` (with images the prompt has
-    image parts, filled with them in order: history screens' then the current one's).
+    image parts, filled with them in order: the shown history steps' that have a "screenshot" key, then
+    the current screen's; their number must equal the image parts').
     """
     from rl.data import DataError
 
