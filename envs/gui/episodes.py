@@ -280,9 +280,20 @@ def describe_element(el: dict) -> str | None:
 # ----------------------------------------------------------------------------- rows
 
 
-def _history_steps(ep: dict, i: int, elements_text: list[str], k: int) -> list[dict]:
+def _history_steps(ep: dict, i: int, elements_text: list[str], k: int, image: bool) -> list[dict]:
+    """The earlier steps for `render_step_prompt`; with images each carries a placeholder "screenshot" (None),
+    so a shown history screen is pictured too (SecAgent: one history screenshot + its action), filled from
+    the row's `images` in order."""
     lo = max(0, i - max(k, 1))
-    return [{"screen_text": elements_text[j], "action": ep["steps"][j]["action"]} for j in range(lo, i)]
+    return [{"screen_text": elements_text[j], "action": ep["steps"][j]["action"]} | ({"screenshot": None} if image else {})
+            for j in range(lo, i)]
+
+
+def _shown_steps(history: str, i: int, k: int) -> list[int]:
+    """Indices of the earlier steps whose screens the prompt shows (`render_step_prompt`'s rule)."""
+    if history == "none" or i == 0:
+        return []
+    return [i - 1] if history == "semantic" else list(range(max(0, i - k), i))
 
 
 def _step_prompt(ep: dict, i: int, texts: list[str], *, history: str, history_k: int, image: bool) -> list[dict]:
@@ -294,17 +305,34 @@ def _step_prompt(ep: dict, i: int, texts: list[str], *, history: str, history_k:
         texts[i],
         history=history,
         semantic_context=prev_context,
-        history_steps=_history_steps(ep, i, texts, history_k),
+        history_steps=_history_steps(ep, i, texts, history_k, image),
         history_k=history_k,
         image=image,
     )
+
+
+def _step_images(ep: dict, i: int, history: str, history_k: int, episodes_dir: Path, out_dir: Path,
+                 messages: list[dict]) -> list[str]:
+    """The screenshots a step prompt shows, in the order of its image parts (history screens, then the current)."""
+    from envs.gui.secagent import count_image_parts
+
+    paths = []
+    for j in [*_shown_steps(history, i, history_k), i]:
+        p = _image_path(ep["steps"][j], episodes_dir, out_dir)
+        if p is None:
+            raise EpisodeError(f"episode {ep['episode_id']!r} step {j}: no screenshot, but rows with images were asked for")
+        paths.append(p)
+    if count_image_parts(messages) != len(paths):
+        raise EpisodeError(f"episode {ep['episode_id']!r} step {i}: the prompt has {count_image_parts(messages)} "
+                           f"image parts for {len(paths)} screenshots")
+    return paths
 
 
 def _default_thought(step: dict) -> str:
     return step.get("thought") or f"Next I do {step['action']}."
 
 
-def _image_path(ep: dict, step: dict, episodes_dir: Path, out_dir: Path) -> str | None:
+def _image_path(step: dict, episodes_dir: Path, out_dir: Path) -> str | None:
     if step.get("screenshot") is None:
         return None
     full = (episodes_dir / step["screenshot"]).resolve()
@@ -331,7 +359,7 @@ def build_rows(
     The first history mode is the default one (``sft.jsonl``, ``static_{train,test}.jsonl``); every other mode
     gets ``sft_<mode>.jsonl`` and ``static_<split>_<mode>.jsonl``."""
     from envs.gui.actions import Action, format_action
-    from envs.gui.secagent import HISTORY_MODES, format_step_output
+    from envs.gui.secagent import HISTORY_MODES, format_step_output, render_step_prompt
 
     if not history_modes:
         raise EpisodeError("build: no history mode given")
@@ -353,24 +381,22 @@ def build_rows(
         sft_rows = []
         for ep in train:
             for i, step in enumerate(ep["steps"]):
-                img = _image_path(ep, step, episodes_dir, out_dir) if images else None
-                msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k,
-                                    image=img is not None)
+                msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k, image=images)
                 answer = format_step_output(step["semantic_context"], _default_thought(step), step["action"])
                 row = {"messages": [*msgs, {"role": "assistant", "content": answer}],
                        "id": f"{ep['episode_id']}/step{i}", "kind": "navigation", "task": ep["task"]}
-                if img is not None:
-                    row["images"] = [img]
+                if images:
+                    row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs)
                 sft_rows.append(row)
         write(f"sft{suffix}.jsonl", sft_rows)
         for split_name, split in (("train", train), ("test", test)):
             rows = []
             for ep in split:
                 for i, step in enumerate(ep["steps"]):
-                    img = _image_path(ep, step, episodes_dir, out_dir) if images else None
+                    msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k,
+                                        image=images)
                     row = {
-                        "messages": _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k,
-                                                 image=img is not None),
+                        "messages": msgs,
                         "id": f"{ep['episode_id']}/step{i}",
                         "episode_id": ep["episode_id"], "step": i, "n_steps": len(ep["steps"]),
                         "task": ep["task"], "seed": ep["seed"], "source": ep["source"], "history": mode,
@@ -379,8 +405,8 @@ def build_rows(
                         "elements": [{k: el[k] for k in ("ref", "tag", "text", "box", "value")}
                                      for el in step["elements"]],
                     }
-                    if img is not None:
-                        row["images"] = [img]
+                    if images:
+                        row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs)
                     rows.append(row)
             write(f"static_{split_name}{suffix}.jsonl", rows)
 
@@ -401,11 +427,11 @@ def build_rows(
                     continue
                 action = format_action(Action(kind="click", x=cx, y=cy))
                 instruction = f"Click {desc}."
-                img = _image_path(ep, step, episodes_dir, out_dir) if images else None
-                from envs.gui.secagent import render_step_prompt
-
-                msgs = render_step_prompt(instruction, texts[ep["episode_id"]][i], history="none",
-                                          image=img is not None)
+                img = _image_path(step, episodes_dir, out_dir) if images else None
+                if images and img is None:
+                    raise EpisodeError(f"episode {ep['episode_id']!r} step {i}: no screenshot, but rows with "
+                                       "images were asked for")
+                msgs = render_step_prompt(instruction, texts[ep["episode_id"]][i], history="none", image=images)
                 answer = format_step_output(f"Clicked {desc}.", f"{desc[0].upper()}{desc[1:]} is at ({cx}, {cy}).",
                                             action)
                 row = {"messages": [*msgs, {"role": "assistant", "content": answer}],

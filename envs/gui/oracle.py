@@ -62,8 +62,9 @@ __all__ = [
 
 MAX_CANDIDATES = 40
 MAX_STEPS = 15
-# MiniWoB ends an episode after 10 s (core.EPISODE_MAX_TIME); replays restart well before that
-_EPISODE_CLOCK_S = 6.0
+# MiniWoB pages end an episode after 10 s unless the session sets its clock (`episode_seconds`): replays
+# restart well before the page's clock runs out
+_CLOCK_FRACTION = 0.6
 
 
 class OracleError(RuntimeError):
@@ -119,12 +120,12 @@ def _visible(el: Any, size: tuple[int, int]) -> bool:
 
 
 def _screen_size(screen: Any) -> tuple[int, int]:
-    shot = getattr(screen, "screenshot", None)
-    if shot is not None:
-        return tuple(shot.size)
-    from envs.gui.browser import screen_size
+    size = getattr(screen, "size", None)
+    if size is not None:
+        return tuple(size)
+    from envs.gui.browser import TASK_SIZE
 
-    return screen_size(screen.task)
+    return TASK_SIZE
 
 
 def _fields(screen: Any) -> dict:
@@ -356,18 +357,19 @@ SUPPORTED_TASKS = tuple(POLICIES)
 # ----------------------------------------------------------------------------- state digest
 
 
-_DOM_ELEMENT_KEYS = ("tag", "text", "value", "checked", "selected", "focused", "box")
+_DOM_ELEMENT_KEYS = ("tag", "text", "value", "checked", "selected", "focused", "visible", "box")
 
 
 def state_digest(screen: Any, *, done: bool, raw_reward: float) -> str:
-    """A hash of what a step changed: each element's tag/text/value/checked/selected/focus/box in DOM order +
+    """A hash of what a step changed: each element's tag/text/value/checked/selected/focus/visibility/box in DOM order +
     MiniWoB's done flag and raw reward (refs left out: text nodes are renumbered every step)."""
     dom_elements = (getattr(screen, "dom", None) or {}).get("elements")
     if dom_elements:
         items = [[el.get(k) for k in _DOM_ELEMENT_KEYS] for el in dom_elements]
     else:
-        items = [[el.tag, el.text, _value_str(el.value), None, None, bool(getattr(el, "focused", False)),
-                  [int(round(v)) for v in el.box]] for el in screen.elements]
+        items = [[el.tag, el.text, _value_str(el.value), getattr(el, "checked", None), getattr(el, "selected", None),
+                  bool(getattr(el, "focused", False)), getattr(el, "visible", True), list(el.box)]
+                 for el in screen.elements]
     for item in items:  # boxes as ints: sub-pixel layout noise is not a different state
         if isinstance(item[-1], (list, tuple)):
             item[-1] = [int(round(v)) for v in item[-1]]
@@ -437,7 +439,7 @@ def _candidates(screen: Any, target: Any, size: tuple[int, int], limit: int) -> 
     for el in ordered:
         if not getattr(el, "is_leaf", True) and el is not target:
             continue
-        if not _visible(el, size):
+        if not _visible(el, size) or not getattr(el, "visible", True):
             continue
         pt = _centre(el.box)
         if pt in points:
@@ -456,6 +458,7 @@ def valid_actions_by_replay(
     + counters (replays, candidates tried). See the module docstring for the rule and its cost bound."""
     valid_all, sources = [], []
     counters = {"replays": 0, "candidates": 0, "nondeterministic_steps": 0}
+    clock_limit = _CLOCK_FRACTION * float(getattr(session, "episode_seconds", 10.0))
     for i, decision in enumerate(rec.decisions):
         own = format_action(decision.action)
         if decision.action.kind != "click" or decision.target is None:
@@ -480,7 +483,7 @@ def valid_actions_by_replay(
         valid, own_ok = [], False
         try:
             for el in _candidates(screen, decision.target, size, max_candidates):
-                if not at_step or time.monotonic() - clock > _EPISODE_CLOCK_S:
+                if not at_step or time.monotonic() - clock > clock_limit:
                     goto()
                 x, y = _centre(el.box)
                 nxt, reward, done, info = session.step(Action(kind="click", x=x, y=y))
