@@ -66,8 +66,9 @@ def _save_npy(path: Path, array: np.ndarray) -> Path:
 
 
 def build(data, out: str | Path, cfg: BuildConfig | None = None, *, embed_cache: str | Path | None = None,
-          log=print) -> dict:
-    """Build every file above from `data` (a `data.RecData`) into `out`; returns the stats."""
+          encoder=None, log=print) -> dict:
+    """Build every file above from `data` (a `data.RecData`) into `out`; returns the stats. `encoder`: the
+    item-text encoder for `sid.embed_texts` (default all-MiniLM-L6-v2; tests pass a small stand-in)."""
     from envs.negrec import baselines as negbase
     from envs.negrec import data as negdata
     from envs.negrec import metrics as negmetrics
@@ -88,7 +89,7 @@ def build(data, out: str | Path, cfg: BuildConfig | None = None, *, embed_cache:
     items = data.items.reset_index(drop=True)
     item_rows = items.to_dict("records")
     texts = [negsid.item_text(r) for r in item_rows]
-    emb = negsid.embed_texts(texts, cache_dir=embed_cache)
+    emb = negsid.embed_texts(texts, model=encoder, cache_dir=embed_cache, progress=encoder is None)
     sids = negsid.build_semantic_ids(list(items["item"]), emb, levels=cfg.levels, codebook_size=cfg.codebook_size,
                                      collision=cfg.collision, seed=cfg.seed)
     sids.save(out / "sid")
