@@ -224,7 +224,7 @@ def test_build_rows(tmp_path):
     write_episodes(ep_dir / "episodes.jsonl", eps)
     out = tmp_path / "rows"
     stats = build_rows(read_episodes(ep_dir / "episodes.jsonl"), episodes_dir=ep_dir, out_dir=out,
-                       history_modes=["semantic", "none", "raw"], history_k=2, images=True,
+                       history_modes=["semantic", "none", "raw"], history_k=2, images=True, history_images=True,
                        heldout_tasks=["click-option"], test_seed_min=30)
     assert stats["episodes"] == {"train": 1, "test": 2}
     sft = read_jsonl(out / "sft.jsonl")
@@ -248,6 +248,9 @@ def test_build_rows(tmp_path):
     ok = [r for r in g if 'the "OK" button' in r["messages"][1]["content"][-1]["text"]]
     assert ok and ok[0]["messages"][-1]["content"].rstrip().endswith("<action>click(x=22, y=80)</action>")
     assert json.loads((out / "stats.json").read_text())["files"]["grounding.jsonl"] == len(g)
+    # by default only the current screen is pictured
+    build_rows(read_episodes(ep_dir / "episodes.jsonl"), episodes_dir=ep_dir, out_dir=tmp_path / "rows1", images=True)
+    assert all(len(r["images"]) == 1 for r in read_jsonl(tmp_path / "rows1" / "sft.jsonl"))
 
 
 # ----------------------------------------------------------------------------- adapters

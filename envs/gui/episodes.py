@@ -29,7 +29,8 @@ Rows (`build_rows`, the CLI ``python -m envs.gui build``), written next to each 
 * ``sft.jsonl``: TRAIN steps only, SFT ``messages`` rows: the step prompt of G's
   `envs.gui.secagent.render_step_prompt` (instruction, screen text, the previous step's oracle semantic
   context, history steps per the history mode) + the answer ``format_step_output(context, thought, action)``;
-  ``images`` (the step's screenshot) when built with images. ``sft_<mode>.jsonl`` for the other history
+  ``images`` when built with images: the step's screenshot, and with ``history_images`` also the shown
+  history screens' (oldest first; SecAgent's one history screenshot), as the prompt's image parts order them. ``sft_<mode>.jsonl`` for the other history
   modes on request.
 * ``grounding.jsonl``: TRAIN screens only, Gr2Nav rows: "Click the <element description>." on the same
   screen, answered in the same step format with ``click(x=cx, y=cy)`` at the element's box centre. Only
@@ -281,9 +282,9 @@ def describe_element(el: dict) -> str | None:
 
 
 def _history_steps(ep: dict, i: int, elements_text: list[str], k: int, image: bool) -> list[dict]:
-    """The earlier steps for `render_step_prompt`; with images each carries a placeholder "screenshot" (None),
-    so a shown history screen is pictured too (SecAgent: one history screenshot + its action), filled from
-    the row's `images` in order."""
+    """The earlier steps for `render_step_prompt`; with `image` (history_images) each carries a placeholder
+    "screenshot" (None), so a shown history screen is pictured too (SecAgent: one history screenshot + its
+    action), filled from the row's `images` in order."""
     lo = max(0, i - max(k, 1))
     return [{"screen_text": elements_text[j], "action": ep["steps"][j]["action"]} | ({"screenshot": None} if image else {})
             for j in range(lo, i)]
@@ -296,7 +297,8 @@ def _shown_steps(history: str, i: int, k: int) -> list[int]:
     return [i - 1] if history == "semantic" else list(range(max(0, i - k), i))
 
 
-def _step_prompt(ep: dict, i: int, texts: list[str], *, history: str, history_k: int, image: bool) -> list[dict]:
+def _step_prompt(ep: dict, i: int, texts: list[str], *, history: str, history_k: int, image: bool,
+                 history_images: bool = False) -> list[dict]:
     from envs.gui.secagent import render_step_prompt
 
     prev_context = ep["steps"][i - 1]["semantic_context"] if i > 0 else ""
@@ -305,19 +307,19 @@ def _step_prompt(ep: dict, i: int, texts: list[str], *, history: str, history_k:
         texts[i],
         history=history,
         semantic_context=prev_context,
-        history_steps=_history_steps(ep, i, texts, history_k, image),
+        history_steps=_history_steps(ep, i, texts, history_k, image and history_images),
         history_k=history_k,
         image=image,
     )
 
 
 def _step_images(ep: dict, i: int, history: str, history_k: int, episodes_dir: Path, out_dir: Path,
-                 messages: list[dict]) -> list[str]:
+                 messages: list[dict], history_images: bool) -> list[str]:
     """The screenshots a step prompt shows, in the order of its image parts (history screens, then the current)."""
     from envs.gui.secagent import count_image_parts
 
     paths = []
-    for j in [*_shown_steps(history, i, history_k), i]:
+    for j in [*(_shown_steps(history, i, history_k) if history_images else []), i]:
         p = _image_path(ep["steps"][j], episodes_dir, out_dir)
         if p is None:
             raise EpisodeError(f"episode {ep['episode_id']!r} step {j}: no screenshot, but rows with images were asked for")
@@ -350,6 +352,7 @@ def build_rows(
     history_modes: Sequence[str] = ("semantic",),
     history_k: int = 1,
     images: bool = False,
+    history_images: bool = False,
     heldout_tasks: Sequence[str] = DEFAULT_HELDOUT_TASKS,
     test_seed_min: int = DEFAULT_TEST_SEED_MIN,
     grounding_per_screen: int = 4,
@@ -381,12 +384,13 @@ def build_rows(
         sft_rows = []
         for ep in train:
             for i, step in enumerate(ep["steps"]):
-                msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k, image=images)
+                msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k, image=images,
+                                    history_images=history_images)
                 answer = format_step_output(step["semantic_context"], _default_thought(step), step["action"])
                 row = {"messages": [*msgs, {"role": "assistant", "content": answer}],
                        "id": f"{ep['episode_id']}/step{i}", "kind": "navigation", "task": ep["task"]}
                 if images:
-                    row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs)
+                    row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs, history_images)
                 sft_rows.append(row)
         write(f"sft{suffix}.jsonl", sft_rows)
         for split_name, split in (("train", train), ("test", test)):
@@ -394,7 +398,7 @@ def build_rows(
             for ep in split:
                 for i, step in enumerate(ep["steps"]):
                     msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k,
-                                        image=images)
+                                        image=images, history_images=history_images)
                     row = {
                         "messages": msgs,
                         "id": f"{ep['episode_id']}/step{i}",
@@ -406,7 +410,8 @@ def build_rows(
                                      for el in step["elements"]],
                     }
                     if images:
-                        row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs)
+                        row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs,
+                                                     history_images)
                     rows.append(row)
             write(f"static_{split_name}{suffix}.jsonl", rows)
 
@@ -464,6 +469,7 @@ def build_rows(
         "mean_valid_actions_per_step": (sum(n_valid) / len(n_valid)) if n_valid else 0.0,
         "history_modes": list(history_modes),
         "images": images,
+        "history_images": history_images,
         "files": files,
     }
     atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
