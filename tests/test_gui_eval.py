@@ -539,3 +539,44 @@ def test_gui_static_through_eval_run(tiny_tokenizer):
     assert [reward(r, SimpleNamespace(response_text=t))["correct"] for r, t in zip(rows, replies)] == [1.0, 0.0]
     assert [p["input_tokens"] for p in preds] == [len(p) for p in prompts]
     assert m["sa"] == 0.5 and m["ta"] == 0.0 and m["ams"] == 0.5 and m["acc_terminate"] == 0.0
+
+
+# ----------------------------------------------------------------------------- milestones in the live browser
+
+
+@pytest.mark.slow
+def test_milestones_on_live_episodes():
+    """The predicates on real MiniWoB snapshots: login-user and click-checkboxes solved step by step, each
+    milestone reached when its step is done (and not before)."""
+    from envs.gui.browser import MiniWobSession, browser_missing
+
+    if browser_missing():
+        pytest.skip(browser_missing())
+
+    with MiniWobSession(screenshots=False) as s:
+        sc = s.reset("login-user", 0)
+        tracker = MilestoneTracker("login-user", sc.fields)
+        assert tracker.update(sc.dom) == [False, False, False]
+        ref = {e.id: e.ref for e in sc.elements if e.id}
+        script = [(f"click(element={ref['username']})", [False, False, False]),
+                  (f'type(text="{sc.fields["username"]}")', [True, False, False]),
+                  (f"click(element={ref['password']})", [True, False, False]),
+                  (f'type(text="{sc.fields["password"]}")', [True, True, False]),
+                  (f"click(element={ref['subbtn']})", [True, True, True])]
+        for action, expected in script:
+            sc, reward, done, info = s.step(_act(action))
+            assert tracker.update(sc.dom) == expected, (action, sc.dom.get("done"), sc.dom.get("reward"))
+        assert done and reward > 0 and tracker.progress() == 1.0
+
+        sc = s.reset("click-checkboxes", 3)
+        targets = [v for k, v in sc.fields.items() if k.startswith("target ")]
+        tracker = MilestoneTracker("click-checkboxes", sc.fields)
+        assert tracker.names == [f"{t} checked" for t in targets] + ["submitted"]
+        assert not any(tracker.update(sc.dom))
+        for i, name in enumerate(targets):
+            box = next(e for e in sc.elements if e.tag == "input_checkbox"
+                       and any(x.parent == e.parent and x.text == name for x in sc.elements if x.ref != e.ref))
+            sc, *_ = s.step(_act(f"click(element={box.ref})"))
+            assert tracker.update(sc.dom) == [j <= i for j in range(len(targets))] + [False]
+        sc, reward, done, _ = s.step(_act(f"click(element={next(e.ref for e in sc.elements if e.id == 'subbtn')})"))
+        assert done and reward > 0 and all(tracker.update(sc.dom))

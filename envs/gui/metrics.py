@@ -169,8 +169,9 @@ def live_record(traj) -> dict:
         "seed": row.get("seed"),
         "success": success,
         "raw_reward": float(info.get("raw_reward", 0.0)),
-        "steps": int(info.get("steps", 0)),
-        "invalid": int(info.get("invalid", 0)),
+        # the environment's counts; the loop's own (turns, invalid_actions) for an env that gives none
+        "steps": int(info.get("steps", info.get("turns", 0))),
+        "invalid": int(info.get("invalid", info.get("invalid_actions", 0))),
         "milestones": milestones,
         "progress": task_progress(milestones, success=success),
         "input_tokens": [int(t) for t in info.get("input_tokens") or ()],
