@@ -389,6 +389,40 @@ def test_wrong_type_none_and_bad_inputs():
         _match("wait()", ["wait()"], text_match="fuzzy")
 
 
+def _actions():
+    from envs.gui.actions import Action
+
+    n = st.integers(0, 10**6)
+    return st.one_of(
+        st.builds(lambda x, y: Action("click", x=x, y=y), n, n),
+        st.builds(lambda r: Action("click", element=r), n),
+        st.builds(lambda t: Action("type", text=t), st.text(min_size=1, max_size=20).filter(str.strip)),
+        st.builds(lambda k: Action("key", key=k), st.sampled_from(["Enter", "Tab", "a", "A", "Ctrl+a"])),
+        st.builds(lambda d: Action("scroll", direction=d), st.sampled_from(["up", "down"])),
+        st.just(Action("wait")),
+        st.builds(lambda s: Action("terminate", status=s), st.sampled_from(["success", "failure"])),
+    )
+
+
+_BOXES = st.lists(st.tuples(st.integers(-5, 300), st.integers(-5, 300), st.integers(0, 200), st.integers(0, 200)),
+                  max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_actions(), st.lists(_actions(), min_size=1, max_size=4), _BOXES)
+def test_match_action_is_total_and_reflexive(pred, valid, boxes):
+    """Any parsed prediction against any canonical valid set gives a bool (no exception), and an action
+    always matches itself (a click by element when its ref is valid, a click by point when it lies in a
+    box or near its own gold point)."""
+    from envs.gui.actions import format_action
+    from envs.gui.matching import match_action
+
+    elements = [{"ref": i + 1, "tag": "div", "text": "", "box": list(b)} for i, b in enumerate(boxes)]
+    texts = [format_action(v) for v in valid]
+    assert isinstance(match_action(pred, texts, elements), bool)
+    assert match_action(valid[0], texts, elements, margin=0.0)
+
+
 # ----------------------------------------------------------------------------- rewards
 
 _VALID = ["click(element=5)", "click(element=8)"]
