@@ -177,7 +177,13 @@ class Screen:
 # facts getDOMInfo leaves out (checked / selected / select values / visibility / scroll state).
 _OBSERVE_JS = """
 var W = arguments[0], H = arguments[1];
-var out = {utterance: core.getUtterance(), dom: core.getDOMInfo(),
+// core.endEpisode bumps WOB_EPISODE_ID, and getDOMInfo gives every element of an older episode a new ref:
+// the screen after the end keeps the refs of the episode it ends
+var eid = WOB_EPISODE_ID;
+if (WOB_DONE_GLOBAL) WOB_EPISODE_ID = eid - 1;
+var dominfo;
+try { dominfo = core.getDOMInfo(); } finally { WOB_EPISODE_ID = eid; }
+var out = {utterance: core.getUtterance(), dom: dominfo,
            meta: {done: WOB_DONE_GLOBAL, env_reward: WOB_REWARD_GLOBAL, raw_reward: WOB_RAW_REWARD_GLOBAL,
                   reason: WOB_REWARD_REASON}, extra: {}};
 for (var ref in core.previousDOMInfo) {
@@ -346,6 +352,14 @@ def session_pids(pgid: int | None, marker: str | None = None) -> list[int]:
 # ----------------------------------------------------------------------------- sessions
 
 
+def _browser_errors() -> tuple[type[BaseException], ...]:
+    """What a dead or hung browser raises: WebDriver errors, and connection errors to chromedriver."""
+    from selenium.common.exceptions import WebDriverException
+    from urllib3.exceptions import HTTPError
+
+    return (WebDriverException, HTTPError, OSError)
+
+
 def _split_key(key: str) -> tuple[list[str], str]:
     """("Ctrl+Shift+a") -> (["Ctrl", "Shift"], "a"); "+" and "Ctrl++" keep their "+" key."""
     if len(key) == 1:
@@ -512,13 +526,11 @@ class MiniWobSession:
         missing = browser_missing(self.chromium, self.chromedriver)
         if missing:
             raise FileNotFoundError(missing)
-        from selenium.common.exceptions import WebDriverException
-
         for attempt in (0, 1):  # a browser that died between episodes: start a fresh one, once
             try:
                 self.start()
                 return self._reset(task, int(seed))
-            except (WebDriverException, OSError, RuntimeError) as e:
+            except (*_browser_errors(), RuntimeError) as e:
                 self.close()
                 if attempt == 1:
                     raise BrowserCrashed(f"MiniWoB browser {self.index} failed twice on reset({task}, {seed}): "
@@ -535,7 +547,15 @@ class MiniWobSession:
             self._viewport = tuple(d.execute_script("return [window.innerWidth, window.innerHeight];"))
         else:
             d.execute_script("return core.endEpisode(0);")  # force-stop a running episode (miniwob's reset)
+        # Refs: getDOMInfo numbers elements in document order from 1, but elements that outlive an episode
+        # (body, #wrap, #area) keep refs from the last observation. Forgetting them makes a (task, seed)
+        # give the same refs whatever ran before in this browser (as on a fresh page): recorded episodes
+        # and replays rely on it.
         d.execute_script(
+            "document.querySelectorAll('[data-wob_ref]').forEach(function (e) {"
+            "  delete e.dataset.wob_ref; delete e.dataset.wob_eps; });"
+            # the focus survives endEpisode on pages that keep their inputs: blur so that it does not leak in
+            "if (document.activeElement) document.activeElement.blur();"
             "core.EPISODE_MAX_TIME = arguments[0]; Math.seedrandom(arguments[1]); core.setDataMode(arguments[2]);"
             "core.startEpisodeReal();", int(self.episode_seconds * 1000), seed, self.data_mode)
         for _ in range(40):  # tasks that load assets flag readiness (miniwob waits up to 1 s)
@@ -679,19 +699,19 @@ class MiniWobSession:
         if screen.dom.get("done"):
             info.update(valid=False, error="the episode is over")
         elif action.kind != "terminate":
-            from selenium.common.exceptions import MoveTargetOutOfBoundsException, WebDriverException
+            from selenium.common.exceptions import MoveTargetOutOfBoundsException
 
             try:
                 err = self._perform(action, screen)
             except MoveTargetOutOfBoundsException as e:
                 err = f"cannot reach that point: {str(e).splitlines()[0][:80]}"
-            except WebDriverException as e:
+            except _browser_errors() as e:
                 raise self._crashed(f"step {action.kind}", e) from e
             if err:
                 info.update(valid=False, error=err)
             try:
                 screen = self.observe()
-            except WebDriverException as e:
+            except _browser_errors() as e:
                 raise self._crashed("observe", e) from e
         dom = screen.dom
         done = bool(dom.get("done")) or action.kind == "terminate"
