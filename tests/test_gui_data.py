@@ -123,9 +123,16 @@ def test_state_digest_ignores_refs_but_not_values():
     d0 = state_digest(s, done=False, raw_reward=0.0)
     s.elements[2].ref = 99  # text nodes are renumbered every step: not a different state
     assert state_digest(s, done=False, raw_reward=0.0) == d0
-    s.elements[2].focused = True
-    assert state_digest(s, done=False, raw_reward=0.0) != d0
-    assert state_digest(page.reset("click-button", 0), done=True, raw_reward=1.0) != d0
+    s.elements[2].focused = True  # a focused button: typing would not go there, the same state
+    assert state_digest(s, done=False, raw_reward=0.0) == d0
+    s.elements[2].tag = "input_text"
+    d1 = state_digest(s, done=False, raw_reward=0.0)
+    s.elements[2].focused = False  # a focused input decides where typing goes: a different state
+    assert state_digest(s, done=False, raw_reward=0.0) != d1
+    s.elements[2].value = "x"
+    d_done = state_digest(s, done=True, raw_reward=1.0)
+    assert d_done != d0 and d_done == state_digest(page.reset("click-button", 0), done=True, raw_reward=1.0)
+    assert d_done != state_digest(s, done=True, raw_reward=-1.0)
 
 
 def _form(values: dict, focused: str | None = None) -> Scr:
@@ -157,7 +164,7 @@ def test_checkbox_policy_pairs_labels_by_geometry():
     s = Scr("click-checkboxes", 0, "Select AU and click Submit.", els, None, {"target 0": "AU"}, {})
     d = POLICIES["click-checkboxes"](s, {})
     assert d.action == Action(kind="click", element=6) and d.note == 'Checked "AU".'
-    els[0].value = "true"
+    els[0].checked = True
     d = POLICIES["click-checkboxes"](s, {})
     assert d.action == Action(kind="click", element=8) and d.note == 'Unchecked "HF2".'
 

@@ -16,8 +16,11 @@ One JSON object per line, one episode each (the contract of docs and /tmp/briefs
 Coordinates are integer pixels of the screen (MiniWoB: CSS pixels of the task area, the same pixels as its
 screenshot), origin top-left; boxes are ``[left, top, width, height]``. A step's screen is the one the action
 was taken on. Steps may carry extra keys (the oracle adds ``thought`` and ``valid_actions_source``); readers
-ignore what they do not know. Element ``value`` is always a string (a checkbox's checked state is
-"true"/"false") so Arrow can load the derived rows without unifying types.
+ignore what they do not know. Elements may carry more than the five keys: oracle episodes store the
+browser's whole snapshot of each element (`envs.gui.browser.Element.to_dict`: parent, id, classes, checked,
+selected, focused, visible, is_leaf, scroll), which the screen text is rendered from
+(`envs.gui.observation.render_elements`), so a prompt built from an episode shows what the live environment
+showed. ``value`` is always a string (checkboxes keep their state in ``checked``).
 
 Splits (`split_episodes`): an episode is TEST when its task type is held out (all its seeds) or its seed is
 ``>= test_seed_min`` (unseen seeds of the training task types); every other episode is TRAIN. So no
@@ -68,6 +71,7 @@ __all__ = [
     "read_episodes",
     "screen_text",
     "split_episodes",
+    "DEFAULT_ELEMENT_BUDGET",
     "validate_episode",
     "write_episodes",
 ]
@@ -229,34 +233,25 @@ def split_episodes(
 # ----------------------------------------------------------------------------- screen text and descriptions
 
 
+# what a static row keeps of each element: the contract's five keys + the state a matcher or reader may want
+_STATIC_ELEMENT_KEYS = ("ref", "tag", "text", "box", "value", "checked", "focused", "visible")
+
+
 def _centre(box: Sequence[float]) -> tuple[int, int]:
     left, top, width, height = box
     return int(math.floor(left + width / 2)), int(math.floor(top + height / 2))
 
 
-def screen_text(elements: Sequence[dict], budget: int | None = None) -> str:
-    """The element list as the policy reads it: E's `envs.gui.observation` renderer when it offers one over
-    element dicts, else one line per element ``[ref] tag "text" value=.. @(l,t,w,h)``."""
-    try:
-        from envs.gui import observation as _obs
+DEFAULT_ELEMENT_BUDGET = 2000  # characters of a screen's element list: the live environment's default
 
-        render = getattr(_obs, "render_element_dicts", None)
-    except ImportError:
-        render = None
-    if render is not None:
-        return render(elements) if budget is None else render(elements, budget=budget)
-    lines = []
-    for el in elements:
-        parts = [f"[{el['ref']}]", el["tag"]]
-        if el.get("text"):
-            parts.append(json.dumps(el["text"], ensure_ascii=False))
-        if el.get("value"):
-            parts.append(f"value={json.dumps(el['value'], ensure_ascii=False)}")
-        left, top, width, height = (int(round(v)) for v in el["box"])
-        parts.append(f"@({left},{top},{width},{height})")
-        lines.append(" ".join(parts))
-    text = "\n".join(lines)
-    return text if budget is None else text[:budget]
+
+def screen_text(elements: Sequence[dict], budget: int | None = None) -> str:
+    """The element list as the policy reads it: `envs.gui.observation.render_elements` over the stored element
+    dicts (the renderer the live environment uses, so SFT / static prompts and live steps show the same text),
+    at most `budget` characters (default `DEFAULT_ELEMENT_BUDGET`)."""
+    from envs.gui.observation import render_elements
+
+    return render_elements(elements, DEFAULT_ELEMENT_BUDGET if budget is None else budget)
 
 
 def describe_element(el: dict) -> str | None:
@@ -406,8 +401,7 @@ def build_rows(
                         "task": ep["task"], "seed": ep["seed"], "source": ep["source"], "history": mode,
                         "instruction": ep["instruction"], "screen_size": ep["screen_size"],
                         "action": step["action"], "valid_actions": step["valid_actions"],
-                        "elements": [{k: el[k] for k in ("ref", "tag", "text", "box", "value")}
-                                     for el in step["elements"]],
+                        "elements": [{k: el[k] for k in _STATIC_ELEMENT_KEYS if k in el} for el in step["elements"]],
                     }
                     if images:
                         row["images"] = _step_images(ep, i, mode, history_k, episodes_dir, out_dir, msgs,

@@ -18,9 +18,9 @@ matcher takes the smallest box holding a gold point: the text node's own).
 step's screen (reset to the same task and seed, replay the recorded actions before it) and each candidate
 click is tried: every leaf element whose box centre lies on the screen (text nodes included), in DOM order
 with the oracle's own target first, at most `max_candidates` (default 40) per step. A candidate is valid
-when the next state's digest (`state_digest`: every element's tag, text, value, checked/selected, focus and
-box, + MiniWoB's done flag and raw reward; refs are left out since text nodes get new refs every step)
-equals the oracle action's. Cost bound: after a candidate that left the digest unchanged (a click on plain
+when the next state's digest (`state_digest`: every element's tag, text, value, checked/selected,
+visibility and box, the focus of inputs, + MiniWoB's done flag and raw reward; only the raw reward once the
+episode is over; refs are left out since text nodes get new refs every step) equals the oracle action's. Cost bound: after a candidate that left the digest unchanged (a click on plain
 text), the next candidate is tried from the same page without a replay, so only state-changing candidates
 pay for a reset + replay; the page is also replayed when the MiniWoB episode clock (10 s) gets near its end.
 This assumes a click that changes nothing in the digest changed nothing the task reads (JS state that never
@@ -94,16 +94,16 @@ def _value_str(value: Any) -> str:
 
 
 def element_dict(el: Any) -> dict:
-    """An `envs.gui.browser.Element` as the episode format stores it (+ classes, id: they name elements)."""
-    return {
-        "ref": int(el.ref),
-        "tag": str(el.tag),
-        "text": str(el.text or ""),
-        "box": [int(round(v)) for v in el.box],
-        "value": _value_str(el.value),
-        "classes": str(getattr(el, "classes", "") or ""),
-        "id": str(getattr(el, "id", "") or ""),
-    }
+    """An `envs.gui.browser.Element` as the episode format stores it: the browser's whole snapshot
+    (`Element.to_dict`), ``box`` as ``[left, top, width, height]`` ints and ``value`` a string."""
+    d = el.to_dict() if hasattr(el, "to_dict") else {
+        "ref": el.ref, "tag": el.tag, "text": el.text, "value": el.value, "classes": getattr(el, "classes", ""),
+        "id": getattr(el, "id", ""), "focused": bool(getattr(el, "focused", False))}
+    d["ref"] = int(el.ref)
+    d["text"] = str(el.text or "")
+    d["box"] = [int(round(v)) for v in el.box]
+    d["value"] = _value_str(d.get("value"))
+    return d
 
 
 def _norm(text: str | None) -> str:
@@ -111,7 +111,8 @@ def _norm(text: str | None) -> str:
 
 
 def _checked(el: Any) -> bool:
-    return _value_str(el.value).lower() == "true"
+    checked = getattr(el, "checked", None)
+    return bool(checked) if checked is not None else _value_str(el.value).lower() == "true"
 
 
 def _visible(el: Any, size: tuple[int, int]) -> bool:
@@ -360,19 +361,29 @@ SUPPORTED_TASKS = tuple(POLICIES)
 _DOM_ELEMENT_KEYS = ("tag", "text", "value", "checked", "selected", "focused", "visible", "box")
 
 
+def _takes_keys(tag: str) -> bool:
+    return tag.startswith("input") or tag in ("textarea", "select")
+
+
 def state_digest(screen: Any, *, done: bool, raw_reward: float) -> str:
-    """A hash of what a step changed: each element's tag/text/value/checked/selected/focus/visibility/box in DOM order +
-    MiniWoB's done flag and raw reward (refs left out: text nodes are renumbered every step)."""
-    dom_elements = (getattr(screen, "dom", None) or {}).get("elements")
-    if dom_elements:
-        items = [[el.get(k) for k in _DOM_ELEMENT_KEYS] for el in dom_elements]
+    """A hash of the state a step leads to. A finished episode is its raw reward alone (what is left on the page
+    after the end does not matter: clicking either of two equivalent buttons ends it the same). Otherwise each
+    element's tag/text/value/checked/selected/visibility/box in DOM order, and focus where it decides where
+    typing goes (inputs, textareas, selects; a clicked button's focus changes nothing). Refs are left out:
+    text nodes are renumbered every step."""
+    if done:
+        items: list = []
     else:
-        items = [[el.tag, el.text, _value_str(el.value), getattr(el, "checked", None), getattr(el, "selected", None),
-                  bool(getattr(el, "focused", False)), getattr(el, "visible", True), list(el.box)]
-                 for el in screen.elements]
-    for item in items:  # boxes as ints: sub-pixel layout noise is not a different state
-        if isinstance(item[-1], (list, tuple)):
-            item[-1] = [int(round(v)) for v in item[-1]]
+        dom_elements = (getattr(screen, "dom", None) or {}).get("elements")
+        if dom_elements:
+            items = [[el.get(k) for k in _DOM_ELEMENT_KEYS] for el in dom_elements]
+        else:
+            items = [[el.tag, el.text, _value_str(el.value), getattr(el, "checked", None),
+                      getattr(el, "selected", None), bool(getattr(el, "focused", False)),
+                      getattr(el, "visible", True), list(el.box)] for el in screen.elements]
+        for item in items:
+            item[5] = bool(item[5]) and _takes_keys(str(item[0]))
+            item[-1] = [int(round(v)) for v in item[-1]]  # sub-pixel layout noise is not a different state
     blob = json.dumps([bool(done), round(float(raw_reward), 4), items], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
 
