@@ -248,6 +248,13 @@ def test_build_rows(tmp_path):
     r0 = test_rows[0]
     assert r0["valid_actions"] == ["click(element=2)"] and r0["step"] == 0 and r0["elements"][0]["box"] == [2, 70, 40, 20]
     assert r0["messages"][-1]["role"] == "user"  # the prompt only
+    # the "secagent" prompt builder renders the same prompt from the row's pieces
+    from envs.gui.secagent import secagent_prompt
+
+    r1 = next(r for r in read_jsonl(out / "static_train.jsonl") if r["step"] == 1)
+    rebuilt = secagent_prompt(r1)
+    assert rebuilt[1]["content"][-1] == r1["messages"][1]["content"][-1]
+    assert r1["semantic_context"] == "Clicked OK." and r1["history_steps"][0]["action"] == "click(element=2)"
     assert len(read_jsonl(out / "static_test_none.jsonl")) == len(test_rows)
     assert all(len(r["images"]) == 1 for r in read_jsonl(out / "sft_none.jsonl"))
     # grounding: "Click the "OK" button." -> a click at the centre of its box, in the same step format

@@ -43,7 +43,9 @@ Rows (`build_rows`, the CLI ``python -m envs.gui build``), written next to each 
   modes): one row per step: ``messages`` (the prompt only, with the ORACLE's previous context and history:
   the static benchmark scores each step on the recorded screen, as AndroidLens' static evaluation does)
   + ``valid_actions``, ``elements``, ``action`` (the recorded one), ``episode_id``, ``step``, ``n_steps``,
-  ``task``, ``seed``, ``source``, ``history``, ``screen_size`` (+ ``images`` when built with images).
+  ``task``, ``seed``, ``source``, ``history``, ``screen_size`` (+ ``images`` when built with images), and the
+  prompt's pieces for the ``secagent`` prompt builder: ``instruction``, ``screen_text``, ``semantic_context``
+  (the oracle's context BEFORE the step), ``history_steps`` (the shown ones), ``history_k``.
 * ``stats.json``: counts per split and task, the split rule, the files written.
 """
 
@@ -400,6 +402,13 @@ def build_rows(
                         "episode_id": ep["episode_id"], "step": i, "n_steps": len(ep["steps"]),
                         "task": ep["task"], "seed": ep["seed"], "source": ep["source"], "history": mode,
                         "instruction": ep["instruction"], "screen_size": ep["screen_size"],
+                        # the pieces of the prompt, for the "secagent" prompt builder (envs.gui.secagent)
+                        "screen_text": texts[ep["episode_id"]][i],
+                        "semantic_context": ep["steps"][i - 1]["semantic_context"] if i > 0 else "",
+                        "history_steps": [{"screen_text": texts[ep["episode_id"]][j], "action": ep["steps"][j]["action"]}
+                                          | ({"screenshot": None} if images and history_images else {})
+                                          for j in _shown_steps(mode, i, history_k)],
+                        "history_k": history_k,
                         "action": step["action"], "valid_actions": step["valid_actions"],
                         "elements": [{k: el[k] for k in _STATIC_ELEMENT_KEYS if k in el} for el in step["elements"]],
                     }
