@@ -77,6 +77,7 @@ def record(
 ) -> dict:
     """Record the oracle on every (task, seeds) of `plan` into ``out/episodes.jsonl`` (+ ``out/screens``),
     resuming from what is there; returns the stats also written to ``out/record_stats.json``."""
+    from envs.gui.browser import BrowserCrashed
     from envs.gui.episodes import episode_id, read_episodes, write_episodes
     from envs.gui.oracle import MAX_CANDIDATES, POLICIES, OracleError, record_episode
 
@@ -109,10 +110,11 @@ def record(
                 try:
                     ep, c = record_episode(session, task, seed, screens_dir=out / "screens", screens_rel="screens",
                                            replay=replay, max_candidates=max_candidates or MAX_CANDIDATES)
-                except OracleError as e:
+                except (OracleError, BrowserCrashed) as e:
+                    # a crashed browser is restarted by the next reset: one lost episode, listed, not the run
                     ts["failed"] += 1
-                    stats["failures"].append({"task": task, "seed": seed, "reason": str(e)})
-                    log.warning("%s seed %d: oracle failed: %s", task, seed, e)
+                    stats["failures"].append({"task": task, "seed": seed, "reason": f"{type(e).__name__}: {e}"})
+                    log.warning("%s seed %d: %s: %s", task, seed, type(e).__name__, e)
                     continue
                 if not ep["success"]:
                     ts["failed"] += 1

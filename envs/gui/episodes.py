@@ -262,6 +262,9 @@ def describe_element(el: dict) -> str | None:
     are ``span.alink``)."""
     text = " ".join((el.get("text") or "").split())
     tag, classes = el.get("tag", ""), el.get("classes") or ""
+    ident = (el.get("id") or "").strip()
+    if tag in ("input_text", "input_password", "textarea") and ident.isalpha():
+        return f'the "{ident}" field'
     if not text or len(text) > 40:
         return None
     if tag == "button" or tag in ("input_button", "input_submit"):
