@@ -483,3 +483,58 @@ def test_env_screenshots_for_vlm_policies(env_pools):
     res = env.step([_T(0, out("wait()"))])
     assert len(res[0].images) == 2  # the previous screen's + the current one
     assert isinstance(res[0].message["content"], str) and "Previous screen" in res[0].message["content"]
+
+
+class _ClickTargetEngine:
+    """A rollout engine that reads the screen in the prompt and clicks the button the task names
+    (turn 0 of odd samples writes garbage first, to go through the corrective message)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.calls = tokenizer, 0
+
+    def generate(self, prompts, params, images=None):
+        import re
+
+        from rl.engines import Generation
+
+        self.calls += 1
+        out = []
+        for k, seq in enumerate(prompts):
+            text = self.tok.decode(seq)
+            if self.calls == 1 and k % 2 == 1:
+                reply = "I am not sure what to do</action>"
+            else:
+                target = re.findall(r'Click on the "([^"]*)" button', text)[-1]
+                screen = text[text.rindex("Current screen:"):]
+                ref = re.search(r'\[(\d+)\] button ' + re.escape(json.dumps(target)), screen).group(1)
+                reply = f"<context>clicking {target}</context>\n<thought>the task names it</thought>\n" \
+                        f"<action>click(element={ref})</action>"
+            assert reply.endswith(tuple(params.stop))  # the environment's stop string reached the engine
+            ids = self.tok(reply, add_special_tokens=False)["input_ids"]
+            out.append(Generation(ids, [-0.1] * len(ids), "stop", "</action>"))
+        return out
+
+    def session(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@live
+def test_env_through_the_multi_turn_loop(env_pools, tiny_tokenizer):
+    import envs.gui.env  # noqa: F401  (registers "miniwob")
+    from agents.multi_turn import multi_turn
+    from rl.engines import SamplingParams
+
+    rows = [{"task": "click-button", "seed": 21}, {"task": "click-button", "seed": 22}]
+    engine = _ClickTargetEngine(tiny_tokenizer)
+    trajs = multi_turn(engine, tiny_tokenizer, rows, params=SamplingParams(max_new_tokens=200), group_size=2,
+                       env="miniwob", env_kwargs={"pool_size": 2, "max_steps": 4})
+    assert len(trajs) == 4
+    for k, tr in enumerate(trajs):
+        info = tr.info
+        assert info["success"] and info["termination"] == "task_done", info
+        assert info["invalid"] == k % 2 and info["steps"] == 1 + k % 2 and info["turns"] == 1 + k % 2
+        assert len(info["input_tokens"]) == 1 + k % 2 and all(n > 50 for n in info["input_tokens"])
+    text = tiny_tokenizer.decode(trajs[1].response_ids)
+    assert "not a valid step" in text and "<|im_start|>user" in text  # the corrective message is a user turn

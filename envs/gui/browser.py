@@ -464,10 +464,11 @@ class MiniWobSession:
         if driver is None:
             return
         proc = getattr(driver.service, "process", None)
-        try:
-            driver.quit()  # a graceful quit first (~0.1 s): Chromium flushes nothing we need, but it is polite
-        except Exception:
-            pass
+        if proc is None or proc.poll() is None:  # (a dead chromedriver would only cost HTTP retries)
+            try:
+                driver.quit()  # a graceful quit first (~0.1 s): Chromium flushes nothing we need, but it is polite
+            except Exception:
+                pass
         if self.pgid is not None:
             self._kill_group(self.pgid)
             if proc is not None:
@@ -695,6 +696,10 @@ class MiniWobSession:
         screen = self.last
         if self.driver is None or screen is None:
             raise BrowserCrashed(f"MiniWoB browser {self.index} has no episode: reset it first")
+        proc = getattr(self.driver.service, "process", None)
+        if proc is not None and proc.poll() is not None:  # chromedriver is dead: fail now, not after HTTP retries
+            self.close()
+            raise BrowserCrashed(f"MiniWoB browser {self.index} failed: chromedriver exited ({proc.returncode})")
         info = {"valid": True, "error": None}
         if screen.dom.get("done"):
             info.update(valid=False, error="the episode is over")
