@@ -239,6 +239,8 @@ def test_build_rows(tmp_path):
     # the answer: the oracle's context, thought and action in the SecAgent format
     assert sft[1]["messages"][-1]["content"].startswith('<context>Clicked OK. Typed "hi".</context>')
     assert sft[1]["messages"][-1]["content"].rstrip().endswith('<action>type(text="hi")</action>')
+    # with images, clicks are written as points at the box centre (refs are not on a screenshot)
+    assert sft[0]["messages"][-1]["content"].rstrip().endswith("<action>click(x=22, y=80)</action>")
     # semantic history: the previous step's context is in the prompt, with one previous screen (+ its image)
     prompt_text = sft[1]["messages"][1]["content"][-1]["text"]
     assert "Clicked OK." in prompt_text and "click(element=2)" in prompt_text
@@ -265,6 +267,12 @@ def test_build_rows(tmp_path):
     # by default only the current screen is pictured
     build_rows(read_episodes(ep_dir / "episodes.jsonl"), episodes_dir=ep_dir, out_dir=tmp_path / "rows1", images=True)
     assert all(len(r["images"]) == 1 for r in read_jsonl(tmp_path / "rows1" / "sft.jsonl"))
+    # text rows: clicks by ref, in navigation and grounding rows alike
+    build_rows(read_episodes(ep_dir / "episodes.jsonl"), episodes_dir=ep_dir, out_dir=tmp_path / "rows2")
+    assert read_jsonl(tmp_path / "rows2" / "sft.jsonl")[0]["messages"][-1]["content"].rstrip().endswith(
+        "<action>click(element=2)</action>")
+    g2 = read_jsonl(tmp_path / "rows2" / "grounding.jsonl")
+    assert any(r["messages"][-1]["content"].rstrip().endswith("<action>click(element=2)</action>") for r in g2)
 
 
 # ----------------------------------------------------------------------------- adapters

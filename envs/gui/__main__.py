@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--images", action="store_true", help="rows carry the screenshots (VLM policies)")
     b.add_argument("--history-images", action="store_true",
                    help="with --images, also picture the shown history screens (default: the current screen only)")
+    b.add_argument("--click-format", default="auto", choices=("auto", "element", "point"),
+                   help="clicks in SFT / grounding answers: element refs or box-centre points (auto: points with "
+                        "--images, refs without)")
     b.add_argument("--heldout-tasks", default=",".join(DEFAULT_HELDOUT_TASKS))
     b.add_argument("--test-seed-min", type=int, default=DEFAULT_TEST_SEED_MIN)
     b.add_argument("--element-budget", type=int, default=None, help="max characters of a screen's element list")
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 episodes, episodes_dir=dirs.pop(), out_dir=args.out,
                 history_modes=[m.strip() for m in args.history_modes.split(",") if m.strip()],
                 history_k=args.history_k, images=args.images, history_images=args.history_images,
+                click_format=args.click_format,
                 heldout_tasks=[t.strip() for t in args.heldout_tasks.split(",") if t.strip()],
                 test_seed_min=args.test_seed_min, element_budget=args.element_budget)
             print(json.dumps({"episodes": stats["episodes"], "steps": stats["steps"], "files": stats["files"]}))

@@ -31,12 +31,15 @@ and 10 test seeds each; held-out types with any seeds -> all test).
 Rows (`build_rows`, the CLI ``python -m envs.gui build``), written next to each other in one folder:
 * ``sft.jsonl``: TRAIN steps only, SFT ``messages`` rows: the step prompt of G's
   `envs.gui.secagent.render_step_prompt` (instruction, screen text, the previous step's oracle semantic
-  context, history steps per the history mode) + the answer ``format_step_output(context, thought, action)``;
-  ``images`` when built with images: the step's screenshot, and with ``history_images`` also the shown
-  history screens' (oldest first; SecAgent's one history screenshot), as the prompt's image parts order them. ``sft_<mode>.jsonl`` for the other history
-  modes on request.
+  context, history steps per the history mode) + the answer ``format_step_output(context, thought, action)``
+  (clicks per ``click_format``, below); ``images`` when built with images: the step's screenshot, and with
+  ``history_images`` also the shown history screens' (oldest first; SecAgent's one history screenshot), as
+  the prompt's image parts order them. ``sft_<mode>.jsonl`` for the other history modes on request.
 * ``grounding.jsonl``: TRAIN screens only, Gr2Nav rows: "Click the <element description>." on the same
-  screen, answered in the same step format with ``click(x=cx, y=cy)`` at the element's box centre. Only
+  screen, answered in the same step format with the click written as the navigation rows write theirs:
+  ``click(x=cx, y=cy)`` at the element's box centre (``click_format`` "point", the default with images: a
+  policy reading screenshots cannot see refs) or ``click(element=ref)`` ("element", the default for text
+  rows; text fragments, which have no ref, are then left out). Only
   elements whose description is unique on their screen (an ambiguous "Click the OK button" has no single
   answer) and whose centre lies on the screen.
 * ``static_train.jsonl`` / ``static_test.jsonl`` (+ ``static_<split>_<mode>.jsonl`` for other history
@@ -330,6 +333,27 @@ def _step_images(ep: dict, i: int, history: str, history_k: int, episodes_dir: P
     return paths
 
 
+CLICK_FORMATS = ("auto", "element", "point")
+
+
+def answer_action(action: str, elements: Sequence[dict], click_format: str) -> str:
+    """The action as an SFT answer writes it: ``point`` turns ``click(element=r)`` into ``click(x=cx, y=cy)`` at
+    the centre of r's box (what a policy reading screenshots can write: refs are not on the image);
+    ``element`` keeps it. Other actions are unchanged."""
+    if click_format == "element":
+        return action
+    from envs.gui.actions import Action, format_action, parse_action
+
+    a = parse_action(action).action
+    if a is None or a.kind != "click" or a.element is None:
+        return action
+    el = next((e for e in elements if e["ref"] == a.element), None)
+    if el is None:
+        raise EpisodeError(f"action {action!r}: element {a.element} is not among the step's elements")
+    cx, cy = _centre(el["box"])
+    return format_action(Action(kind="click", x=cx, y=cy))
+
+
 def _default_thought(step: dict) -> str:
     return step.get("thought") or f"Next I do {step['action']}."
 
@@ -353,6 +377,7 @@ def build_rows(
     history_k: int = 1,
     images: bool = False,
     history_images: bool = False,
+    click_format: str = "auto",
     heldout_tasks: Sequence[str] = DEFAULT_HELDOUT_TASKS,
     test_seed_min: int = DEFAULT_TEST_SEED_MIN,
     grounding_per_screen: int = 4,
@@ -366,6 +391,10 @@ def build_rows(
 
     if not history_modes:
         raise EpisodeError("build: no history mode given")
+    if click_format not in CLICK_FORMATS:
+        raise EpisodeError(f"build: click_format must be one of {', '.join(CLICK_FORMATS)}, got {click_format!r}")
+    if click_format == "auto":
+        click_format = "point" if images else "element"
     for mode in history_modes:
         if mode not in HISTORY_MODES:
             raise EpisodeError(f"build: unknown history mode {mode!r} (known: {', '.join(HISTORY_MODES)})")
@@ -386,7 +415,8 @@ def build_rows(
             for i, step in enumerate(ep["steps"]):
                 msgs = _step_prompt(ep, i, texts[ep["episode_id"]], history=mode, history_k=history_k, image=images,
                                     history_images=history_images)
-                answer = format_step_output(step["semantic_context"], _default_thought(step), step["action"])
+                answer = format_step_output(step["semantic_context"], _default_thought(step),
+                                            answer_action(step["action"], step["elements"], click_format))
                 row = {"messages": [*msgs, {"role": "assistant", "content": answer}],
                        "id": f"{ep['episode_id']}/step{i}", "kind": "navigation", "task": ep["task"]}
                 if images:
@@ -431,12 +461,13 @@ def build_rows(
             for desc, el in named:
                 if kept >= grounding_per_screen:
                     break
-                if not desc or counts[desc] != 1:
+                if not desc or counts[desc] != 1 or (click_format == "element" and el["ref"] < 0):
                     continue
                 cx, cy = _centre(el["box"])
                 if not (0 <= cx < w and 0 <= cy < h):
                     continue
-                action = format_action(Action(kind="click", x=cx, y=cy))
+                action = (format_action(Action(kind="click", x=cx, y=cy)) if click_format == "point"
+                          else format_action(Action(kind="click", element=int(el["ref"]))))
                 instruction = f"Click {desc}."
                 img = _image_path(step, episodes_dir, out_dir) if images else None
                 if images and img is None:
@@ -476,6 +507,7 @@ def build_rows(
         "history_modes": list(history_modes),
         "images": images,
         "history_images": history_images,
+        "click_format": click_format,
         "files": files,
     }
     atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
