@@ -79,6 +79,21 @@ def test_render_elements_lines_and_filters():
     assert render_elements([e.to_dict() for e in els], 10_000) == text
 
 
+def test_render_elements_label_takes_its_fragments_text():
+    els = [
+        _el(3, "label", "", box=(2, 59, 51, 11), is_leaf=False),
+        _el(4, "input_checkbox", "", box=(6, 55, 20, 13), parent=3, checked=False),
+        _el(-1, "t", "blue", box=(30, 59, 20, 11), parent=3),
+        _el(5, "div", "", box=(0, 80, 160, 30), is_leaf=False),
+        _el(-2, "t", "plain text", box=(2, 80, 50, 11), parent=5),  # a layout div's fragment keeps its line
+    ]
+    assert render_elements(els).splitlines() == [
+        '[3] label "blue" box=(2,59,51,11)',
+        '[4] input_checkbox "" box=(6,55,20,13) unchecked',
+        '[-] t "plain text" box=(2,80,50,11)',
+    ]
+
+
 def test_render_elements_budget():
     els = [_el(i, "button", f"button number {i}", box=(0, i, 50, 10)) for i in range(1, 41)]
     full = render_elements(els, 100_000)
@@ -209,6 +224,13 @@ def test_enter_text_type_keys_and_submit(session):
     screen, _, _, _ = session.step(act('key(key="Backspace")'))
     screen, _, _, _ = session.step(act("key(Backspace)"))
     assert screen.element(field.ref).value == target
+    session.step(act('key(key="Ctrl+a")'))  # modifiers: select all, then typing replaces it
+    screen, _, _, _ = session.step(act('type(text="zz")'))
+    assert screen.element(field.ref).value == "zz"
+    session.step(act('key("Ctrl+a")'))
+    screen, _, _, _ = session.step(act(f'type(text="{target}")'))
+    assert screen.element(field.ref).value == target
+    assert json.loads(json.dumps(screen.dom)) == screen.dom  # the snapshot is JSON-safe
     session.step(act('key(key="Enter")'))
     assert session.driver.execute_script("return window.__keys;")[-1] == "Enter"
     submit = next(e for e in screen.elements if e.tag == "button")

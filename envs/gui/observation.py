@@ -15,7 +15,10 @@ Which elements get a line (in document order):
   - leaves, and containers (non-leaf elements) only when they carry text of their own; MiniWoB gives
     a container's own text as "t" fragments, which get lines of their own, so in practice a line is a
     leaf element or a fragment: the page's `body`, `#wrap`, `#area` and layout `div`s are left out;
-  - inputs, buttons, selects, textareas, links and SVG shapes always (a blank input is still a target).
+  - inputs, buttons, selects, textareas, links, labels and SVG shapes always (a blank input is still a
+    target); such a container without text of its own shows the text of its fragments, which then
+    get no line of their own (`<label><input type=checkbox>blue</label>` -> `[3] label "blue" ...` and
+    `[4] input_checkbox "" ... unchecked`).
 When the lines exceed `budget_chars`, the list is cut and ends with `... (N more elements)`; the whole
 text, that line included, stays within the budget (a budget too small for even that line gives only it).
 """
@@ -42,17 +45,41 @@ def _quote(text: str, max_text: int) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _visible(e: Any) -> bool:
+    box = _get(e, "box") or (0, 0, 0, 0)
+    return bool(_get(e, "visible", True)) and len(box) == 4 and box[2] > 0 and box[3] > 0
+
+
 def shown_elements(elements: Iterable[Any]) -> list[Any]:
-    """The elements that get a line (module docstring), in order."""
-    out = []
+    """The elements that get a line (module docstring), in order; a target container without text of its
+    own (`<label><input>name</label>`) takes the text of its fragments, which then get no line."""
+    elements = list(elements)
+    fragments: dict[int, list[Any]] = {}
     for e in elements:
-        box = _get(e, "box") or (0, 0, 0, 0)
-        if not _get(e, "visible", True) or len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+        if int(_get(e, "ref", 0) or 0) < 0 and _visible(e):
+            fragments.setdefault(int(_get(e, "parent", 0) or 0), []).append(e)
+    out, absorbed = [], set()
+    for e in elements:
+        if not _visible(e) or id(e) in absorbed:
             continue
         tag = str(_get(e, "tag", "")).lower()
-        if _get(e, "is_leaf", True) or str(_get(e, "text") or "").strip() or tag.split("_")[0] in _ALWAYS:
+        ref = int(_get(e, "ref", 0) or 0)
+        own = str(_get(e, "text") or "").strip()
+        if _get(e, "is_leaf", True) or own:
+            out.append(e)
+        elif tag.split("_")[0] in _ALWAYS:
+            frags = fragments.get(ref, []) if ref > 0 else []
+            if frags and not own:
+                absorbed.update(id(f) for f in frags)
+                e = _with_text(e, " ".join(str(_get(f, "text") or "") for f in frags))
             out.append(e)
     return out
+
+
+def _with_text(e: Any, text: str) -> dict:
+    d = dict(e) if isinstance(e, Mapping) else (e.to_dict() if hasattr(e, "to_dict") else dict(vars(e)))
+    d["text"] = text
+    return d
 
 
 def element_line(e: Any, max_text: int = 80) -> str:
