@@ -560,3 +560,28 @@ def test_env_through_the_multi_turn_loop(env_pools, tiny_tokenizer):
         assert len(info["input_tokens"]) == 1 + k % 2 and all(n > 50 for n in info["input_tokens"])
     text = tiny_tokenizer.decode(trajs[1].response_ids)
     assert "not a valid step" in text and "<|im_start|>user" in text  # the corrective message is a user turn
+
+
+@live
+def test_env_screenshots_through_the_loop_on_a_tiny_vlm(env_pools, tmp_path):
+    """Screens as images in the first prompt and in every step message, on the tiny Qwen2-VL (random policy:
+    every output is invalid, so each corrective message carries the current screenshot)."""
+    import torch
+    from tiny_vlm import save_tiny_qwen2_vl
+
+    import envs.gui.env  # noqa: F401
+    from agents.multi_turn import multi_turn
+    from rl.engines import HFEngine, SamplingParams
+    from rl.multimodal import load_pretrained_model, load_tokenizer_and_processor
+
+    path = save_tiny_qwen2_vl(tmp_path / "qwen2_vl")
+    tok, _ = load_tokenizer_and_processor(path)
+    model = load_pretrained_model(path, torch.float32, "sdpa").eval()
+    torch.manual_seed(0)
+    trajs = multi_turn(HFEngine(model, tok), tok, [{"task": "click-button", "seed": 2}],
+                       params=SamplingParams(max_new_tokens=6, temperature=1.0), group_size=1, env="miniwob",
+                       env_kwargs={"pool_size": 1, "max_steps": 2, "screenshots": True})
+    (tr,) = trajs
+    assert tr.info["termination"] == "max_steps" and tr.info["invalid"] == 2 and tr.info["turns"] == 2
+    assert len(tr.images) == 2 and tr.prompt_images == 1  # the first screen + the corrective message's screen
+    assert all(im.size == TASK_SIZE for im in tr.images)
