@@ -178,7 +178,10 @@ class MiniWobEnv(Environment):
     @classmethod
     def check(cls, chromium: str = "/usr/bin/chromium", chromedriver: str = "/usr/bin/chromedriver",
               history: str = "semantic", **_: Any) -> None:
-        """Chromium / chromedriver missing, or a bad history mode: one line, before any model loads."""
+        """MiniWoB++ / Chromium / chromedriver missing, or a bad history mode: one line, before any model loads."""
+        from rl.plugins import require
+
+        require("miniwob", "selenium", extra="gui", plugin="envs.gui")
         missing = browser_missing(chromium, chromedriver)
         if missing:
             raise FileNotFoundError(missing)
