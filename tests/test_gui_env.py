@@ -4,6 +4,7 @@ leaked browser processes (normal close, an exception, a SIGKILLed owner), crashe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -26,7 +27,8 @@ from envs.gui.browser import (
 )
 from envs.gui.observation import render_elements
 
-MISSING = browser_missing()
+MISSING = browser_missing() or next((f"{m} is not installed (pip install -e '.[gui]')" for m in ("miniwob", "selenium")
+                                     if importlib.util.find_spec(m) is None), None)
 live = pytest.mark.skipif(MISSING is not None, reason=f"no browser: {MISSING}")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
