@@ -287,6 +287,20 @@ def test_scroll_textarea_to_the_end(session):
 
 
 @live
+def test_scroll_is_seen_in_the_next_screen(session):
+    """The wheel is handled a frame later: the step waits for it (a textarea of scroll-text, a select list)."""
+    for task in ("scroll-text", "click-scroll-list"):
+        screen = session.reset(task, 1)
+        area = next(e for e in screen.elements if e.scroll is not None)
+        assert area.scroll[0] == 0 and area.scroll[1] > 0
+        screen, _, _, info = session.step(act("scroll(down)"))
+        top = screen.element(area.ref).scroll[0]
+        assert info["valid"] and 0 < top <= area.scroll[1], (task, top)
+        screen, _, _, _ = session.step(act(f'scroll(direction="up", element={area.ref})'))
+        assert screen.element(area.ref).scroll[0] < top
+
+
+@live
 def test_wait_terminate_and_invalid_actions(session):
     screen = session.reset("click-button", 6)
     n = len(screen.elements)

@@ -211,6 +211,14 @@ return out;
 """
 
 
+# how far everything under a point is scrolled (the element there, its ancestors and the page)
+_SCROLLED_JS = """
+var s = window.scrollY;
+for (var el = document.elementFromPoint(arguments[0], arguments[1]); el; el = el.parentElement) s += el.scrollTop;
+return s;
+"""
+
+
 def _box(raw: dict) -> tuple[int, int, int, int]:
     left, top = float(raw.get("left") or 0), float(raw.get("top") or 0)
     right, bottom = left + float(raw.get("width") or 0), top + float(raw.get("height") or 0)
@@ -382,7 +390,7 @@ class MiniWobSession:
     def __init__(self, *, screenshots: bool = True, chromium: str = "/usr/bin/chromium",
                  chromedriver: str = "/usr/bin/chromedriver", wait_seconds: float = 0.5,
                  command_timeout: float = 30.0, episode_seconds: float = 3600.0, max_type_chars: int = 200,
-                 data_mode: str = "train", index: int = 0):
+                 scroll_settle: float = 0.5, data_mode: str = "train", index: int = 0):
         self.screenshots = screenshots
         self.chromium, self.chromedriver = chromium, chromedriver
         self.wait_seconds = wait_seconds
@@ -391,6 +399,7 @@ class MiniWobSession:
         # CPU policy step. The page timer is set to this instead; environments bound episodes themselves.
         self.episode_seconds = episode_seconds
         self.max_type_chars = max_type_chars
+        self.scroll_settle = scroll_settle
         self.data_mode = data_mode
         self.index = index
         self.driver = None
@@ -681,7 +690,17 @@ class MiniWobSession:
                 return target
             (x, y), height = target
             amount = max(50, int(0.8 * height)) * (1 if a.direction == "down" else -1)
+            before = d.execute_script(_SCROLLED_JS, x, y)
             sa.execute_scroll_coords(x, y, amount, 0, d)
+            # the wheel is handled asynchronously (a frame or more later): wait until the scroll position
+            # under the point moves and settles, at most `scroll_settle` seconds (an element at its end never moves)
+            deadline, last = time.monotonic() + self.scroll_settle, before
+            while time.monotonic() < deadline:
+                time.sleep(0.025)
+                now = d.execute_script(_SCROLLED_JS, x, y)
+                if now != before and now == last:
+                    break
+                last = now
             return None
         if a.kind == "wait":
             time.sleep(self.wait_seconds)

@@ -88,7 +88,8 @@ def element_line(e: Any, max_text: int = 80) -> str:
     tag = str(_get(e, "tag", "")).lower()
     parts = [f"[{ref}]" if ref > 0 else "[-]", tag or "?", _quote(_get(e, "text") or "", max_text)]
     value = _get(e, "value")
-    if value not in (None, "") and _get(e, "checked") is None:
+    # (a textarea's text is its initial content: its value is worth a second copy only once it differs)
+    if value not in (None, "") and _get(e, "checked") is None and str(value) != str(_get(e, "text") or ""):
         parts.append(f"value={_quote(value, max_text)}")
     l, t, w, h = (int(v) for v in _get(e, "box"))
     parts.append(f"box=({l},{t},{w},{h})")
