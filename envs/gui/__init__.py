@@ -8,4 +8,4 @@ every valid action) and `python -m envs.gui build` (SFT, grounding and static-be
 The browser is Debian's chromium + chromium-driver (`make browser`); miniwob is the `gui` extra.
 """
 
-from envs.gui import env, metrics, rewards, secagent  # noqa: F401  (registrations)
+from envs.gui import env, live, metrics, rewards, secagent  # noqa: F401  (registrations)
