@@ -26,9 +26,11 @@ pay for a reset + replay; the page is also replayed when the MiniWoB episode clo
 This assumes a click that changes nothing in the digest changed nothing the task reads (JS state that never
 shows in the DOM); no supported family has such state. Steps whose action is not a click (type, key) have
 only their own action: ``type`` writes into the focused field, so the target field is the previous click's
-choice, not this step's. If replaying the oracle's own click does not reproduce its recorded next state (a
-page that is not deterministic), the step keeps only the oracle action and says so
-(``valid_actions_source: "oracle"`` instead of ``"replay"``).
+choice, not this step's. If replaying the oracle's own click does not reproduce its recorded next state, the step
+is tried once more from freshly loaded pages (email-inbox keeps state across the episodes of one page
+load, so the first episode after a load differs from later ones); if that does not reproduce it either,
+the step keeps only the oracle action and says so (``valid_actions_source: "oracle"`` instead of
+``"replay"``; `record` counts these steps).
 """
 
 from __future__ import annotations
@@ -334,6 +336,69 @@ def _click_button_sequence(screen, memory):
                   f"Clicked button {label}.")
 
 
+def _email_icon(icon: str, verb: str) -> Callable:
+    """email-inbox-delete / -important: the `icon` ("trash" / "star") in the row of the sender's email;
+    scroll down when the sender is not on the screen yet."""
+
+    def policy(screen, memory):
+        sender = _fields(screen).get("by", "")
+        rows = [e for e in screen.elements if "email-sender" in (e.classes or "") and _norm(e.text) == _norm(sender)
+                and getattr(e, "visible", True)]
+        if not rows:
+            memory["scrolls"] = memory.get("scrolls", 0) + 1
+            if memory["scrolls"] > 6:
+                raise OracleError(f"{screen.task} seed {screen.seed}: no email by {sender!r}")
+            return Decision(Action(kind="scroll", direction="down"),
+                            f"No email by {sender} on the screen; I scroll down.", "Scrolled down the inbox.")
+        top = rows[0].box[1]
+        icons = [e for e in screen.elements if icon in (e.classes or "").split() and getattr(e, "visible", True)
+                 and top - 2 <= e.box[1] <= top + rows[0].box[3] + 6]
+        el = _one(icons, f"{icon} icon of the email by {sender!r}", screen)
+        return _click(el, f"The email by {sender} has a {icon} icon on its row; I click it.",
+                      f"Clicked the {icon} icon of the email by {sender} to {verb}.")
+
+    return policy
+
+
+def _email_compose(kind: str) -> Callable:
+    """email-inbox-reply / -forward: open the sender's email, press Reply / Forward, fill the reply text /
+    the recipient, send. Stateless over the DOM: each screen shows which of these stages the page is in."""
+    field_id, send_class, value_key = (("reply-text", "send-reply", "message") if kind == "reply"
+                                       else ("forward-sender", "send-forward", "to"))
+
+    def policy(screen, memory):
+        f = _fields(screen)
+        shown = [e for e in screen.elements if getattr(e, "visible", True)]
+        field_el = next((e for e in shown if e.id == field_id or field_id in (e.classes or "").split()), None)
+        if field_el is not None:  # the compose form
+            name = "the reply text" if kind == "reply" else "the recipient field"
+            step = _fill(field_el, f.get(value_key, ""), name)
+            if step is not None:
+                return step
+            send = _one([e for e in shown if e.id == send_class or send_class in (e.classes or "").split()],
+                        "send button", screen)
+            return _click(send, "The message is ready; I press send.", "Clicked send.")
+        label = [e for e in shown if _norm(e.text) == kind.capitalize()]
+        if label and any("email-body" in (e.classes or "") for e in shown):  # the email is open
+            # the button is the icon above its label (a click on the small label does not always reach it)
+            lx = label[0].box[0] + label[0].box[2] / 2
+            icons = [e for e in shown if "icon" in (e.classes or "").split() and e.box[1] < label[0].box[1]
+                     and e.box[0] <= lx <= e.box[0] + e.box[2]]
+            return _click(icons[0] if icons else label[0], f"The email is open; I press {kind.capitalize()}.",
+                          f"Clicked {kind.capitalize()}.")
+        sender = f.get("by", "")
+        rows = [e for e in shown if "email-sender" in (e.classes or "") and _norm(e.text) == _norm(sender)]
+        if not rows:
+            memory["scrolls"] = memory.get("scrolls", 0) + 1
+            if memory["scrolls"] > 6:
+                raise OracleError(f"{screen.task} seed {screen.seed}: no email by {sender!r}")
+            return Decision(Action(kind="scroll", direction="down"),
+                            f"No email by {sender} on the screen; I scroll down.", "Scrolled down the inbox.")
+        return _click(rows[0], f"I open the email by {sender}.", f"Opened the email by {sender}.")
+
+    return policy
+
+
 POLICIES: dict[str, Callable[[Any, dict], Decision]] = {
     "click-button": _click_by_label("button"),
     "click-link": _click_by_label("link"),
@@ -351,6 +416,10 @@ POLICIES: dict[str, Callable[[Any, dict], Decision]] = {
     "click-dialog": _click_dialog,
     "click-dialog-2": _click_dialog_2,
     "click-button-sequence": _click_button_sequence,
+    "email-inbox-delete": _email_icon("trash", "delete it"),
+    "email-inbox-important": _email_icon("star", "mark it as important"),
+    "email-inbox-reply": _email_compose("reply"),
+    "email-inbox-forward": _email_compose("forward"),
 }
 SUPPORTED_TASKS = tuple(POLICIES)
 
@@ -462,6 +531,51 @@ def _candidates(screen: Any, target: Any, size: tuple[int, int], limit: int) -> 
     return out
 
 
+def _reload_page(session: Any) -> None:
+    """Make the session's next reset load the task page afresh (`MiniWobSession` loads it only when the task
+    changes, and remembers which one it has in `_loaded_task`)."""
+    if hasattr(session, "_loaded_task"):
+        session._loaded_task = None
+
+
+def _try_candidates(session, task, seed, rec, i, size, max_candidates, clock_limit, counters, *, fresh: bool):
+    """(valid action texts, whether the oracle's own click reproduced its recorded next state) for step i."""
+    decision = rec.decisions[i]
+    at_step, clock = False, 0.0
+    valid, own_ok = [], False
+
+    def goto() -> None:
+        nonlocal at_step, clock
+        if fresh:
+            _reload_page(session)
+        s = session.reset(task, seed)
+        for a in rec.executed[:i]:
+            s, _, _, _ = session.step(a)
+        counters["replays"] += 1
+        if state_digest(s, done=False, raw_reward=0.0) != rec.pre[i]:
+            raise _NotReplayable()
+        at_step, clock = True, time.monotonic()
+
+    try:
+        for el in _candidates(rec.screens[i], decision.target, size, max_candidates):
+            if not at_step or time.monotonic() - clock > clock_limit:
+                goto()
+            x, y = _centre(el.box)
+            nxt, reward, done, info = session.step(Action(kind="click", x=x, y=y))
+            counters["candidates"] += 1
+            d = state_digest(nxt, done=done, raw_reward=_raw_reward(reward, info))
+            if d == rec.post[i]:
+                # text nodes have negative refs, which the action format does not take: their valid
+                # click is the point at their centre (matching takes the smallest box holding it)
+                valid.append(format_action(Action(kind="click", element=int(el.ref)) if el.ref >= 0
+                                           else Action(kind="click", x=x, y=y)))
+                own_ok = own_ok or el is decision.target
+            at_step = d == rec.pre[i]
+    except _NotReplayable:
+        return [], False
+    return valid, own_ok
+
+
 def valid_actions_by_replay(
     session: Any, task: str, seed: int, rec: _Recorded, *, max_candidates: int = MAX_CANDIDATES
 ) -> tuple[list[list[str]], list[str], dict]:
@@ -478,37 +592,13 @@ def valid_actions_by_replay(
             continue
         screen = rec.screens[i]
         size = _screen_size(screen)
-        at_step = False
-        clock = 0.0
-
-        def goto() -> None:
-            nonlocal at_step, clock
-            s = session.reset(task, seed)
-            for a in rec.executed[:i]:
-                s, _, _, _ = session.step(a)
-            counters["replays"] += 1
-            if state_digest(s, done=False, raw_reward=0.0) != rec.pre[i]:
-                raise _NotReplayable()
-            at_step, clock = True, time.monotonic()
-
-        valid, own_ok = [], False
-        try:
-            for el in _candidates(screen, decision.target, size, max_candidates):
-                if not at_step or time.monotonic() - clock > clock_limit:
-                    goto()
-                x, y = _centre(el.box)
-                nxt, reward, done, info = session.step(Action(kind="click", x=x, y=y))
-                counters["candidates"] += 1
-                d = state_digest(nxt, done=done, raw_reward=_raw_reward(reward, info))
-                if d == rec.post[i]:
-                    # text nodes have negative refs, which the action format does not take: their valid
-                    # click is the point at their centre (matching takes the smallest box holding it)
-                    valid.append(format_action(Action(kind="click", element=int(el.ref)) if el.ref >= 0
-                                               else Action(kind="click", x=x, y=y)))
-                    own_ok = own_ok or el is decision.target
-                at_step = d == rec.pre[i]
-        except _NotReplayable:
-            own_ok = False
+        valid, own_ok = _try_candidates(session, task, seed, rec, i, size, max_candidates, clock_limit, counters,
+                                        fresh=False)
+        if not own_ok:
+            # pages that keep state across episodes (a reply box's text, an opened email) differ between the
+            # first episode on a freshly loaded page and later ones: try once more from fresh page loads
+            valid, own_ok = _try_candidates(session, task, seed, rec, i, size, max_candidates, clock_limit,
+                                            counters, fresh=True)
         if own_ok:
             valid_all.append(valid)
             sources.append("replay")
