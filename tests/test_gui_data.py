@@ -66,9 +66,10 @@ class ToyPage:
     """click-button-like page: two "OK" buttons (both solve it), "Cancel" (fails), plain text (a no-op).
     Counts resets so tests can check the replay cost bound."""
 
-    def __init__(self):
+    def __init__(self, target: str = "OK"):
         self.resets = 0
         self.state = None
+        self.target = target
 
     def _screen(self):
         st = self.state
@@ -77,9 +78,9 @@ class ToyPage:
                El(2, "button", "OK", (2, 70, 40, 20)),
                El(3, "button", "OK", (50, 70, 40, 20)),
                El(4, "button", "Cancel", (100, 70, 50, 20))]
-        dom = {"done": st["done"], "reward": st["reward"], "fields": {"target": "OK"}}
-        return Scr("click-button", self.seed, 'Click on the "OK" button.', els,
-                   Image.new("RGB", (160, 210), "white"), {"target": "OK"}, dom)
+        dom = {"done": st["done"], "reward": st["reward"], "fields": {"target": self.target}}
+        return Scr("click-button", self.seed, f'Click on the "{self.target}" button.', els,
+                   Image.new("RGB", (160, 210), "white"), {"target": self.target}, dom)
 
     def reset(self, task, seed):
         self.resets += 1
@@ -357,6 +358,35 @@ def test_multichoice_adapter(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(EpisodeError, match=r"bad.json episode #0 episode 'lens-1' step 1 action 0: unknown action type 'swipe'"):
         load_multichoice(tmp_path / "bad.json", tmp_path / "out5")
+
+
+def test_record_resumes_and_lists_failures(tmp_path):
+    from envs.gui.__main__ import record
+
+    out = tmp_path / "eps"
+    stats = record([("click-button", [0, 1])], out, session=ToyPage())
+    assert stats["episodes"] == 2 and stats["tasks"]["click-button"]["valid_actions"] == 4
+    page = ToyPage()
+    stats = record([("click-button", [0, 1, 2])], out, session=page)
+    assert stats["resumed"] == 2 and stats["tasks"]["click-button"]["recorded"] == 1
+    assert page.resets == 4  # only seed 2 was played (1 recording reset + 3 replays)
+    stats = record([("click-button", [5])], out, session=ToyPage(target="Nope"))
+    assert stats["failures"] == [{"task": "click-button", "seed": 5,
+                                  "reason": "OracleError: click-button seed 5: no button 'Nope' on the screen"}]
+    assert [e["seed"] for e in read_episodes(out / "episodes.jsonl")] == [0, 1, 2]
+    assert json.loads((out / "record_stats.json").read_text())["failures"][0]["seed"] == 5
+
+
+def test_convert_cli(tmp_path, capsys):
+    from envs.gui.__main__ import main
+
+    (tmp_path / "lens.json").write_text(json.dumps([{"id": 1, "goal": "Go", "screen_size": [100, 200],
+                                                     "steps": [{"actions": [{"type": "wait"}]}]}]))
+    assert main(["convert", "androidlens", str(tmp_path / "lens.json"), "--out", str(tmp_path / "o")]) == 0
+    assert read_episodes(tmp_path / "o" / "episodes.jsonl")[0]["steps"][0]["valid_actions"] == ["wait()"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": 1, "goal": "Go", "steps": [{"actions": [{"type": "wait"}]}]}]))
+    assert main(["convert", "androidlens", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o2")]) == 1
+    assert "bad.json episode #0 episode 1 step 0: no screen size" in capsys.readouterr().err
 
 
 def test_parse_seeds():
