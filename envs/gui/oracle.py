@@ -7,6 +7,17 @@ is clicked (when not focused) or typed into (when focused), a checkbox whose sta
 the submit button. Each decision carries a short thought and a note for the running *semantic context*
 ("Typed "karrie" into the username field."), the SecAgent step's summary the SFT rows teach.
 
+Supported families (`SUPPORTED_TASKS`): one screen: click-button, click-link, click-tab, click-dialog,
+click-dialog-2, focus-text, focus-text-2, email-inbox-delete, email-inbox-important; several steps:
+click-button-sequence (2), click-option (2), click-tab-2 (2-3: open tabs until the link shows),
+click-checkboxes(-large) (one click per checkbox to change + Submit), enter-text, enter-text-2 (3),
+login-user, enter-password (5), email-inbox-reply, email-inbox-forward (5: open, press, click the field,
+type, send). Measured on this machine (2 shared cores, `nice`): the default record set (8 task types x 40
+seeds + 3 held-out types x 20 seeds, 380 episodes, 847 steps) took 17 minutes with replay, 0 failures,
+0 steps without a replay; about 1 s per single-screen episode, 5 s for login-user, 7 s for click-checkboxes
+(every checkbox click changes the page, so each candidate pays a replay), 35-50 s for
+click-checkboxes-large.
+
 **Execution.** A click on an element is recorded as ``click(element=ref)`` but executed as a click at the
 centre of the element's box (integer pixels, origin top-left): what a policy clicking by point does, and
 what the static benchmark checks (a point inside a valid box). Text nodes (MiniWoB ``t`` pseudo-elements)
