@@ -8,9 +8,9 @@ from __future__ import annotations
 import datasets
 
 from envs.gui.episodes import DEFAULT_HELDOUT_TASKS, DEFAULT_TEST_SEED_MIN, split_episodes
-from rl.data import DataError, register_dataset
+from rl.data import DataError, register_dataset, register_prompt_builder
 
-__all__ = ["miniwob_tasks"]
+__all__ = ["miniwob_task_prompt", "miniwob_tasks"]
 
 
 @register_dataset("miniwob_tasks")
@@ -37,3 +37,13 @@ def miniwob_tasks(split: str = "train", tasks: list[str] | None = None, seeds: l
         raise DataError(f"miniwob_tasks: no {split} rows for tasks {tasks} and seeds {seeds} (held out: {held}, "
                         f"test seeds >= {test_seed_min})")
     return datasets.Dataset.from_list(chosen)
+
+
+@register_prompt_builder("miniwob_task")
+def miniwob_task_prompt(row: dict) -> list[dict]:
+    """The recipe-level prompt of a live row. The `miniwob` environment writes each episode's real first
+    prompt itself at reset (the instruction and the screen exist only once the page is loaded), so this
+    one only names the row: the trainer builds it up front to check the data, and logs show it."""
+    if "task" not in row or "seed" not in row:
+        raise DataError(f"miniwob_task prompt: the row needs 'task' and 'seed' (columns: {sorted(row)})")
+    return [{"role": "user", "content": f"MiniWoB++ task {row['task']} (seed {row['seed']})"}]
