@@ -35,6 +35,8 @@ Rows (`build_rows`, the CLI ``python -m envs.gui build``), written next to each 
   (clicks per ``click_format``, below); ``images`` when built with images: the step's screenshot, and with
   ``history_images`` also the shown history screens' (oldest first; SecAgent's one history screenshot), as
   the prompt's image parts order them. ``sft_<mode>.jsonl`` for the other history modes on request.
+* ``sft_gr2nav.jsonl``: ``sft.jsonl`` (default history mode) + ``grounding.jsonl``, shuffled (seed 0): the
+  Stage-1 SFT set of ``recipes/gui_sft.yaml``.
 * ``grounding.jsonl``: TRAIN screens only, Gr2Nav rows: "Click the <element description>." on the same
   screen, answered in the same step format with the click written as the navigation rows write theirs:
   ``click(x=cx, y=cy)`` at the element's box centre (``click_format`` "point", the default with images: a
@@ -57,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -483,6 +486,11 @@ def build_rows(
                 grounding.append(row)
                 kept += 1
     write("grounding.jsonl", grounding)
+    # SecAgent's Stage-1 mix (navigation steps + Gr2Nav grounding) as one SFT file, interleaved by a fixed
+    # seed: an SFT recipe reads one `data.train`, and a run cut short still saw both kinds
+    mix = [json.loads(line) for line in (out_dir / "sft.jsonl").read_text().splitlines()] + grounding
+    random.Random(0).shuffle(mix)
+    write("sft_gr2nav.jsonl", mix)
 
     def per_task(split: list[dict]) -> dict:
         c: dict[str, dict] = {}
