@@ -22,8 +22,10 @@ component updates, sync and extensions are off.
 Process hygiene (nothing survives close, an exception, or the death of the owning Python process):
   - chromedriver starts in a NEW SESSION (`start_new_session=True`), so it and every Chromium process it
     starts (browser, zygotes, renderers, GPU and utility processes) share one process group;
-    Chromium's crash handler (crashpad), which daemonises into a session of its own, is turned off
-    (`--disable-crashpad-for-testing`, verified: nothing else leaves the group);
+    Chromium's crash handler (crashpad) daemonises into a session of its own, outside the group: its
+    database is pointed into the session's temporary profile, so the profile path is on its command line
+    and `close()` and the watchdog find and kill it there (`--disable-crashpad-for-testing` would keep it
+    from starting, but with it this Chromium's renderers hang);
   - `close()` asks chromedriver to quit, then SIGKILLs the whole group (quit alone leaves the zygotes
     alive for seconds), reaps chromedriver and removes the session's temporary profile directory;
   - a watchdog process (one per Python process, started with the first browser) holds the read end of
