@@ -23,6 +23,7 @@ their log-probs under the same renormalised distribution (for HR@K-style evaluat
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import re
@@ -34,7 +35,7 @@ import torch
 from rl.common import UserError
 
 __all__ = ["ConstraintError", "TokenTrie", "allowed_mask", "mask_logits", "constrained_logprobs", "allowed_rows",
-           "TrieLogitsProcessor", "constrained_beam_search", "is_function_spec", "load_constraint", "explicit_generation_config",
+           "TrieLogitsProcessor", "constrained_beam_search", "constrained_beam_searches", "is_function_spec", "load_constraint", "explicit_generation_config",
            "vllm_allowed_ids", "vllm_extra_args", "vllm_logits_processor"]
 
 
@@ -331,48 +332,47 @@ def constrained_beam_search(model, tokenizer_or_pad_id, prompts: list[list[int]]
     gives). Beam search is exact (the true top-k) when `k` is at least the number of distinct
     prefixes at every depth; otherwise it is the usual approximation. `k` must not exceed the
     number of allowed sequences. `max_new_tokens` defaults to the trie's longest sequence."""
-    pad_id = tokenizer_or_pad_id if isinstance(tokenizer_or_pad_id, int) else tokenizer_or_pad_id.pad_token_id
-    if pad_id is None:
-        pad_id = trie.eos_ids[0]
-    if not 1 <= k <= trie.num_sequences:
-        raise ValueError(f"{trie.name}: beam search k={k} must be in [1, {trie.num_sequences}] (the number of "
-                         f"sequences the constraint allows)")
-    max_new = trie.max_len if max_new_tokens is None else max_new_tokens
-    if max_new < trie.max_len:
-        raise ValueError(f"{trie.name}: max_new_tokens={max_new} is shorter than its longest sequence "
-                         f"({trie.max_len} tokens with the eos): those could never complete")
-    if any(len(p) == 0 for p in prompts):
+    return [constrained_beam_searches(model, tokenizer_or_pad_id, p, [(trie, k)], max_new_tokens, renormalize)[0]
+            for p in prompts]
+
+
+def constrained_beam_searches(model, tokenizer_or_pad_id, prompt: list[int], searches: Sequence[tuple[TokenTrie, int]],
+                              max_new_tokens: int | None = None,
+                              renormalize: bool = True) -> list[list[tuple[list[int], float]]]:
+    """Several beam searches after one prompt, which is run through the model once: each `(trie, k)` of
+    `searches` continues its own copy of the prompt's KV cache (e.g. a recommender's top-K over every
+    item and an exact ranking of a row's candidates). One result per search, as `constrained_beam_search`."""
+    if len(prompt) == 0:
         raise ValueError("constrained_beam_search: empty prompt (every prompt needs at least one token)")
+    for trie, k in searches:
+        if not 1 <= k <= trie.num_sequences:
+            raise ValueError(f"{trie.name}: beam search k={k} must be in [1, {trie.num_sequences}] (the number of "
+                             f"sequences the constraint allows)")
+        max_new = trie.max_len if max_new_tokens is None else max_new_tokens
+        if max_new < trie.max_len:
+            raise ValueError(f"{trie.name}: max_new_tokens={max_new} is shorter than its longest sequence "
+                             f"({trie.max_len} tokens with the eos): those could never complete")
     device = next(model.parameters()).device
-    out = []
     was_training = model.training
     model.eval()
     try:
-        for p in prompts:  # one prompt per call: no padding, so the scores are exactly the forward's
-            out.append(_beam_search_one(model, p, trie, k, max_new, renormalize, device))
+        with torch.no_grad():
+            # the last position's logits only: the others' [len(prompt), vocab] head output is never read
+            out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+        results = []
+        for j, (trie, k) in enumerate(searches):
+            cache = out.past_key_values if j == len(searches) - 1 else copy.deepcopy(out.past_key_values)
+            max_new = trie.max_len if max_new_tokens is None else max_new_tokens
+            results.append(_beam_search_one(model, cache, out.logits[:, -1, :].float(), trie, k, max_new,
+                                            renormalize, device))
     finally:
         model.train(was_training)
-    return out
+    return results
 
 
 @torch.no_grad()
-def _beam_search_one(model, prompt: list[int], trie: TokenTrie, k: int, max_new: int, renormalize: bool,
+def _beam_search_one(model, cache, logits: torch.Tensor, trie: TokenTrie, k: int, max_new: int, renormalize: bool,
                      device) -> list[tuple[list[int], float]]:
-    """Beam search over the trie with the prompt run through the model once.
-
-    Hand-written rather than transformers' `generate(num_beams=k)`: that copies the prompt k times
-    before the first forward, so a top-20 search over a 3-token item code spent ~95% of its time
-    re-reading the same prompt 20 times (9 s per prompt for SmolLM2 on 2 cores). Here the prompt is
-    prefilled once, its KV cache is indexed out to the live beams (`reorder_cache`, an index_select
-    on the batch dimension), and each step forwards one token per beam; all beams have the same
-    length, so nothing is padded and the scores are the teacher-forced forward's.
-
-    Each step expands every live beam by every id the trie allows; an expansion by an eos id that
-    completes a sequence is a finished hypothesis, the best `k` of the others are the next beams.
-    Scores only decrease as tokens are added (log-probs <= 0), so the search stops once `k`
-    finished hypotheses all score at least the best live beam: none could still overtake them."""
-    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :].float()
     beams: list[tuple[list[int], float, _Node]] = [([], 0.0, trie.root)]
     finished: list[tuple[list[int], float]] = []
     for _ in range(max_new):

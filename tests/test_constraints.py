@@ -352,6 +352,21 @@ def test_beam_search_raw_scores_and_fewer_beams(tiny):
         constrained_beam_search(model, tok, [prompt], small, k=2, max_new_tokens=3)
 
 
+def test_several_searches_share_one_prefill(tiny, trie):
+    """`beam_searches` runs the prompt once and each search from its own copy of the KV cache: the results
+    equal separate searches (the first search's beams must not leak into the second's cache)."""
+    from rl.engines import HFEngine
+
+    model, tok = tiny
+    small = TokenTrie([[a, b, c] for a in (40, 41) for b in (50, 51) for c in (60, 61)], [EOS])
+    engine = HFEngine(model, tok)
+    for prompt in prompts_of(2, seed=9):
+        both = engine.beam_searches(prompt, [(trie, 5), (small, 8), (trie, 9)])
+        assert both[0] == engine.beam_search([prompt], trie, k=5)[0]
+        assert both[1] == engine.beam_search([prompt], small, k=8)[0]
+        assert both[2] == engine.beam_search([prompt], trie, k=9)[0]
+
+
 # ----------------------------------------------------------------------------- generation_config
 
 

@@ -186,9 +186,22 @@ def negrec_topk(
             raise NegrecAgentError(f"negrec_topk: row {first_group_id + i}: the prompt has images; this agent is "
                                    "text-only")
         prompts.append(ids)
-    beams = engine.beam_search(prompts, cat.trie, k)
+    # the candidates' tries first (they name the row in their errors), then the searches: one prefill per
+    # prompt for the top-K and the pick when the engine can share it (HFEngine.beam_searches)
+    cand_tries: list = []
+    for i, row in enumerate(rows):
+        cands = [str(c) for c in row.get("candidates") or ()]
+        cand_tries.append(cat.candidate_trie(cands, name=f"candidates of row {first_group_id + i}") if pick
+                          else (None, 0))
+    shared = callable(getattr(engine, "beam_searches", None))
+    if shared:
+        results = [engine.beam_searches(p, [(cat.trie, k)] + ([(t, t.num_sequences)] if t is not None else []))
+                   for p, (t, _) in zip(prompts, cand_tries)]
+    else:
+        results = [[b] for b in engine.beam_search(prompts, cat.trie, k)]
     samples = []
-    for i, (row, prompt, row_beams) in enumerate(zip(rows, prompts, beams)):
+    for i, (row, prompt, res) in enumerate(zip(rows, prompts, results)):
+        row_beams = res[0]
         topk = [cat.decode(tokenizer, seq) for seq, _ in row_beams]
         info: dict[str, Any] = {
             "topk": topk, "k": k, "invalid": sum(t is None for t in topk) + max(0, k - len(topk)),
@@ -196,11 +209,10 @@ def negrec_topk(
             "turns": 1, "finish_reason": "beam",
         }  # fmt: skip
         if pick:
-            cands = [str(c) for c in row.get("candidates") or ()]
-            trie, unknown = cat.candidate_trie(cands, name=f"candidates of row {first_group_id + i}")
+            trie, unknown = cand_tries[i]
             info["candidates_unknown"] = unknown
             if trie is not None:
-                best = engine.beam_search([prompt], trie, trie.num_sequences)[0]
+                best = res[1] if shared else engine.beam_search([prompt], trie, trie.num_sequences)[0]
                 info["pick"] = cat.decode(tokenizer, best[0][0])
                 info["pick_score"] = float(best[0][1])
         response = list(row_beams[0][0]) if row_beams else []

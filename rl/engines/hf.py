@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from rl.constraints import TokenTrie, TrieLogitsProcessor, constrained_beam_search, explicit_generation_config
+from rl.constraints import TokenTrie, TrieLogitsProcessor, constrained_beam_search, constrained_beam_searches, explicit_generation_config
 from rl.engines.base import BaseEngine, Generation, SamplingParams, eos_ids
 from rl.forward import release_memory
 from rl.multimodal import ImageError, VisionInputs, processor_of
@@ -156,6 +156,12 @@ class HFEngine(BaseEngine):
         """Top-`k` sequences the constraint allows per prompt, best first, with their summed
         log-probs under the constrained distribution (`rl.constraints.constrained_beam_search`)."""
         return constrained_beam_search(self.model, self.pad_id, prompts, constraint, k, max_new_tokens)
+
+    def beam_searches(self, prompt: list[int], searches: list[tuple[TokenTrie, int]],
+                      max_new_tokens: int | None = None) -> list[list[tuple[list[int], float]]]:
+        """Several `(constraint, k)` beam searches after one prompt, prefilled once
+        (`rl.constraints.constrained_beam_searches`); one result per search, as `beam_search`."""
+        return constrained_beam_searches(self.model, self.pad_id, prompt, searches, max_new_tokens)
 
     def _stop_criterion(self, stops: tuple[str, ...]):
         """transformers' StopStringCriteria, built once per stop-string set: building it walks the whole
