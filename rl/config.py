@@ -375,7 +375,7 @@ def _check_agent_kwargs(agents, name: str, agent_kwargs: dict, fail) -> None:
 # Written as `not (x > 0)` rather than `x <= 0` so that NaN fails too.
 
 
-def check_model(m: ModelConfig, fail) -> None:
+def check_model(m: ModelConfig, fail, check_files: bool = True) -> None:
     from rl.common import DTYPES  # local: parsing stays importable without torch
 
     if not m.name_or_path:
@@ -393,6 +393,8 @@ def check_model(m: ModelConfig, fail) -> None:
         fail("model.save_adapter_only: true needs model.lora: true (there is no adapter to save)")
     from rl.vocab import read_added_tokens  # the list or file: readable, no duplicates, descriptions if needed
 
+    if not check_files and isinstance(m.added_tokens, str) and not Path(m.added_tokens).expanduser().is_file():
+        return  # a token file a data-build step writes (like a data file): checked when the run starts
     try:
         read_added_tokens(m)
     except ValueError as e:
@@ -615,7 +617,7 @@ def validate(cfg: TrainConfig, source: str, check_files: bool = True) -> None:
             fail(f"stages[{i}].steps must be >= 1")
         if stage.kl_coef is not None and not (math.isfinite(stage.kl_coef) and stage.kl_coef >= 0):
             fail(f"stages[{i}].kl_coef must be >= 0, got {stage.kl_coef}")
-    check_model(cfg.model, fail)
+    check_model(cfg.model, fail, check_files)
     check_optim(cfg.optim, fail)
     check_run_keys(cfg, fail)
     for key, ok, what in _RL_RANGES:

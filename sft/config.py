@@ -211,7 +211,7 @@ def validate_recipe(recipe: SFTRecipe, source: str, check_files: bool = True) ->
         raise ConfigError(f"{source}: {msg}")
 
     d, t = recipe.data, recipe.training
-    check_model(recipe.model, fail)
+    check_model(recipe.model, fail, check_files)
     check_optim(recipe.optim, fail)
     check_run_keys(recipe, fail)
     if not d.train:
