@@ -97,7 +97,7 @@ def train(row: str, seed: int, out: Path, data: Path, overrides: list[str]) -> t
                "eval_before_training=false", *common]
         if reward_kwargs:
             cmd.append(reward_override(recipe, reward_kwargs))
-    minutes = run(cmd, run_dir / "train.log")
+    minutes = run(cmd, out / "logs" / f"{row}-seed{seed}.log")  # not in run_dir: the trainer owns it
     return run_dir / "final", minutes
 
 
