@@ -24,23 +24,12 @@ def pools():
     close_pools()
 
 
-def test_live_grpo_two_steps_in_the_browser(pools, tiny_model_dir, tmp_path, monkeypatch):
+def test_live_grpo_two_steps_in_the_browser(pools, tiny_model_dir, tmp_path, recorded_trajectories):
     """Every rollout is a real episode: the loop's trajectories carry the environment's info (steps,
     success, milestones), the browser's observations are loss-masked, and the run finishes."""
-    import agents  # noqa: F401  (registers multi_turn)
     from rl.config import config_from_dict
-    from rl.registry import AGENTS
     from rl.trainer import train
 
-    seen = []
-    real = AGENTS.get("multi_turn")
-
-    def recording(*args, **kwargs):
-        trajs = real(*args, **kwargs)
-        seen.append(trajs)
-        return trajs
-
-    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
     recipe = {
         "plugins": ["envs.gui"],
         "model": {"name_or_path": tiny_model_dir},
@@ -59,13 +48,12 @@ def test_live_grpo_two_steps_in_the_browser(pools, tiny_model_dir, tmp_path, mon
     result = train(config_from_dict(recipe))
     steps = [h for h in result["history"] if "reward/mean" in h]
     assert [h["step"] for h in steps] == [1, 2]
-    assert len(seen) == 2 and all(len(trajs) == 4 for trajs in seen)
-    for trajs in seen:
-        for t in trajs:
-            assert t.info["steps"] >= 1 and "success" in t.info and "milestones" in t.info
-            assert t.row["task"] == "click-button" and 0 <= t.row["seed"] <= 3
-            if t.info["turns"] > 1:  # an observation (the next screen / a correction) follows the first turn
-                assert 0 in t.loss_mask[t.loss_mask.index(1):]
+    assert len(recorded_trajectories) == 2 * 4  # 2 steps x 2 prompts x 2 samples
+    for t in recorded_trajectories:
+        assert t.info["steps"] >= 1 and "success" in t.info and "milestones" in t.info
+        assert t.row["task"] == "click-button" and 0 <= t.row["seed"] <= 3
+        if t.info["turns"] > 1:  # an observation (the next screen / a correction) follows the first turn
+            assert 0 in t.loss_mask[t.loss_mask.index(1):]
 
 
 def test_static_grpo_two_steps_with_the_secagent_reward(tiny_model_dir, tmp_path):
