@@ -1,0 +1,5 @@
+"""RecGPT-Mobile (../shared/papers/recgpt_mobile.md): an on-device next-search-query agent.
+
+Importing the package registers its datasets, prompt builders, rewards and metric set (rl.registry),
+the way every paper under envs/ plugs into the core.
+"""
