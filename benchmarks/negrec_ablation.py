@@ -9,8 +9,11 @@ the held-out test anchors through `python -m eval.run --agent negrec_topk`):
   prog_similarity  + the future-negative similarity reward (no future-positive penalty: gamma = 0)
   prog_full        + the future-positive penalty (recipes/negrec_progressive_grpo.yaml as is): CoNRec
   single_stage     GRPO with all context at once (recipes/negrec_single_stage_grpo.yaml), same steps
+  next_negative    alignment + the LC-Rec-style next-negative task (the stage-(ii) prompt -> the anchor's SID,
+                   as many rows as the alignment task), SFT for 2x the steps (the rows are 1.5x as many)
+  nn_prog_full     prog_full started from the `next_negative` model
 
-Every GRPO row starts from the same seed's `alignment` model. The baselines (random over 2 seeds,
+Every other GRPO row starts from the same seed's `alignment` model. The baselines (random over 2 seeds,
 negative popularity, co-negative Swing kNN) come from the build (`baselines.jsonl`). The script prints
 Cand.Acc, HR@20 and FHR@20 (+ LUF/LIF, invalid rate) per row: mean over seeds, seed spread (max - min),
 minutes per run. Re-running resumes (finished runs and evaluations are kept in results.json).
@@ -36,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from envs.negrec.tasks import sft_rows  # noqa: E402
 from rl.common import atomic_write_text, read_jsonl  # noqa: E402
 
 SFT_RECIPE = "recipes/negrec_sft.yaml"
@@ -51,7 +55,13 @@ ROWS = {
     "prog_similarity": ("grpo", PROGRESSIVE_RECIPE, {"variant": "similarity", "gamma": 0.0}),
     "prog_full": ("grpo", PROGRESSIVE_RECIPE, {}),
     "single_stage": ("grpo", SINGLE_RECIPE, {}),
+    "next_negative": ("sft", SFT_RECIPE, None),
+    "nn_prog_full": ("grpo", PROGRESSIVE_RECIPE, {}),
 }
+# row -> the SFT row whose model a GRPO row starts from (default: alignment)
+START = {"nn_prog_full": "next_negative"}
+# row -> extra recipe overrides (before the command line's)
+EXTRA = {"next_negative": ["steps=300", "training.num_threads=1"]}
 METRICS = ("cand_acc", "hr@20", "fhr@20", "luf@20", "lif@20", "invalid_rate")
 
 
@@ -81,18 +91,26 @@ def reward_override(recipe: str, kwargs: dict) -> str:
 def train(row: str, seed: int, out: Path, data: Path, overrides: list[str]) -> tuple[Path, float]:
     kind, recipe, reward_kwargs = ROWS[row]
     run_dir = out / row / f"seed{seed}"
-    common = [f"seed={seed}", f"output_dir={run_dir}", "overwrite_output_dir=true", *overrides]
+    common = [f"seed={seed}", f"output_dir={run_dir}", "overwrite_output_dir=true", *EXTRA.get(row, []), *overrides]
     if kind == "sft":
         train_file = data / "sft" / "train.jsonl"
         if row == "translation":  # the same rows minus the alignment task
             train_file = out / "data" / "sft_translation.jsonl"
             rows = [r for r in read_jsonl(data / "sft" / "train.jsonl") if r.get("task") in TRANSLATION_TASKS]
             atomic_write_text(train_file, "".join(json.dumps(r) + "\n" for r in rows))
+        elif row == "next_negative":  # the same rows plus as many next-negative rows as alignment rows
+            train_file = out / "data" / "sft_next_negative.jsonl"
+            rows = read_jsonl(data / "sft" / "train.jsonl")
+            n_alignment = sum(r.get("task") == "alignment" for r in rows)
+            rows += sft_rows(read_jsonl(data / "items.jsonl"), read_jsonl(data / "examples" / "train.jsonl"),
+                             tasks=("next_negative",), seed=seed, max_next_negative_rows=n_alignment)
+            atomic_write_text(train_file, "".join(json.dumps(r) + "\n" for r in rows))
         cmd = [sys.executable, "-m", "sft.train", recipe, f"data.train={train_file}", *common]
     else:
-        start = out / "alignment" / f"seed{seed}" / "final"
+        start_row = START.get(row, "alignment")
+        start = out / start_row / f"seed{seed}" / "final"
         if not start.is_dir():
-            sys.exit(f"{row}: needs the alignment model {start}: run the 'alignment' row first")
+            sys.exit(f"{row}: needs the {start_row} model {start}: run the '{start_row}' row first")
         cmd = [sys.executable, "-m", "rl.train", recipe, f"model.name_or_path={start}",
                "eval_before_training=false", *common]
         if reward_kwargs:
@@ -155,8 +173,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     order = [r for r in ROWS if r in args.rows]
-    if any(ROWS[r][0] == "grpo" for r in order) and "alignment" not in order:
-        order.insert(0, "alignment")  # the GRPO rows start from it (skipped when already trained)
+    for start_row in dict.fromkeys(START.get(r, "alignment") for r in order if ROWS[r][0] == "grpo"):
+        if start_row not in order:  # the GRPO rows start from it (skipped when already trained)
+            order.insert(0, start_row)
     for seed in args.seeds:
         for row in order:
             key = f"{row}/seed{seed}"

@@ -347,20 +347,29 @@ def _click_button_sequence(screen, memory):
                   f"Clicked button {label}.")
 
 
+def _sender_rows_or_scroll(screen, memory, sender: str) -> tuple[list, Decision | None]:
+    """The visible inbox rows of `sender`'s email, or (no rows) the scroll-down step that looks further; after
+    6 scrolls the sender is not in the inbox: an OracleError."""
+    rows = [e for e in screen.elements if "email-sender" in (e.classes or "") and _norm(e.text) == _norm(sender)
+            and getattr(e, "visible", True)]
+    if rows:
+        return rows, None
+    memory["scrolls"] = memory.get("scrolls", 0) + 1
+    if memory["scrolls"] > 6:
+        raise OracleError(f"{screen.task} seed {screen.seed}: no email by {sender!r}")
+    return rows, Decision(Action(kind="scroll", direction="down"),
+                          f"No email by {sender} on the screen; I scroll down.", "Scrolled down the inbox.")
+
+
 def _email_icon(icon: str, verb: str) -> Callable:
     """email-inbox-delete / -important: the `icon` ("trash" / "star") in the row of the sender's email;
     scroll down when the sender is not on the screen yet."""
 
     def policy(screen, memory):
         sender = _fields(screen).get("by", "")
-        rows = [e for e in screen.elements if "email-sender" in (e.classes or "") and _norm(e.text) == _norm(sender)
-                and getattr(e, "visible", True)]
-        if not rows:
-            memory["scrolls"] = memory.get("scrolls", 0) + 1
-            if memory["scrolls"] > 6:
-                raise OracleError(f"{screen.task} seed {screen.seed}: no email by {sender!r}")
-            return Decision(Action(kind="scroll", direction="down"),
-                            f"No email by {sender} on the screen; I scroll down.", "Scrolled down the inbox.")
+        rows, scroll = _sender_rows_or_scroll(screen, memory, sender)
+        if scroll is not None:
+            return scroll
         top = rows[0].box[1]
         icons = [e for e in screen.elements if icon in (e.classes or "").split() and getattr(e, "visible", True)
                  and top - 2 <= e.box[1] <= top + rows[0].box[3] + 6]
@@ -398,13 +407,9 @@ def _email_compose(kind: str) -> Callable:
             return _click(icons[0] if icons else label[0], f"The email is open; I press {kind.capitalize()}.",
                           f"Clicked {kind.capitalize()}.")
         sender = f.get("by", "")
-        rows = [e for e in shown if "email-sender" in (e.classes or "") and _norm(e.text) == _norm(sender)]
-        if not rows:
-            memory["scrolls"] = memory.get("scrolls", 0) + 1
-            if memory["scrolls"] > 6:
-                raise OracleError(f"{screen.task} seed {screen.seed}: no email by {sender!r}")
-            return Decision(Action(kind="scroll", direction="down"),
-                            f"No email by {sender} on the screen; I scroll down.", "Scrolled down the inbox.")
+        rows, scroll = _sender_rows_or_scroll(screen, memory, sender)
+        if scroll is not None:
+            return scroll
         return _click(rows[0], f"I open the email by {sender}.", f"Opened the email by {sender}.")
 
     return policy
