@@ -1,11 +1,13 @@
 """envs.nextquery.drift against hand-computed cases, and the replay command on a tiny stream."""
 
+import json
 import math
 
 import pytest
 
 from envs.nextquery.drift import (DriftConfig, DriftTrigger, drift_score, drift_terms, entropy_bits, jaccard,
                                   js_divergence, tag_distribution)
+from envs.nextquery import replay as rp
 from rl.common import UserError
 
 L2_3 = math.log2(3)
@@ -87,3 +89,60 @@ def test_config_errors():
         DriftConfig(window=0)
     with pytest.raises(UserError, match="not both"):
         DriftTrigger(DriftConfig(), window=3)
+
+
+def _stream(user, topics, queries):
+    events = []
+    for i, topic in enumerate(topics):
+        events.append({"item_id": f"{user}{i}", "title": f"{topic} item {i}", "category": topic, "brand": "",
+                       "tags": [topic] if topic != "sock" else [topic, f"colour{i}"], "action": "click", "time": 1000 + 60 * i})
+    return {"user_id": user, "events": events, "queries": queries}
+
+
+def test_replay_last_title(tmp_path):
+    # u1: 6 tents (one tag), then 6 socks in varied colours; the trigger (window 3) fires on event 0 and
+    # when socks fill the window (the interest moves AND widens: 0.6 + 0.4*|dH| > 0.8; a switch between two
+    # equally spread interests would score 0.6 and not fire, see envs/nextquery/drift.py)
+    s1 = _stream("u1", ["tent"] * 6 + ["sock"] * 6, [
+        {"after_event": 5, "time": 1400, "query": "tent item 5", "next_items": []},
+        {"after_event": 9, "time": 1600, "query": "sock item 9", "next_items": []},
+        {"after_event": 11, "time": 1800, "query": "sock item 11", "next_items": []}])
+    s2 = _stream("u2", ["stove"] * 4, [{"after_event": 3, "time": 1300, "query": "stove item 3", "next_items": []}])
+    path = tmp_path / "streams_test.jsonl"
+    path.write_text("\n".join(json.dumps(s) for s in (s1, s2)) + "\n")
+    out = tmp_path / "replay.json"
+    assert rp.main(["--streams", str(path), "--window", "3", "--no-emb-sim", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    trig = DriftTrigger(window=3)
+    fires1 = [i for i, e in enumerate(s1["events"]) if trig.update(e)]
+    assert fires1[0] == 0 and 8 in fires1 and all(f >= 8 for f in fires1[1:])  # socks fill the window at 8
+    assert rep["n_events"] == 16 and rep["n_queries"] == 4 and rep["n_fires"] == len(fires1) + 1
+    assert rep["trigger_rate"] == pytest.approx((len(fires1) + 1) / 16)
+    # always-on serves the last title at each query point: all 4 exact
+    assert rep["always_on"] == {"em": 1.0, "f1": 1.0}
+    # trigger: query 1 served from event 0 ("tent item 0": f1 2/3), query 2 from the latest fire <= 9,
+    # query 3 from the latest fire <= 11, u2 from event 0 ("stove item 0" vs "stove item 3")
+    served = [0, max(f for f in fires1 if f <= 9), max(f for f in fires1 if f <= 11)]
+    assert rep["cache_hit_rate"] == pytest.approx((sum(f < a for f, a in zip(served, [5, 9, 11])) + 1) / 4)
+    em = (sum(f == a for f, a in zip(served, [5, 9, 11])) + 0) / 4
+    assert rep["trigger"]["em"] == pytest.approx(em)
+    assert rep["retained"]["em"] == pytest.approx(em)
+
+
+def test_replay_with_a_callable_and_errors(tmp_path):
+    s = _stream("u1", ["tent"] * 4, [{"after_event": 3, "time": 1300, "query": "tent", "next_items": []}])
+    seen = []
+
+    def predictor(rows):
+        seen.extend(rows)
+        return ["tent"] * len(rows)
+
+    rep = rp.replay([s], predictor, DriftConfig(window=2), emb_sim=False)
+    assert rep["trigger"]["em"] == 1.0 and rep["cache_hit_rate"] == 1.0 and rep["n_fires"] == 1
+    assert [r["id"] for r in seen] == ["u1-e0", "u1-e3"]  # the serving fire and the always-on point, once each
+    assert seen[1]["time"] == 1180 and len(seen[1]["history"]) == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"user_id": "u", "events": s["events"], "queries": [{"after_event": 9, "query": "q"}]}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl line 1: queries\[0\].after_event 9 is not an event index"):
+        rp.load_streams(bad)
+    assert rp.main(["--streams", str(tmp_path / "none.jsonl"), "--no-emb-sim"]) == 2

@@ -1,0 +1,252 @@
+"""Replay behaviour streams through the drift trigger and a predictor, as the phone would.
+
+    python -m envs.nextquery.replay --streams data/nextquery/synthetic/streams_test.jsonl \
+        --predictor last-title                      # heuristic, no model: seconds
+    python -m envs.nextquery.replay --streams ... --predictor model --model outputs/nextquery_sft/final
+
+Per user stream (format: docs/nextquery.md, `{"user_id", "events", "queries": [{"after_event", "time",
+"query", "next_items"}]}`): every event goes through a `DriftTrigger`; when it fires the phone runs the
+model on the behaviour so far (prompt "now" = that event's time) and caches the answer. At a query point
+(`after_event` = index of the last event before the query) the phone serves the cached answer, i.e. the
+prediction of the latest fire at or before `after_event`.
+
+Reported (JSON + a table):
+  trigger_rate     fires / events (how often the model runs; the first event of a stream always fires)
+  cache_hit_rate   share of query points served by a prediction made before the query's last event
+                   (the model did not run on that event); 1 - cache_hit_rate were fired on it
+  staleness        mean events between the serving fire and the query's last event
+  quality          em / f1 / emb_sim of the served query vs the real one, for the trigger and for the
+                   always-on phone (the model run on every event: at a query point it serves the
+                   prediction from `after_event` itself), and trigger / always-on ratios.
+Only predictions that are served somewhere are computed (a fire whose answer is replaced before any
+query is counted in trigger_rate but never generated): the numbers are the same, the replay is cheaper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from envs.nextquery.drift import REFERENCES, DriftConfig, DriftTrigger
+from envs.nextquery.quality import default_similarity, exact_match, extract_query, token_f1
+from rl.common import JsonlError, UserError, atomic_write_text, iter_jsonl
+from rl.data import DataError
+
+__all__ = ["load_streams", "replay", "last_title", "ModelPredictor", "main"]
+
+Predictor = Callable[[list[dict]], list[str]]
+_EVENT_KEYS = ("title", "category", "tags", "action", "time")
+
+
+def load_streams(path: str | Path) -> list[dict]:
+    """Streams from a jsonl file, checked: one DataError naming the file, the line and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such streams file (make it with python -m envs.nextquery build, or see docs/nextquery.md)")
+    streams = []
+    try:
+        for lineno, s in iter_jsonl(path):
+            where = f"{path} line {lineno}"
+            for key, kind in (("user_id", (str, int)), ("events", list), ("queries", list)):
+                if not isinstance(s.get(key), kind):
+                    raise DataError(f"{where}: key {key!r} missing or not a {kind if isinstance(kind, type) else 'string'}")
+            for i, e in enumerate(s["events"]):
+                missing = [k for k in _EVENT_KEYS if k not in e]
+                if missing:
+                    raise DataError(f"{where}: events[{i}] has no {missing[0]!r}")
+            for j, q in enumerate(s["queries"]):
+                a = q.get("after_event")
+                if not isinstance(a, int) or not 0 <= a < len(s["events"]):
+                    raise DataError(f"{where}: queries[{j}].after_event {a!r} is not an event index "
+                                    f"(0..{len(s['events']) - 1})")
+                if not isinstance(q.get("query"), str):
+                    raise DataError(f"{where}: queries[{j}] has no 'query' string")
+            streams.append(s)
+    except JsonlError as e:
+        raise DataError(f"{path} line {e.lineno}: {e.reason}") from None
+    if not streams:
+        raise DataError(f"{path}: no streams")
+    return streams
+
+
+def last_title(rows: list[dict]) -> list[str]:
+    """The heuristic predictor: the title of the last event (needs no model)."""
+    return [r["history"][-1]["title"] if r["history"] else "" for r in rows]
+
+
+class ModelPredictor:
+    """Greedy answers of a causal LM (a model dir / registered name, or a PEFT adapter dir) with plain
+    transformers `generate`, left-padded batches; the query is `extract_query` of the answer."""
+
+    def __init__(self, model: str, template: str = "adaptive", max_new_tokens: int = 32, batch_size: int = 16,
+                 reasoning: bool = False, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rl.models import resolve_model
+
+        path = Path(model)
+        if (path / "adapter_config.json").is_file():  # a LoRA run's adapter: merge it for inference
+            from peft import AutoPeftModelForCausalLM
+
+            self.model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).merge_and_unload()
+            tok_dir = str(path)
+        else:
+            tok_dir = resolve_model(model)
+            self.model = AutoModelForCausalLM.from_pretrained(tok_dir, dtype=getattr(torch, dtype))
+        self.model.eval()
+        self.tok = AutoTokenizer.from_pretrained(tok_dir)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.template, self.max_new_tokens, self.batch_size, self.reasoning = template, max_new_tokens, batch_size, reasoning
+
+    def generate(self, rows: list[dict]) -> list[str]:
+        """The raw answers (before extraction)."""
+        import torch
+
+        from envs.nextquery.prompts import build_messages
+
+        out: list[str] = []
+        for start in range(0, len(rows), self.batch_size):
+            texts = [self.tok.apply_chat_template(build_messages(r, self.template, reasoning=self.reasoning),
+                                                  tokenize=False, add_generation_prompt=True)
+                     for r in rows[start:start + self.batch_size]]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                gen = self.model.generate(**enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                          pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                                          temperature=None, top_p=None, top_k=None)
+            out += self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
+
+    def __call__(self, rows: list[dict]) -> list[str]:
+        return [extract_query(a) for a in self.generate(rows)]
+
+
+def _row(stream: dict, index: int, history_len: int) -> dict:
+    events = stream["events"]
+    return {"id": f"{stream['user_id']}-e{index}", "user_id": stream["user_id"], "time": int(events[index]["time"]),
+            "history": events[max(0, index + 1 - history_len): index + 1]}
+
+
+def _quality(preds: list[str], refs: list[str], emb_sim: bool) -> dict:
+    n = max(1, len(refs))
+    out = {"em": sum(exact_match(p, r) for p, r in zip(preds, refs)) / n,
+           "f1": sum(token_f1(p, r) for p, r in zip(preds, refs)) / n}
+    if emb_sim:
+        out["emb_sim"] = sum(default_similarity()(preds, refs)) / n if refs else 0.0
+    return out
+
+
+def replay(streams: list[dict], predictor: Predictor, cfg: DriftConfig | None = None, history_len: int = 20,
+           emb_sim: bool = True) -> dict:
+    """The replay (module docstring); returns the report dict."""
+    cfg = cfg or DriftConfig()
+    n_events = n_fires = 0
+    served: list[tuple[int, int]] = []  # per query: (stream index, event index of the serving fire)
+    always: list[tuple[int, int]] = []  # per query: (stream index, after_event)
+    refs: list[str] = []
+    staleness: list[int] = []
+    for si, s in enumerate(streams):
+        trig = DriftTrigger(cfg)
+        fires = [i for i, e in enumerate(s["events"]) if trig.update(e)]
+        n_events += len(s["events"])
+        n_fires += len(fires)
+        for q in s["queries"]:
+            a = q["after_event"]
+            f = max(i for i in fires if i <= a)  # event 0 always fires: never empty
+            served.append((si, f))
+            always.append((si, a))
+            staleness.append(a - f)
+            refs.append(q["query"])
+    points = list(dict.fromkeys(served + always))  # each needed prediction once
+    preds = predictor([_row(streams[si], i, history_len) for si, i in points]) if points else []
+    if len(preds) != len(points):
+        raise RuntimeError(f"replay: the predictor returned {len(preds)} answers for {len(points)} prompts")
+    pred = dict(zip(points, preds))
+    trig_q = _quality([pred[p] for p in served], refs, emb_sim)
+    on_q = _quality([pred[p] for p in always], refs, emb_sim)
+    nq = len(refs)
+    return {
+        "config": {"window": cfg.window, "weights": [cfg.w_h, cfg.w_j, cfg.w_js], "threshold": cfg.threshold,
+                   "reference": cfg.reference, "history_len": history_len},
+        "n_streams": len(streams), "n_events": n_events, "n_queries": nq, "n_fires": n_fires,
+        "trigger_rate": n_fires / max(1, n_events),
+        "cache_hit_rate": sum(st > 0 for st in staleness) / max(1, nq),
+        "mean_staleness_events": sum(staleness) / max(1, nq),
+        "trigger": trig_q, "always_on": on_q,
+        "retained": {k: (trig_q[k] / on_q[k] if on_q[k] else None) for k in trig_q},
+        "n_predictions_computed": len(points),
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"streams {report['n_streams']}  events {report['n_events']}  queries {report['n_queries']}  "
+             f"fires {report['n_fires']}",
+             f"trigger rate {report['trigger_rate']:.3f}  cache-hit rate {report['cache_hit_rate']:.3f}  "
+             f"mean staleness {report['mean_staleness_events']:.2f} events",
+             f"{'metric':<8} {'trigger':>8} {'always-on':>10} {'retained':>9}"]
+    for k, v in report["trigger"].items():
+        r = report["retained"][k]
+        lines.append(f"{k:<8} {v:>8.4f} {report['always_on'][k]:>10.4f} {('%.3f' % r) if r is not None else '-':>9}")
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m envs.nextquery.replay", description=__doc__.split("\n")[0])
+    p.add_argument("--streams", required=True, help="streams_test.jsonl")
+    p.add_argument("--predictor", choices=["last-title", "model"], default="last-title")
+    p.add_argument("--model", help="model dir / registered name / LoRA adapter dir (--predictor model)")
+    p.add_argument("--template", default="adaptive", help="full | compact | summary | adaptive")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=DriftConfig.window)
+    p.add_argument("--weights", type=float, nargs=3, default=[DriftConfig.w_h, DriftConfig.w_j, DriftConfig.w_js],
+                   metavar=("W_H", "W_J", "W_JS"))
+    p.add_argument("--threshold", type=float, default=DriftConfig.threshold)
+    p.add_argument("--reference", choices=REFERENCES, default=DriftConfig.reference)
+    p.add_argument("--history-len", type=int, default=20)
+    p.add_argument("--max-streams", type=int, default=0, help="only the first N streams (0 = all)")
+    p.add_argument("--no-emb-sim", action="store_true", help="skip the embedding similarity (no sentence model)")
+    p.add_argument("--out", help="write the report JSON here")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    streams = load_streams(args.streams)
+    if args.max_streams:
+        streams = streams[: args.max_streams]
+    if args.predictor == "model":
+        if not args.model:
+            raise UserError("replay: --predictor model needs --model")
+        predictor: Predictor = ModelPredictor(args.model, args.template, args.max_new_tokens, args.batch_size)
+    else:
+        predictor = last_title
+    cfg = DriftConfig(window=args.window, w_h=args.weights[0], w_j=args.weights[1], w_js=args.weights[2],
+                      threshold=args.threshold, reference=args.reference)
+    report = replay(streams, predictor, cfg, args.history_len, emb_sim=not args.no_emb_sim)
+    report["predictor"] = args.predictor if args.predictor != "model" else f"model:{args.model}"
+    report["streams"] = str(args.streams)
+    print(format_table(report))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
