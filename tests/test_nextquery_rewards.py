@@ -45,3 +45,65 @@ def test_embedding_similarity():
     assert default_similarity() is default_similarity()
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         sim(["a", "b"], ["a"])
+
+
+# ---- rewards ----
+
+from envs.nextquery import rewards as nr  # noqa: E402
+from rl.rewards import REWARDS  # noqa: E402
+from rl.trajectory import Trajectory  # noqa: E402
+
+
+def traj(text, n_tokens, row=None):
+    return Trajectory(prompt_ids=[1], response_ids=list(range(n_tokens)), loss_mask=[1] * n_tokens,
+                      rollout_logprobs=[0.0] * n_tokens, group_id=0, row=row or {}, response_text=text)
+
+
+ROW = {"query": "waterproof trail running shoes"}
+
+
+def test_quality_reward_metrics():
+    assert REWARDS.get("nextquery_quality") is nr.nextquery_quality
+    out = nr.nextquery_quality(ROW, traj("Query: trail running shoes", 5), metric="f1")
+    assert out["score"] == pytest.approx(2 * 1 * 0.75 / 1.75) and out["em"] == 0.0 and out["parsed"] == 1.0
+    assert nr.nextquery_quality(ROW, traj("<think>x</think><query>waterproof trail running shoes</query>", 9),
+                                metric="em")["score"] == 1.0
+    with pytest.raises(ValueError, match="metric 'bleu'"):
+        nr.nextquery_quality(ROW, traj("x", 1), metric="bleu")
+
+
+def test_gated_edge_cases():
+    exact = "waterproof trail running shoes"
+    g = nr.nextquery_gated
+    # within / at the budget: no penalty
+    assert g(ROW, traj(exact, 6), metric="f1", bar=0.7, budget_tokens=8)["score"] == 1.0
+    assert g(ROW, traj(exact, 8), metric="f1", bar=0.7, budget_tokens=8)["score"] == 1.0
+    # over the budget and above the bar: (B/n)^alpha
+    out = g(ROW, traj(exact, 16), metric="f1", bar=0.7, budget_tokens=8)
+    assert out["score"] == pytest.approx(0.5) and out["gated"] == 1.0 and out["penalty"] == pytest.approx(0.5)
+    assert g(ROW, traj(exact, 16), metric="f1", bar=0.7, budget_tokens=8, alpha=2)["score"] == pytest.approx(0.25)
+    # exactly at the bar: gated (>=); f1("trail running shoes", ref) = 6/7
+    at_bar = 6 / 7
+    out = g(ROW, traj("trail running shoes", 16), metric="f1", bar=at_bar, budget_tokens=8)
+    assert out["gated"] == 1.0 and out["score"] == pytest.approx(at_bar * 0.5)
+    # just below the bar: no penalty however long, and no bonus for brevity
+    long_below = g(ROW, traj("trail running shoes", 100), metric="f1", bar=at_bar + 1e-9, budget_tokens=8)
+    short_below = g(ROW, traj("trail running shoes", 2), metric="f1", bar=at_bar + 1e-9, budget_tokens=8)
+    assert long_below["score"] == short_below["score"] == pytest.approx(at_bar) and long_below["gated"] == 0.0
+    # empty and unparseable answers: 0
+    assert g(ROW, traj("", 1), metric="f1")["score"] == 0.0
+    out = g(ROW, traj("<think>never finished", 16), metric="f1")
+    assert out["score"] == 0.0 and out["parsed"] == 0.0
+    # a per-input budget in the row wins over the kwarg
+    row = {**ROW, "token_budget": 16}
+    assert g(row, traj(exact, 16), metric="f1", budget_tokens=8)["score"] == 1.0
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        g(ROW, traj(exact, 16), metric="f1", budget_tokens=0)
+
+
+@pytest.mark.slow
+def test_gated_with_embedding_similarity():
+    out = nr.nextquery_gated(ROW, traj("waterproof trail running shoes", 32), bar=0.7, budget_tokens=16)
+    assert out["quality"] == pytest.approx(1.0, abs=1e-5) and out["score"] == pytest.approx(0.5, abs=1e-5)
+    low = nr.nextquery_gated(ROW, traj("chocolate cake", 32), bar=0.7, budget_tokens=16)
+    assert low["gated"] == 0.0 and low["score"] == pytest.approx(low["quality"]) and low["quality"] < 0.7

@@ -3,4 +3,4 @@
 Importing the package registers its datasets, prompt builders, rewards and metric set (rl.registry),
 the way every paper under envs/ plugs into the core.
 """
-from envs.nextquery import drift, prompts, quality  # noqa: F401  (registration: N2 prompt builders)
+from envs.nextquery import drift, prompts, quality, rewards  # noqa: F401  (registration: N2 prompt builders, rewards)
