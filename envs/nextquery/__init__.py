@@ -4,3 +4,4 @@ Importing the package registers its datasets, prompt builders, rewards and metri
 the way every paper under envs/ plugs into the core.
 """
 from envs.nextquery import drift, prompts, quality, rewards  # noqa: F401  (registration: N2 prompt builders, rewards)
+from envs.nextquery import metrics  # noqa: F401  (registration: N1 metric set "nextquery")
