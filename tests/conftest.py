@@ -61,18 +61,31 @@ def hf(vdir):
 @pytest.fixture
 def recorded_trajectories(monkeypatch) -> list:
     """Every trajectory the registered `multi_turn` agent returns during the test (the agent, observed)."""
-    import agents  # noqa: F401  (registers multi_turn)
+    return _record_agent(monkeypatch, "multi_turn", per_call=False)
+
+
+@pytest.fixture
+def single_turn_calls(monkeypatch) -> list:
+    """The trajectories of each call of the registered `single_turn` agent during the test, one list per call
+    (one rollout batch)."""
+    return _record_agent(monkeypatch, "single_turn", per_call=True)
+
+
+def _record_agent(monkeypatch, name: str, *, per_call: bool) -> list:
+    """Wrap the registered agent `name` so every trajectory it returns is also kept in the returned list
+    (flat, or one list per call)."""
+    import agents  # noqa: F401  (registers the built-in agents)
     from rl.registry import AGENTS
 
     seen: list = []
-    real = AGENTS.get("multi_turn")
+    real = AGENTS.get(name)
 
     def recording(*args, **kwargs):
         trajs = real(*args, **kwargs)
-        seen.extend(trajs)
+        seen.append(trajs) if per_call else seen.extend(trajs)
         return trajs
 
-    monkeypatch.setitem(AGENTS._entries, "multi_turn", recording)
+    monkeypatch.setitem(AGENTS._entries, name, recording)
     return seen
 
 

@@ -213,31 +213,21 @@ def test_constrained_training_pass_has_finite_gradients_and_entropy(tiny, trie):
     model.zero_grad()
 
 
-def test_grpo_two_steps_with_a_recipe_constraint(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
-    import agents  # noqa: F401  (registers single_turn)
+def test_grpo_two_steps_with_a_recipe_constraint(tiny_model_dir, tiny_tokenizer, tmp_path, single_turn_calls):
     from rl.config import config_from_dict
-    from rl.registry import AGENTS
     from rl.trainer import train
     from tiny import arithmetic_recipe
 
     codes = ["5", "12", "42", "7 7", "100"]
     path = tmp_path / "items.txt"
     path.write_text("\n".join(codes) + "\n")
-    seen = []
-    real = AGENTS.get("single_turn")
-
-    def recording(*args, **kwargs):
-        trajs = real(*args, **kwargs)
-        seen.extend(trajs)
-        return trajs
-
-    monkeypatch.setitem(AGENTS._entries, "single_turn", recording)
     out = tmp_path / "out"
     cfg = config_from_dict(arithmetic_recipe(
         tiny_model_dir, out, rollout__constraint=str(path), old_logprobs="recompute", algorithm__kl_coef=0.05,
         eval_before_training=False))
     result = train(cfg)
     trie = TokenTrie.from_texts(tiny_tokenizer, codes, [EOS])
+    seen = [t for call in single_turn_calls for t in call]
     assert len(seen) >= 16
     for t in seen:
         assert t.constraint is not None

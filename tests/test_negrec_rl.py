@@ -284,23 +284,13 @@ def test_sft_recipe_loads(tmp_path):
 # ----------------------------------------------------------------------------- Progressive GRPO, tiny
 
 
-def test_progressive_grpo_three_stages_on_the_tiny_model(tiny_model_dir, table, tmp_path, monkeypatch):
+def test_progressive_grpo_three_stages_on_the_tiny_model(tiny_model_dir, table, tmp_path, single_turn_calls):
     """3 stages x 1 step (recent negatives -> negatives -> negatives + positives): the run finishes, each
     stage logs its step with its own prompt builder, and every sampled response is a valid SID."""
-    import agents  # noqa: F401  (registers single_turn)
     from rl.config import config_from_dict
-    from rl.registry import AGENTS
     from rl.trainer import train
 
-    seen = []
-    real = AGENTS.get("single_turn")
-
-    def recording(*args, **kwargs):
-        trajs = real(*args, **kwargs)
-        seen.append(trajs)
-        return trajs
-
-    monkeypatch.setitem(AGENTS._entries, "single_turn", recording)
+    seen = single_turn_calls
     sids = tmp_path / "sids.txt"
     sids.write_text("".join(sid(k) + "\n" for k in range(8)))
     train_file = tmp_path / "train.jsonl"
