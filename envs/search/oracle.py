@@ -2,7 +2,8 @@
 
 A scripted policy plays the search agent: it searches with a query derived from the
 question (the quoted description or the article title; two hops for
-bridge questions), reads what came back, and answers with the gold answer. It plays
+bridge questions; the subject, then the bridge entity, for natural/two-hop rows, whose
+`metadata.queries` say what to search), reads what came back, and answers with the gold answer. It plays
 through the very same code path as RL rollouts — the `multi_turn` agent driving the search
 environment, with an `OracleEngine` in place of the model — so the prompt, the `<information>` blocks, the
 corrective/final messages, truncation and token ids are rendered exactly as in
@@ -57,6 +58,8 @@ def oracle_queries(row: dict) -> list[str]:
     Rows without `metadata.qtype` (e.g. NQ/HotpotQA files) fall back to the question.
     """
     meta = row_metadata(row)
+    if meta.get("queries"):  # natural/two-hop rows (envs.search.natural_qa) carry their searches, one per hop
+        return [str(q) for q in meta["queries"]]
     qtype, titles, question = meta.get("qtype"), list(meta.get("titles") or []), row["question"]
     quoted = [m.group(1) for m in _QUOTED.finditer(question)]
     if qtype == "desc2title" and quoted:
@@ -109,7 +112,10 @@ class OracleEngine(BaseEngine):
         evidence = " ".join(extract_information_blocks(response_text))  # never the oracle's own queries
         found = any(_contains(evidence, g) for g in golds)
         final = FINAL_TURN_TEXT.strip() in response_text
-        if found or done >= len(queries) or final:
+        # a two-hop question searches every hop, even when an early search happened to show the answer:
+        # the warm-start should teach the second search, not luck
+        hops = len(queries) if row_metadata(row).get("qtype") == "twohop" else 0
+        if (found and done >= hops) or done >= len(queries) or final:
             self.grounded[row.get("id", row["question"])] = found
             thought = THINK_BEFORE_ANSWER if found else THINK_WITHOUT_EVIDENCE
             return (thought if self.think else "") + f"<answer> {golds[0]} </answer>"

@@ -24,6 +24,10 @@ parquet (``{split}.parquet``), plus ``meta.json``.  Question types:
 
 Articles are split into train/dev/test first, so test questions are about articles
 that no train question is built from (bridge answers may still be shared).
+
+``--types natural,twohop`` builds questions people ask instead (facts stated in the
+passages, and two-hop questions through a bridge article; ``envs.search.natural_qa``),
+optionally mixed with the types above; the default is the four types above.
 """
 
 from __future__ import annotations
@@ -631,6 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--n-test", type=int, default=500)
     g.add_argument("--template", choices=sorted(PROMPT_TEMPLATES), default="slow")
     g.add_argument("--no-check", action="store_true", help="skip measuring answerability with BM25 top-3")
+    g.add_argument(
+        "--types",
+        default=",".join(DEFAULT_MIX),
+        help="comma-separated question types: the generated ones (desc2title,title2desc,cloze,bridge; the default) "
+        "and/or natural,twohop (envs.search.natural_qa: facts people ask about, two-hop through a bridge article)",
+    )
     c = sub.add_parser("check", help="fraction of questions whose answer is in the BM25 top-k for the question text")
     c.add_argument("--data", required=True, help="FlashRAG jsonl")
     c.add_argument("--corpus", default=None, help="Search-R1 jsonl corpus (default: wiki10k from the cache)")
@@ -641,14 +651,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "generate":
         src = Path(args.wiki_json) if args.wiki_json else C.fetch_wiki_json(args.cache_dir)
+        from .natural_qa import LEGACY_TYPES, NATURAL_TYPES, generate_natural_qa
+
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        unknown = [t for t in types if t not in LEGACY_TYPES + NATURAL_TYPES]
+        if not types or unknown:
+            ap.error(f"--types: unknown question type(s) {unknown}; choose from {','.join(LEGACY_TYPES + NATURAL_TYPES)}")
         articles = C.load_wiki_articles(src)
-        splits = generate_wiki_qa(articles, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test)
-        meta: dict[str, Any] = {"seed": args.seed, "source": src.name, "source_sha256": C.file_sha256(src), "data_source": DATA_SOURCE}
+        sizes = {"seed": args.seed, "n_train": args.n_train, "n_dev": args.n_dev, "n_test": args.n_test}
+        retriever = None
+        if all(t in DEFAULT_MIX for t in types):  # the generated types only: the original generator
+            data_source = DATA_SOURCE
+            splits = generate_wiki_qa(articles, mix={t: DEFAULT_MIX[t] for t in types}, **sizes)
+        else:  # natural/two-hop questions (optionally mixed with the generated types), split by article
+            data_source = "wiki10k_nq"
+            if not args.no_check:  # BM25 picks oracle queries that find each hop's passage at top-1
+                from .retrievers import BM25Retriever
+
+                retriever = BM25Retriever(C.articles_to_passages(articles), show_progress=False)
+            splits = generate_natural_qa(articles, types=types, data_source=data_source, retriever=retriever, **sizes)
+        meta: dict[str, Any] = {"seed": args.seed, "source": src.name, "source_sha256": C.file_sha256(src),
+                                "data_source": data_source, "types": types}  # fmt: skip
         if not args.no_check:
             from .retrievers import BM25Retriever
 
             docs = C.articles_to_passages(articles)  # the wiki10k corpus, one passage per article
-            stats = answer_in_topk(splits["test"], BM25Retriever(docs, show_progress=False), topk=3)
+            stats = answer_in_topk(splits["test"], retriever or BM25Retriever(docs, show_progress=False), topk=3)
             meta["test_answer_in_bm25_top3"] = stats
             print(f"test: gold answer in BM25 top-3 for the question text: {stats['fraction']:.3f}  {stats['by_qtype']}")
         write_qa_splits(splits, args.out, template=args.template, meta=meta)
