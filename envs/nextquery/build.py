@@ -89,7 +89,7 @@ def _write(out: Path, source: str, catalog: list[dict], splits: dict[str, list[d
     write_jsonl(out / "baselines.jsonl", table)
     from envs.nextquery.metrics import leaderboard_markdown
 
-    atomic_write_text(out / "baselines.md", f"# Heuristic baselines on {out} ({source})\n\n"
+    atomic_write_text(out / "baselines.md", f"# Heuristic next-query baselines: {source} (valid and test)\n\n"
                       f"{leaderboard_markdown(table)}\n")
     all_rows = [r for s in SPLITS for r in splits[s]]
     stats = {

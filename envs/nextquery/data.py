@@ -219,7 +219,7 @@ def _load(path: str | os.PathLike, check, what: str, unique: str | None) -> list
                 seen[key] = i
             out.append(obj)
     except JsonlError as e:
-        raise DataError(f"{e} ({what})") from None
+        raise DataError(f"{path} row {e.row} (line {e.lineno}): {e.reason} ({what})") from None
     if not out:
         raise DataError(f"{path}: no rows ({what})")
     return out
