@@ -1,5 +1,7 @@
 """envs.nextquery.quality (query extraction, EM / F1 / embedding similarity) and envs.nextquery.rewards."""
 
+import json
+
 import pytest
 
 from envs.nextquery.quality import (EmbeddingSimilarity, default_similarity, exact_match, extract_query,
@@ -107,3 +109,49 @@ def test_gated_with_embedding_similarity():
     assert out["quality"] == pytest.approx(1.0, abs=1e-5) and out["score"] == pytest.approx(0.5, abs=1e-5)
     low = nr.nextquery_gated(ROW, traj("chocolate cake", 32), bar=0.7, budget_tokens=16)
     assert low["gated"] == 0.0 and low["score"] == pytest.approx(low["quality"]) and low["quality"] < 0.7
+
+
+# ---- on-device benchmark: quantised models load and answer ----
+
+def test_int8_and_bf16_tiny_models_answer(tiny_model_dir):
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import nextquery_ondevice as bench
+
+    from envs.nextquery.replay import ModelPredictor
+
+    rows = bench.sample_rows()[:3]
+    pred = ModelPredictor(tiny_model_dir, template="compact", max_new_tokens=6, batch_size=2)
+    fp32 = pred.generate(rows)
+    pred.model = bench.convert(pred.model, "int8")
+    linears = [m for m in pred.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert linears and not any(type(m) is torch.nn.Linear for m in pred.model.modules())
+    int8 = pred.generate(rows)
+    assert len(int8) == 3 and all(isinstance(a, str) for a in int8) and len(fp32) == 3
+    assert len(pred(rows)) == 3  # extracted queries
+    pred.model = bench.convert(ModelPredictor(tiny_model_dir).model, "bf16")
+    assert next(pred.model.parameters()).dtype == torch.bfloat16 and len(pred.generate(rows[:1])) == 1
+
+
+@pytest.mark.slow
+def test_ondevice_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import nextquery_ondevice as bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", tiny_model_dir, "--threads", "1", "--precisions", "fp32", "int8", "--n-latency", "2",
+                       "--n-quality", "3", "--max-new-tokens", "4", "--answer-tokens", "4", "--data", "",
+                       "--no-emb-sim", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    by = {o["precision"]: o for o in res["summary"]}
+    assert set(by) == {"fp32", "int8"} and by["fp32"]["speedup_vs_fp32"] == 1.0
+    assert by["fp32"]["agreement_with_fp32"] == 1.0 and 0.0 <= by["int8"]["agreement_with_fp32"] <= 1.0
+    assert all(len(r["latencies_s"]) == 2 and r["peak_mb"] > 0 for r in res["runs"])
+    assert "int8" in capsys.readouterr().out

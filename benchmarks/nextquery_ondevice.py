@@ -1,0 +1,259 @@
+"""On-device cost of the next-query student: latency per query and memory in fp32, bf16 and int8 on
+this CPU, and the quality each precision keeps, as ratios against fp32.
+
+    python benchmarks/nextquery_ondevice.py                                  # SmolLM2-135M base
+    python benchmarks/nextquery_ondevice.py --model outputs/nextquery_sft/final --threads 1 2 \
+        --data data/nextquery/synthetic/test.jsonl --out outputs/nextquery_ondevice.json
+
+Precisions: fp32 (as trained on CPU), bf16 (`model.to(torch.bfloat16)`), int8 = torch dynamic
+quantisation (`torch.ao.quantization.quantize_dynamic` of every nn.Linear to qint8 weights, activations
+quantised per batch at run time). onnxruntime's int8 export is not measured: onnxruntime is not installed
+here (checked; `--help` says so too), and dynamic quantisation needs no export step or second runtime.
+
+Each (precision, threads) runs in a fresh subprocess (`--worker`), so one run's heap does not inflate the
+next one's memory. Measured per run:
+  latency      one query at batch 1, greedy, exactly `--max-new-tokens` new tokens (min = max: every
+               precision decodes the same length, so the times compare), over `--n-latency` distinct
+               prompts after one warm-up query; P50 / P90 in seconds
+  memory       RSS from /proc/self/status (not tracemalloc: it does not see torch's C++ allocations):
+               `resident_mb` = VmRSS after loading + converting the model minus VmRSS before loading
+               (the model as it sits in memory), `peak_mb` = VmHWM while answering (the high-water mark
+               is reset through /proc/self/clear_refs after conversion) minus the same baseline
+  answers      greedy, natural stop, `--n-quality` prompts in batches of 8 -> `quality.extract_query`
+Reported against fp32: speed-up (fp32 P50 / P50), memory ratios, agreement (exact match of the normalised
+query with fp32's), and em / f1 / emb_sim to the real queries (rows from `--data`, else a built-in sample
+of 8 hand-written rows, labelled so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def sample_rows() -> list[dict]:
+    """8 hand-written rows (used when no data/nextquery split is given or present)."""
+    now = 1_700_000_000
+    shop = [
+        ("Nordhaus trail running shoe, waterproof", "running shoes", "Nordhaus", "waterproof trail running shoes"),
+        ("Kestrel 2-person dome tent, green", "tents", "Kestrel", "tent footprint 2 person"),
+        ("Alba merino hiking socks, grey", "socks", "Alba", "merino hiking socks"),
+        ("Vela insulated water bottle 750 ml", "bottles", "Vela", "insulated bottle 1 litre"),
+        ("Orin espresso machine, steel", "coffee machines", "Orin", "espresso machine descaler"),
+        ("Pella yoga mat 6 mm, purple", "yoga mats", "Pella", "yoga block cork"),
+        ("Tarn rain jacket, men, navy", "rain jackets", "Tarn", "waterproof rain trousers men"),
+        ("Lumo head torch 400 lumen", "head torches", "Lumo", "rechargeable head torch"),
+    ]
+    rows = []
+    for i, (title, cat, brand, query) in enumerate(shop):
+        prev = shop[(i + 3) % len(shop)]
+        history = [
+            {"item_id": f"s{i}a", "title": prev[0], "category": prev[1], "brand": prev[2], "tags": [prev[1], prev[2]],
+             "action": "purchase", "time": now - 3 * 86400},
+            {"item_id": f"s{i}b", "title": title, "category": cat, "brand": brand, "tags": [cat, brand],
+             "action": "click", "time": now - 1800},
+            {"item_id": f"s{i}c", "title": title, "category": cat, "brand": brand, "tags": [cat, brand],
+             "action": "cart", "time": now - 600},
+        ]
+        rows.append({"id": f"sample-{i}", "user_id": f"s{i}", "time": now, "history": history, "query": query,
+                     "next_items": [], "source": "user", "target_kind": "anchor", "intent": {}})
+    return rows
+
+
+def load_rows(data: str | None, n: int) -> tuple[list[dict], str]:
+    from rl.common import read_jsonl
+
+    if data and Path(data).is_file():
+        return read_jsonl(data)[:n], data
+    rows = sample_rows()
+    return [rows[i % len(rows)] for i in range(min(n, len(rows)))], "built-in sample (8 hand-written rows)"
+
+
+def _proc_kb(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def convert(model, precision: str):
+    import torch
+
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "int8":
+        # torch.ao's eager dynamic quantisation is deprecated in favour of torchao, which is not installed
+        # here; it still works in torch 2.13, so its deprecation warnings are silenced, not the errors
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from envs.nextquery.replay import ModelPredictor
+
+    torch.set_num_threads(args.threads)
+    rows, _ = load_rows(args.data, max(args.n_latency + 1, args.n_quality))
+    gc.collect()
+    base_kb = _proc_kb("VmRSS")
+    pred = ModelPredictor(args.model, template=args.template, max_new_tokens=args.answer_tokens, batch_size=8)
+    pred.model = convert(pred.model, args.precision)
+    gc.collect()
+    resident_kb = _proc_kb("VmRSS") - base_kb
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak while answering, not while converting
+    from envs.nextquery.prompts import build_messages
+
+    latencies = []
+    lat_rows = [rows[i % len(rows)] for i in range(args.n_latency + 1)]
+    for i, row in enumerate(lat_rows):
+        text = pred.tok.apply_chat_template(build_messages(row, args.template), tokenize=False, add_generation_prompt=True)
+        enc = pred.tok(text, return_tensors="pt", add_special_tokens=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pred.model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
+                                min_new_tokens=args.max_new_tokens, pad_token_id=pred.tok.pad_token_id,
+                                temperature=None, top_p=None, top_k=None)
+        if i:  # the first is a warm-up
+            latencies.append(time.perf_counter() - t0)
+    answers = pred.generate(rows[: args.n_quality])
+    peak_kb = _proc_kb("VmHWM") - base_kb
+    return {"precision": args.precision, "threads": args.threads, "latencies_s": latencies,
+            "resident_mb": resident_kb / 1024, "peak_mb": peak_kb / 1024,
+            "answers": answers}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarise(runs: list[dict], rows: list[dict], emb_sim: bool) -> list[dict]:
+    from envs.nextquery.quality import default_similarity, exact_match, extract_query, token_f1
+
+    refs = [r["query"] for r in rows]
+    out = []
+    for threads in sorted({r["threads"] for r in runs}):
+        by = {r["precision"]: r for r in runs if r["threads"] == threads}
+        ref = by.get("fp32")
+        for p, r in by.items():
+            qs = [extract_query(a) for a in r["answers"]]
+            n = max(1, len(qs))
+            row = {"threads": threads, "precision": p, "p50_s": _pct(r["latencies_s"], 0.5),
+                   "p90_s": _pct(r["latencies_s"], 0.9), "resident_mb": r["resident_mb"], "peak_mb": r["peak_mb"],
+                   "em": sum(exact_match(q, g) for q, g in zip(qs, refs)) / n,
+                   "f1": sum(token_f1(q, g) for q, g in zip(qs, refs)) / n}
+            if emb_sim:
+                row["emb_sim"] = sum(default_similarity()(qs, refs[: len(qs)])) / n
+            if ref is not None:
+                ref_qs = [extract_query(a) for a in ref["answers"]]
+                row["agreement_with_fp32"] = sum(exact_match(a, b) if b else float(not a)
+                                                 for a, b in zip(qs, ref_qs)) / n
+            out.append(row)
+        base = next((o for o in out if o["threads"] == threads and o["precision"] == "fp32"), None)
+        if base:
+            for o in out:
+                if o["threads"] == threads:
+                    o["speedup_vs_fp32"] = base["p50_s"] / o["p50_s"]
+                    o["resident_ratio_vs_fp32"] = o["resident_mb"] / base["resident_mb"] if base["resident_mb"] else None
+                    o["peak_ratio_vs_fp32"] = o["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
+                    for k in ("em", "f1", "emb_sim"):
+                        if k in o and base.get(k):
+                            o[f"{k}_ratio_vs_fp32"] = o[k] / base[k]
+    return out
+
+
+def format_table(summary: list[dict]) -> str:
+    head = (f"{'thr':>3} {'prec':<5} {'P50 s':>7} {'P90 s':>7} {'speed-up':>8} {'resid MB':>9} {'peak MB':>8} "
+            f"{'mem x':>6} {'agree':>6} {'em':>6} {'f1':>6} {'emb':>6}")
+    lines = [head]
+    for o in summary:
+        def f(k, fmt="{:.3f}"):
+            v = o.get(k)
+            return fmt.format(v) if isinstance(v, (int, float)) else "-"
+        lines.append(f"{o['threads']:>3} {o['precision']:<5} {f('p50_s'):>7} {f('p90_s'):>7} "
+                     f"{f('speedup_vs_fp32', '{:.2f}x'):>8} {f('resident_mb', '{:.0f}'):>9} {f('peak_mb', '{:.0f}'):>8} "
+                     f"{f('resident_ratio_vs_fp32', '{:.2f}'):>6} {f('agreement_with_fp32', '{:.2f}'):>6} "
+                     f"{f('em'):>6} {f('f1'):>6} {f('emb_sim'):>6}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="onnxruntime int8: not measured (onnxruntime is not installed here).")
+    p.add_argument("--model", default="smollm2-135m", help="registered name, model dir or LoRA adapter dir")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--n-latency", type=int, default=10, help="queries timed per run (after one warm-up)")
+    p.add_argument("--n-quality", type=int, default=32, help="prompts answered per run for the quality columns")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens decoded per timed query (fixed)")
+    p.add_argument("--answer-tokens", type=int, default=32, help="cap for the natural-stop answers")
+    p.add_argument("--template", default="adaptive")
+    p.add_argument("--data", default="data/nextquery/synthetic/test.jsonl")
+    p.add_argument("--no-emb-sim", action="store_true")
+    p.add_argument("--out", help="write the runs and the summary here (JSON)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        args.threads = args.threads[0]
+        res = worker(args)
+        Path(args.worker_out).write_text(json.dumps(res))
+        return 0
+    rows, data_label = load_rows(args.data, args.n_quality)
+    runs = []
+    load = os.getloadavg()
+    for threads in args.threads:
+        for p in args.precisions:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+                out = tmp.name
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--precision", p, "--threads", str(threads),
+                   "--model", args.model, "--n-latency", str(args.n_latency), "--n-quality", str(args.n_quality),
+                   "--max-new-tokens", str(args.max_new_tokens), "--answer-tokens", str(args.answer_tokens),
+                   "--template", args.template, "--data", args.data or "", "--worker-out", out]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            t0 = time.time()
+            subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+            runs.append(json.loads(Path(out).read_text()))
+            os.unlink(out)
+            print(f"[{p} x{threads} threads] {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    summary = summarise(runs, rows, emb_sim=not args.no_emb_sim)
+    print(f"model {args.model}; data: {data_label}; {args.n_latency} timed queries x {args.max_new_tokens} new tokens; "
+          f"load average before {load[0]:.2f} / after {os.getloadavg()[0]:.2f}")
+    print(format_table(summary))
+    if args.out:
+        from rl.common import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({"model": args.model, "data": data_label, "load_before": load,
+                                                "load_after": os.getloadavg(), "args": vars(args), "summary": summary,
+                                                "runs": runs}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
