@@ -145,7 +145,8 @@ def test_build_splits_by_user_and_writes_valid_files(tiny_build):
         assert s["messages"][-1] == {"role": "assistant", "content": row["query"]}
     table = [json.loads(line) for line in (d / "baselines.jsonl").read_text().splitlines()]
     assert {(r["model"], r["dataset"]) for r in table} == {(m, s) for m in
-                                                           ("last item title", "most frequent category",
+                                                           ("latent intent (oracle)", "last item title",
+                                                            "most frequent category",
                                                             "category + attribute", "popular query",
                                                             "popular query of category") for s in ("valid", "test")}
     assert "| last item title | test |" in (d / "baselines.md").read_text()

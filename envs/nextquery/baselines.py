@@ -12,6 +12,13 @@ statistics are fitted on the **train** rows only:
   popular query of category  the most frequent train query among train rows whose most frequent
                              history category is this row's (falls back to the popular query)
 
+A reference, not a baseline (synthetic rows only, where `row["intent"]` holds the latent intent):
+
+  latent intent (oracle)     the intent's preferred attribute values and its category, in one fixed
+                             wording ("waterproof running shoes"): what a model that read the hidden
+                             intent perfectly but not the query's random wording, brand or price word
+                             would say; the headroom above the heuristics
+
 The untrained student and the teacher are models: they go through `python -m eval.run` (docs/nextquery.md).
 """
 
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-__all__ = ["BASELINES", "fit_baselines", "last_item_title", "most_frequent_category", "category_attribute"]
+__all__ = ["BASELINES", "ORACLE", "fit_baselines", "latent_intent", "last_item_title", "most_frequent_category", "category_attribute"]
 
 
 def _mode_recent(values: Sequence[str]) -> str:
@@ -51,6 +58,13 @@ def category_attribute(row: Mapping) -> str:
     return f"{attr} {cat}".strip()
 
 
+def latent_intent(row: Mapping) -> str:
+    intent = row.get("intent") or {}
+    if not intent.get("category"):
+        raise ValueError(f"row {row.get('id')!r}: no latent intent (only synthetic rows have one)")
+    return " ".join([*intent.get("attributes", {}).values(), intent["category"]])
+
+
 class PopularQuery:
     def __init__(self, train_rows: Sequence[Mapping], by_category: bool = False):
         self.by_category = by_category
@@ -71,9 +85,14 @@ BASELINES = ("last item title", "most frequent category", "category + attribute"
              "popular query of category")
 
 
-def fit_baselines(train_rows: Sequence[Mapping]) -> dict:
-    """`{name: predict(row) -> str}` for every baseline of `BASELINES`, fitted on `train_rows`."""
+ORACLE = "latent intent (oracle)"
+
+
+def fit_baselines(train_rows: Sequence[Mapping], oracle: bool = False) -> dict:
+    """`{name: predict(row) -> str}` for every baseline of `BASELINES`, fitted on `train_rows` (+ the
+    latent-intent reference `ORACLE` when `oracle`: synthetic rows only)."""
     return {
+        **({ORACLE: latent_intent} if oracle else {}),
         "last item title": last_item_title,
         "most frequent category": most_frequent_category,
         "category + attribute": category_attribute,

@@ -7,7 +7,8 @@
       sft/train.jsonl sft/valid.jsonl `messages` rows sft.train reads: the `nextquery` prompt builder's
                                       messages (system + user = prompts.render_prompt(row, "full")) and
                                       the query as the assistant turn; plus id / source / target_kind
-      baselines.md baselines.jsonl    the heuristics of baselines.py on valid and test (metrics.score)
+      baselines.md baselines.jsonl    the heuristics of baselines.py on valid and test (metrics.score);
+                                      synthetic: first the latent-intent reference row (an oracle)
       stats.json                      sizes, target-kind shares, settings, build seconds
 
 Synthetic (`build_synthetic`): `world.generate`, then users are split (seeded) into train / valid / test
@@ -56,13 +57,13 @@ def sft_rows(rows: Sequence[Mapping]) -> list[dict]:
              "source": r["source"], "target_kind": r["target_kind"]} for r in rows]
 
 
-def _baselines(catalog: list[dict], splits: Mapping[str, list[dict]], similarity, log) -> list[dict]:
+def _baselines(catalog: list[dict], splits: Mapping[str, list[dict]], similarity, log, oracle: bool) -> list[dict]:
     from envs.nextquery import metrics as nqm
     from envs.nextquery.baselines import fit_baselines
 
     retriever = nqm.Retriever(catalog)
     table = []
-    for name, predict in fit_baselines(splits["train"]).items():
+    for name, predict in fit_baselines(splits["train"], oracle=oracle).items():
         for split in ("valid", "test"):
             rows = splits[split]
             recs = nqm.score([predict(r) for r in rows], rows, retriever=retriever, similarity=similarity)
@@ -85,7 +86,7 @@ def _write(out: Path, source: str, catalog: list[dict], splits: dict[str, list[d
     write_jsonl(out / "streams_test.jsonl", streams)
     write_jsonl(out / "sft" / "train.jsonl", sft_rows(splits["train"]))
     write_jsonl(out / "sft" / "valid.jsonl", sft_rows(splits["valid"]))
-    table = _baselines(catalog, splits, similarity, log)
+    table = _baselines(catalog, splits, similarity, log, oracle=source == "synthetic")
     write_jsonl(out / "baselines.jsonl", table)
     from envs.nextquery.metrics import leaderboard_markdown
 
