@@ -142,7 +142,15 @@ def test_replay_with_a_callable_and_errors(tmp_path):
     assert [r["id"] for r in seen] == ["u1-e0", "u1-e3"]  # the serving fire and the always-on point, once each
     assert seen[1]["time"] == 1180 and len(seen[1]["history"]) == 4
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"user_id": "u", "events": s["events"], "queries": [{"after_event": 9, "query": "q"}]}) + "\n")
-    with pytest.raises(UserError, match=r"bad.jsonl line 1: queries\[0\].after_event 9 is not an event index"):
+    bad.write_text(json.dumps({"user_id": "u", "events": s["events"], "queries": [
+        {"after_event": 9, "time": 2000, "query": "q", "next_items": []}]}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl.*after_event.*9 is not an index into the 4 events"):
         rp.load_streams(bad)
     assert rp.main(["--streams", str(tmp_path / "none.jsonl"), "--no-emb-sim"]) == 2
+    from envs.nextquery.__main__ import main as nextquery_main
+
+    out = tmp_path / "r.json"
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(s) + "\n")
+    assert nextquery_main(["replay", "--streams", str(good), "--window", "2", "--no-emb-sim", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_fires"] == 1

@@ -4,6 +4,7 @@
     python -m envs.nextquery build --source synthetic --users 2000 --seed 1 --out data/nextquery_s1
     python -m envs.nextquery build --source movielens --recbole DIR   # other RecBole atomic files
     python -m envs.nextquery check data/mine/test.jsonl  # validate your own rows (or --streams / --catalog)
+    python -m envs.nextquery replay --streams data/nextquery/synthetic/streams_test.jsonl   # drift trigger (replay.py)
 
 What each file holds: envs/nextquery/build.py; the row format: envs/nextquery/data.py.
 """
@@ -65,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     kind = c.add_mutually_exclusive_group()
     kind.add_argument("--streams", action="store_true", help="the files are streams")
     kind.add_argument("--catalog", action="store_true", help="the files are catalogues")
+    from envs.nextquery import replay  # the drift-trigger replay (envs/nextquery/replay.py)
+
+    replay.build_parser(sub.add_parser("replay", help="replay streams through the drift trigger and a predictor"))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
             _build(args)
         elif args.cmd == "check":
             _check(args)
+        elif args.cmd == "replay":
+            replay.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,49 +32,30 @@ from typing import Callable
 
 from envs.nextquery.drift import REFERENCES, DriftConfig, DriftTrigger
 from envs.nextquery.quality import default_similarity, exact_match, extract_query, token_f1
-from rl.common import JsonlError, UserError, atomic_write_text, iter_jsonl
+from rl.common import UserError, atomic_write_text
 from rl.data import DataError
 
 __all__ = ["load_streams", "replay", "last_title", "ModelPredictor", "main"]
 
 Predictor = Callable[[list[dict]], list[str]]
-_EVENT_KEYS = ("title", "category", "tags", "action", "time")
 
 
 def load_streams(path: str | Path) -> list[dict]:
-    """Streams from a jsonl file, checked: one DataError naming the file, the line and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such streams file (make it with python -m envs.nextquery build, or see docs/nextquery.md)")
-    streams = []
-    try:
-        for lineno, s in iter_jsonl(path):
-            where = f"{path} line {lineno}"
-            for key, kind in (("user_id", (str, int)), ("events", list), ("queries", list)):
-                if not isinstance(s.get(key), kind):
-                    raise DataError(f"{where}: key {key!r} missing or not a {kind if isinstance(kind, type) else 'string'}")
-            for i, e in enumerate(s["events"]):
-                missing = [k for k in _EVENT_KEYS if k not in e]
-                if missing:
-                    raise DataError(f"{where}: events[{i}] has no {missing[0]!r}")
-            for j, q in enumerate(s["queries"]):
-                a = q.get("after_event")
-                if not isinstance(a, int) or not 0 <= a < len(s["events"]):
-                    raise DataError(f"{where}: queries[{j}].after_event {a!r} is not an event index "
-                                    f"(0..{len(s['events']) - 1})")
-                if not isinstance(q.get("query"), str):
-                    raise DataError(f"{where}: queries[{j}] has no 'query' string")
-            streams.append(s)
-    except JsonlError as e:
-        raise DataError(f"{path} line {e.lineno}: {e.reason}") from None
-    if not streams:
-        raise DataError(f"{path}: no streams")
-    return streams
+    """Streams from a jsonl file, validated by `envs.nextquery.data.load_streams` (one DataError naming the
+    file, the line and the key)."""
+    from envs.nextquery.data import load_streams as _load
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such streams file (python -m envs.nextquery build writes "
+                        "data/nextquery/<source>/streams_test.jsonl; the format: docs/nextquery.md)")
+    return _load(path)
 
 
 def last_title(rows: list[dict]) -> list[str]:
-    """The heuristic predictor: the title of the last event (needs no model)."""
-    return [r["history"][-1]["title"] if r["history"] else "" for r in rows]
+    """The heuristic predictor: the title of the last event (`baselines.last_item_title`; needs no model)."""
+    from envs.nextquery.baselines import last_item_title
+
+    return [last_item_title(r) for r in rows]
 
 
 class ModelPredictor:
