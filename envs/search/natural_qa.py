@@ -292,7 +292,8 @@ def subject_name(a: Mapping[str, str], titles: Mapping[str, Any] | None = None) 
     t = a["title"]
     m = re.match(r"^(.*?) \((.+)\)$", t)
     if not m:
-        return t
+        # "the Nile", "the University of Oxford": as the passage itself names it
+        return f"the {t}" if a.get("extract", "").startswith(f"The {t} ") else t
     base, paren = m.group(1), m.group(2)
     k = _PAREN_KINDS.match(paren)
     if not k:
@@ -445,9 +446,11 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
             if m and _DEMONYM.match(m.group(2)) and m.group(2) not in _NOT_DEMONYM and m.start() < 120:
                 _add(facts, a, "nationality", m.group(2), s, was=m.group(1))
         if topic == "People":
-            for name, pos in _name_after(s, r"\b(?:was )?[Bb]orn (?:and raised )?in (?:the )?"):
-                if re.match(rf"^(?:{_YEAR})$", name):
-                    continue
+            # "He was born in Delft", "Born in Lausanne, ...", "..., born in Saint-Germain-en-Laye" (the subject's
+            # own birth), never "the first laureate born in Africa"
+            for name, pos in _name_after(s, r"(?:\b(?:[Hh]e|[Ss]he|who) was born|^Born|, born|^\w+(?: \w+)? was born) (?:and raised )?in (?:the )?"):
+                if re.match(rf"^(?:{_YEAR})$", name) or name.split()[0] in ("House", "Family", "Clan", "Dynasty"):
+                    continue  # "born in the House of Draculesti" is a family, not a place
                 # "Delft, Netherlands" is also right
                 rest = s[pos:]
                 m2 = re.search(re.escape(name) + r", (" + NAME + r")", rest)
