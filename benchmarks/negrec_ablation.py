@@ -10,7 +10,7 @@ the held-out test anchors through `python -m eval.run --agent negrec_topk`):
   prog_full        + the future-positive penalty (recipes/negrec_progressive_grpo.yaml as is): CoNRec
   single_stage     GRPO with all context at once (recipes/negrec_single_stage_grpo.yaml), same steps
   next_negative    alignment + the LC-Rec-style next-negative task (the stage-(ii) prompt -> the anchor's SID,
-                   as many rows as the alignment task), SFT for 2x the steps (the rows are 1.5x as many)
+                   as many rows as the alignment task), the same SFT steps
   nn_prog_full     prog_full started from the `next_negative` model
 
 Every other GRPO row starts from the same seed's `alignment` model. The baselines (random over 2 seeds,
@@ -61,7 +61,7 @@ ROWS = {
 # row -> the SFT row whose model a GRPO row starts from (default: alignment)
 START = {"nn_prog_full": "next_negative"}
 # row -> extra recipe overrides (before the command line's)
-EXTRA = {"next_negative": ["steps=300", "training.num_threads=1"]}
+EXTRA: dict[str, list[str]] = {}
 METRICS = ("cand_acc", "hr@20", "fhr@20", "luf@20", "lif@20", "invalid_rate")
 
 
