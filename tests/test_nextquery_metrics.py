@@ -133,7 +133,8 @@ def test_baselines_on_a_hand_made_row():
     train = [dict(row, query="white phone"), dict(row2, query="red trainers"), dict(row2, query="red trainers")]
     fitted = nqb.fit_baselines(train)
     assert set(fitted) == set(nqb.BASELINES)
-    assert nqb.latent_intent({"intent": {"category": "tent", "attributes": {"feature": "ultralight"}}}) == "ultralight tent"
+    assert nqb.latent_intent({"intent": {"category": "tent", "attributes": {"feature": "ultralight", "colour": None}}}) \
+        == "ultralight tent"
     assert list(nqb.fit_baselines(train, oracle=True))[0] == nqb.ORACLE
     assert fitted["popular query"](row) == "red trainers"
     assert fitted["popular query of category"](row) == "white phone"

@@ -62,7 +62,8 @@ def latent_intent(row: Mapping) -> str:
     intent = row.get("intent") or {}
     if not intent.get("category"):
         raise ValueError(f"row {row.get('id')!r}: no latent intent (only synthetic rows have one)")
-    return " ".join([*intent.get("attributes", {}).values(), intent["category"]])
+    # rows read through `datasets` pad the attribute struct of every category with None: skip those
+    return " ".join([*(v for v in (intent.get("attributes") or {}).values() if v), intent["category"]])
 
 
 class PopularQuery:
