@@ -147,7 +147,8 @@ def test_build_splits_by_user_and_writes_valid_files(tiny_build):
     assert {(r["model"], r["dataset"]) for r in table} == {(m, s) for m in
                                                            ("latent intent (oracle)", "last item title",
                                                             "most frequent category",
-                                                            "category + attribute", "popular query",
+                                                            "category + attribute", "recent category + attribute",
+                                                            "popular query",
                                                             "popular query of category") for s in ("valid", "test")}
     assert "| last item title | test |" in (d / "baselines.md").read_text()
 

@@ -127,6 +127,11 @@ def test_baselines_on_a_hand_made_row():
     # 2 smartphones, 2 running shoes: the tie goes to the category seen last
     assert nqb.most_frequent_category(row) == "smartphone"
     assert nqb.category_attribute(row) == "white smartphone"  # black/white tie -> the most recent
+    # the last 2 events: one running shoe, one smartphone -> the tie goes to the smartphone seen last
+    assert nqb.category_attribute(row, recent=2) == "white smartphone"
+    row3 = {"history": row["history"][:3] + [_ev("running shoes", "s", ["running shoes", "X", "red"], brand="X")]}
+    assert nqb.most_frequent_category(row3) == "running shoes"
+    assert nqb.category_attribute(row3, recent=1) == "red running shoes"
     row2 = {"history": row["history"][:3]}
     assert nqb.category_attribute(row2) == "red running shoes"  # the attribute the user keeps choosing
     assert nqb.last_item_title({"history": []}) == "" and nqb.category_attribute({"history": []}) == ""

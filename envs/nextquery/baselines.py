@@ -8,6 +8,9 @@ statistics are fitted on the **train** rows only:
   category + attribute       that category and the tag its events carry most often besides the
                              category and the brand (the attribute the user keeps choosing; ties: the
                              most recent), e.g. "waterproof running shoes"
+  recent category + attribute  the same over the last RECENT (5) events only: the category most of
+                             them have (ties: the most recent), and its most frequent attribute tag
+                             over the whole history (a drifted user's new interest, not the old one)
   popular query              the most frequent query of the train rows (ties: the first seen)
   popular query of category  the most frequent train query among train rows whose most frequent
                              history category is this row's (falls back to the popular query)
@@ -48,8 +51,13 @@ def most_frequent_category(row: Mapping) -> str:
     return _mode_recent([e["category"] for e in row["history"]])
 
 
-def category_attribute(row: Mapping) -> str:
-    cat = most_frequent_category(row)
+RECENT = 5
+
+
+def category_attribute(row: Mapping, recent: int | None = None) -> str:
+    """The most frequent category (of the last `recent` events; None: all) + its most frequent attribute tag."""
+    events = row["history"] if recent is None else row["history"][-recent:]
+    cat = _mode_recent([e["category"] for e in events])
     if not cat:
         return ""
     tags = [t for e in row["history"] if e["category"] == cat for t in e.get("tags", [])
@@ -82,8 +90,8 @@ class PopularQuery:
         return self.top
 
 
-BASELINES = ("last item title", "most frequent category", "category + attribute", "popular query",
-             "popular query of category")
+BASELINES = ("last item title", "most frequent category", "category + attribute", "recent category + attribute",
+             "popular query", "popular query of category")
 
 
 ORACLE = "latent intent (oracle)"
@@ -97,6 +105,7 @@ def fit_baselines(train_rows: Sequence[Mapping], oracle: bool = False) -> dict:
         "last item title": last_item_title,
         "most frequent category": most_frequent_category,
         "category + attribute": category_attribute,
+        "recent category + attribute": lambda row: category_attribute(row, RECENT),
         "popular query": PopularQuery(train_rows),
         "popular query of category": PopularQuery(train_rows, by_category=True),
     }
