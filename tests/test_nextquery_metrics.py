@@ -101,7 +101,7 @@ def test_record_reads_the_answer_and_the_row_catalogue(tmp_path, monkeypatch):
     p.write_text("".join(json.dumps(it) + "\n" for it in CATALOG))
     monkeypatch.setattr(nqm.quality, "default_similarity", lambda *a, **k: jaccard_similarity)
     row = {"id": "1", "query": "waterproof running shoes", "next_items": ["a"], "catalog": str(p)}
-    traj = SimpleNamespace(response_text='Query: "waterproof running shoes"', response_ids=[5, 6, 7], row=row,
+    traj = SimpleNamespace(response_text='Query: "waterproof running shoes"', response_ids=[5, 6, 7], loss_mask=[1, 1, 1], row=row,
                            reward_parts={})
     rec = nqm.record(traj)
     assert rec["pred"] == "waterproof running shoes" and rec["em"] == 1.0 and rec["hit@10"] == 1.0

@@ -11,7 +11,8 @@ for metrics and rewards):
   hit@10    1 if any of row["next_items"] is among the top 10 items BM25 returns for `pred` over the
             row's catalogue (title + category + brand + tags); 0 for an empty pred; None (left out of
             the mean) when the row has no next items or no catalogue is known
-  out_tokens  the tokens the model generated (the whole response, reasoning included)
+  out_tokens  the tokens the model generated (sum of the loss mask: the whole response, reasoning and
+            the end-of-turn token included; the length the gated reward of rewards.py penalises)
 
 Aggregate: `n`, the means of em / f1 / emb_sim / hit@10 (over the rows that have it: `n_hit`), and the
 **median** of out_tokens (the paper's median reasoning length). Baselines (envs/nextquery/baselines.py)
@@ -156,7 +157,8 @@ def score(preds: Sequence[str], rows: Sequence[Mapping], *, retriever: Retriever
 def record(traj) -> dict:
     """A single-turn trajectory's record: its answer's query scored against its row."""
     pred = quality.extract_query(traj.response_text)
-    rec = score([pred], [traj.row], out_tokens=[len(traj.response_ids)])[0]
+    # the policy's tokens (the end-of-turn token included), as the gated reward counts them (rewards.py)
+    rec = score([pred], [traj.row], out_tokens=[int(sum(traj.loss_mask))])[0]
     rec["response"] = traj.response_text
     if traj.reward_parts:  # the recipe's rewards, when eval.run scored them
         rec["rewards"] = {name: float(v) for name, v in traj.reward_parts.items()}
