@@ -83,6 +83,8 @@ def check_rows(splits: dict, arts: list[dict]) -> None:
                 assert not any(_contains(a["extract"], g) for g in r["golden_answers"])  # one search cannot answer
                 assert _contains(a["extract"], meta["bridge"])  # hop 1 reads B's name in A
                 assert not _contains(r["question"], b["title"])  # the question does not name B
+                # B's passage does not name A: no single search through A's name lands on B
+                assert meta["b_names_a"] or not _contains(b["extract"], a["title"])
                 assert len(meta["queries"]) == 2 and _contains(meta["queries"][1], meta["bridge"])
             else:
                 assert meta["qtype"] == "natural" and len(meta["queries"]) == 1
@@ -175,6 +177,20 @@ def test_grouped_split_keeps_linked_articles_together_within_the_cap(n, edges, s
     assert set(split) == set(titles) and set(split.values()) <= {"train", "dev", "test"}
     assert sum(v == "test" for v in split.values()) <= round(n * 0.2)
     assert split == split_articles_grouped(titles, links, random.Random(seed), 0.2, 0.2, max_group=max_group)
+
+
+def test_two_hop_whose_second_passage_names_the_first_is_a_shortcut():
+    arts = world(n_countries=2, n_cities=4, n_authors=0, n_novels=0, links=(0, 0, 1, 1))
+    # Kessar, Valdun in Aldoria; Morrow Bay, Tavik in Brevania. Aldoria's passage names its capital Kessar:
+    # "the population of the country in which Kessar lies" is answered by one search for Kessar that finds
+    # Aldoria; Valdun is not named there
+    kw = dict(n_train=100, frac_dev=0.0, frac_test=0.0)
+    strict = [r for r in generate_natural_qa(arts, seed=0, **kw)["train"] if r["metadata"]["qtype"] == "twohop"]
+    loose = [r for r in generate_natural_qa(arts, seed=0, allow_b_names_a=True, **kw)["train"]
+             if r["metadata"]["qtype"] == "twohop"]  # fmt: skip
+    assert {r["metadata"]["titles"][0] for r in strict} == {"Valdun", "Tavik"}
+    assert {r["metadata"]["titles"][0] for r in loose} >= {"Kessar", "Valdun", "Morrow Bay", "Tavik"}
+    assert {r["metadata"]["b_names_a"] for r in loose if r["metadata"]["titles"][0] in ("Kessar", "Morrow Bay")} == {True}
 
 
 def test_mixed_with_generated_types_stays_article_disjoint():
@@ -279,7 +295,7 @@ def test_wiki10k_natural_set_keeps_the_contract():
     splits = generate_natural_qa(arts, seed=0)
     check_rows(splits, arts)
     test = splits["test"]
-    assert sum(r["metadata"]["qtype"] == "twohop" for r in test) >= 40
+    assert sum(r["metadata"]["qtype"] == "twohop" for r in test) >= 20
     assert len({r["metadata"]["relation"] for r in test if r["metadata"]["qtype"] == "natural"}) >= 10
     other = generate_natural_qa(arts, seed=1)
     assert {r["question"] for r in other["test"]} != {r["question"] for r in test}

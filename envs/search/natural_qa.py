@@ -21,8 +21,10 @@ over recall (a wrong gold answer poisons RL):
 
 Two-hop questions compose a hop-1 fact of article A whose answer is the title of another
 article B with a hop-2 fact of B.  They are kept only when both passages are in the corpus,
-the final answer is a span of B and does not occur in A's passage (one search cannot answer
-it), and the question names neither B nor the answer.
+the final answer is a span of B and does not occur in A's passage, B's passage does not
+name A (else one search aimed at B through A's name answers it: "the population of the
+country whose capital is Oslo" finds Norway's "Its capital is Oslo"), and the question names
+neither B nor the answer.
 
 Splits are by article: articles linked by a two-hop question are grouped (union-find,
 groups capped in size) and whole groups go to train/dev/test, so no article behind a test
@@ -237,6 +239,8 @@ RELATIONS: dict[str, Relation] = {
         Relation("country", ("In which {kind} is {s}?", "{S} is located in which {kind}?", "Which {kind} is {s} in?"),
                  np_templates=("In which {kind} is {s}?", "{S} is located in which {kind}?"), subject_kind="place",
                  bridge_np="the {kind} in which {s} lies", answer_kind="country"),
+        Relation("city", ("In which city is {s} located?", "{S} is located in which city?", "Which city is {s} in?"),
+                 bridge_np="the city where {s} is located", answer_kind="place"),
         Relation("headquarters", ("Where is {s} headquartered?", "In which city is {s} headquartered?",
                                   "Where are the headquarters of {s}?"),
                  bridge_np="the city where {s} is headquartered", answer_kind="place"),
@@ -491,6 +495,16 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
                     if k:
                         _add(facts, a, "country", name, s, kind=k)
                         break
+                # the city among them ("a public research university in Haidian, Beijing, China" -> Beijing),
+                # for what is not itself a city: a city of a city is a district, not a fact people ask
+                is_city = re.compile(r"\b(?:city|capital|town|municipality|metropolis)\b")
+                if not is_city.search(desc) and not re.search(r"\b(?:city|town|capital|municipality|village|state|"
+                                                              r"province|region|county|district|prefecture)\b", m.group(0)):
+                    for name, _end in chain if clean else []:
+                        b = entities.get(name)
+                        if b is not None and _kind_of(b) == "place" and is_city.search(b.get("description", "").lower()):
+                            _add(facts, a, "city", name, s)
+                            break
         if re.search(r"\briver\b", desc) or re.search(r"\bRiver\b", a["title"]):
             if len(re.findall(r"\blength of\b|\blong\b", s)) == 1 and "basin" not in s:
                 m = re.search(rf"\blength of (?:about |approximately |around )?({_NUM}) ?(km|kilometres|kilometers|mi|miles)\b", s) or \
@@ -551,7 +565,7 @@ _REL_WORD = {"population": "population", "area": "area", "capital": "capital", "
              "founded": "founded", "birthplace": "born", "length": "length", "headquarters": "headquarters",
              "author": "author", "director": "film", "mouth": "river", "discoverer": "discovered",
              "discovery_year": "discovered", "work_year": "", "nationality": "", "country": "", "capital_of": "capital",
-             "founder": "founded"}  # fmt: skip
+             "founder": "founded", "city": "city"}  # fmt: skip
 _KIND_WORD = {"country": "country", "place": "", "person": "", "water": "", "other": ""}
 
 
@@ -624,8 +638,12 @@ def twohop_candidates(
     facts_of: Mapping[str, Sequence[Fact]],
     by_name: Mapping[str, Mapping[str, str]],
     rng: random.Random,
+    allow_b_names_a: bool = False,
 ) -> list[dict]:
-    """Two-hop questions whose hop 1 is a fact of `a` answered by another article B's title."""
+    """Two-hop questions whose hop 1 is a fact of `a` answered by another article B's title.
+
+    `allow_b_names_a`: also keep questions whose B passage names A (then one well-aimed search can
+    land on B directly; marked `metadata.b_names_a`)."""
     s = subject_name(a)
     if s is None:
         return []
@@ -648,8 +666,13 @@ def twohop_candidates(
             if f1.relation in ("capital", "country") and f2.relation in ("capital_of", "country"):
                 continue
             golds = f2.golds
-            # answerable only through B: the final answer is in B's passage, not in A's
+            # answerable only through B: the final answer is in B's passage, not in A's; and B's passage does
+            # not name A (else one search for A's name plus the relation could land on B directly:
+            # "the population of the country whose capital is Oslo" finds Norway's "Its capital is Oslo")
             if any(_contains(a["extract"], g) for g in golds) or _contains(b["extract"], f2.value) is False:
+                continue
+            b_names_a = _contains(b["extract"], re.sub(r"\s*\([^)]*\)$", "", a["title"])) or _contains(b["extract"], s)
+            if b_names_a and not allow_b_names_a:
                 continue
             q = _fill(rng.choice(rel2.np_templates), np, f2)
             if _contains(q, bname) or _contains(q, b["title"]) or _contains(q, f1.value) or any(_contains(q, g) for g in golds):
@@ -659,7 +682,7 @@ def twohop_candidates(
             kw, kind = _REL_WORD.get(f2.relation, ""), _KIND_WORD.get(_kind_of(b), "")
             hop2 = _dedup([f"{bname} {kind}".strip(), f"{bname} {kw} {kind}".strip(), bname, hop2_q, f"{bname} {kw}".strip()])
             out.append(_row("twohop", f"{f1.relation}>{f2.relation}", q, golds, [a["title"], b["title"]],
-                            subject=s, bridge=f1.value, hop_questions=[hop1_q, hop2_q],
+                            subject=s, bridge=f1.value, hop_questions=[hop1_q, hop2_q], b_names_a=b_names_a,
                             query_options=[_dedup([s, hop1_q]), hop2]))
     return out
 
@@ -781,6 +804,8 @@ def generate_natural_qa(
     frac_test: float = 0.1,
     max_answer_words: int = 4,
     max_relation_share: float = 0.4,
+    max_per_bridge_fact: int = 2,
+    allow_b_names_a: bool = False,
     data_source: str = "wiki10k_nq",
     retriever: Any | None = None,
     query_topk: int = 1,
@@ -793,7 +818,10 @@ def generate_natural_qa(
     natural 0.7, twohop 0.3, the legacy types as in `qa_data.DEFAULT_MIX`); a type short of
     candidates is topped up from the others.  `max_relation_share`: no relation makes more
     than this share of a split's natural questions (nationality alone would be ~60%).
-    `retriever` (optional, e.g. BM25 over the corpus): picks each hop's oracle query among
+    `max_per_bridge_fact`: two-hop questions per split that end in the same fact of the same
+    bridge article.  `allow_b_names_a`: keep two-hop questions whose second passage names the
+    first article too (about 2.5x more two-hop questions, but one search can shortcut them;
+    `metadata.b_names_a` marks them).  `retriever` (optional, e.g. BM25 over the corpus): picks each hop's oracle query among
     its options so that it finds the hop's passage in the top `query_topk` (`choose_queries`).
     """
     from . import qa_data as Q
@@ -818,7 +846,7 @@ def generate_natural_qa(
         if "natural" in types:
             cands["natural"].extend(natural_candidates(a, facts_of[a["title"]], crng))
         if "twohop" in types:
-            cands["twohop"].extend(twohop_candidates(a, facts_of, by_name, crng))
+            cands["twohop"].extend(twohop_candidates(a, facts_of, by_name, crng, allow_b_names_a))
     if any(t in LEGACY_TYPES for t in types):
         ents = Q._Entities(arts)
         desc_count = Counter(a.get("description", "").casefold() for a in arts if a.get("description"))
@@ -848,6 +876,9 @@ def generate_natural_qa(
         quota = {t: int(round(n * mix[t] / total)) for t in sorted(mix)}
         chosen: list[dict] = []
         used: set[tuple[str, str]] = set()
+        # a hub (a country with many cities in the corpus) would make one two-hop answer a large share
+        # of the split ("the area of the country in which <any Chinese city> lies"): at most 2 per hop-2 fact
+        per_fact: Counter = Counter()
 
         def take(qtype: str, k: int) -> None:
             pool = pools.get(qtype, [])
@@ -856,8 +887,11 @@ def generate_natural_qa(
                 key = _norm(row["question"])
                 rel = row["metadata"].get("relation", qtype)
                 ident = (row["metadata"]["titles"][0], rel)
-                if key in seen_questions or ident in used:
+                fact = (row["metadata"]["titles"][-1], rel.split(">")[-1]) if qtype == "twohop" else None
+                if key in seen_questions or ident in used or (fact and per_fact[fact] >= max_per_bridge_fact):
                     continue
+                if fact:
+                    per_fact[fact] += 1
                 seen_questions.add(key)
                 used.add(ident)
                 chosen.append(row)
@@ -897,27 +931,51 @@ def type_report(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, 
     return {s: dict(sorted(Counter(_type_key(r) for r in rows).items())) for s, rows in splits.items()}
 
 
-def difficulty_table(rows: Sequence[Mapping[str, Any]], retriever: Any, topk: int = 3) -> str:
-    """Markdown table per question type: n, no-search baseline (always the majority answer of the
-    type), the retrieval bound (gold in the top-`topk` BM25 passages for the question text), and
-    empty columns for the models (untrained, SFT, SFT+RL) that the evaluation fills in."""
+def difficulty_table(
+    rows: Sequence[Mapping[str, Any]],
+    retriever: Any,
+    topk: int = 3,
+    models: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    by_relation: bool = True,
+) -> str:
+    """Markdown table per question type (and per relation): n; a no-search baseline (always
+    answer the type's most common gold: what can be guessed without reading); the retrieval
+    bound (a gold answer in the top-`topk` BM25 passages for the question text: one search
+    with the question itself); the share whose oracle queries find every hop's passage
+    (`metadata.query_hits`, top-1: what the warm-start episodes can ground); and per model EM and average searches from `eval.run`'s
+    prediction records (`models`: label -> {question id -> record}), blank until given."""
     from .qa_data import answer_in_topk
 
-    by: dict[str, list] = defaultdict(list)
+    models = dict(models) if models else {"untrained": {}, "SFT": {}, "SFT+RL": {}}
+    groups: dict[str, list] = defaultdict(list)
     for r in rows:
-        by[(r.get("metadata") or {}).get("qtype", "?")].append(r)
-    lines = [
-        f"| type | n | no-search majority EM | gold in BM25 top-{topk} (question) | untrained EM | SFT EM | SFT+RL EM |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for qtype in sorted(by) + ["all"]:
-        rs = rows if qtype == "all" else by[qtype]
+        meta = r.get("metadata") or {}
+        groups[meta.get("qtype", "?")].append(r)
+        if by_relation:
+            groups[f"{meta.get('qtype', '?')}: {meta.get('relation', '?')}"].append(r)
+    groups["all"] = list(rows)
+    head = (f"| type | n | no-search majority EM | gold in BM25 top-{topk} (question) | oracle queries find every hop |"
+            + "".join(f" {m} EM / searches |" for m in models))  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(models)]
+    order = sorted(k for k in groups if ":" not in k and k != "all") + ["all"] + sorted(k for k in groups if ":" in k)
+    for key in order:
+        rs = groups[key]
         if not rs:
             continue
         common = Counter(_norm(r["golden_answers"][0]) for r in rs).most_common(1)[0][0]
         base = sum(any(_norm(g) == common for g in r["golden_answers"]) for r in rs) / len(rs)
         bound = answer_in_topk(rs, retriever, topk=topk)["fraction"]
-        lines.append(f"| {qtype} | {len(rs)} | {base:.3f} | {bound:.3f} | | | |")
+        hits = [all(r["metadata"]["query_hits"]) for r in rs if (r.get("metadata") or {}).get("query_hits")]
+        found = f"{sum(hits) / len(hits):.3f}" if hits else "-"
+        cells = []
+        for recs in models.values():
+            got = [recs[r["id"]] for r in rs if r.get("id") in recs]
+            cells.append(
+                f" {sum(x['em'] for x in got) / len(got):.3f} / {sum(x['searches'] for x in got) / len(got):.2f} |"
+                if got else " |"
+            )
+        name = f"**{key}**" if ":" not in key else key
+        lines.append(f"| {name} | {len(rs)} | {base:.3f} | {bound:.3f} | {found} |" + "".join(cells))
     return "\n".join(lines) + "\n"
 
 
@@ -929,6 +987,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--samples", type=int, default=0, help="print N sample questions per relation (test+dev)")
     r.add_argument("--topk", type=int, default=3)
     r.add_argument("--corpus", default=None, help="Search-R1 jsonl corpus (default: wiki10k from the cache)")
+    r.add_argument("--split", default="test", help="the split the difficulty table is over (default: test)")
+    r.add_argument("--predictions", action="append", default=[], metavar="LABEL=PATH",
+                   help="eval.run prediction records (predictions/<model>__<dataset>.jsonl) of a model on that split: "
+                        "fills the model's EM / searches columns (repeatable)")
     args = ap.parse_args(argv)
     from rl.common import read_jsonl
 
@@ -946,9 +1008,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n## {k}")
             for row in by[k][: args.samples]:
                 print(f"  {row['question']}  ->  {row['golden_answers']}   [{' | '.join(row['metadata']['titles'])}]")
+    models = {}
+    for item in args.predictions:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            ap.error(f"--predictions {item!r}: expected LABEL=PATH")
+        models[label] = {str(rec.get("id")): rec for rec in read_jsonl(path)}
+    if args.split not in splits:
+        ap.error(f"--split {args.split}: no {d / (args.split + '.jsonl')}")
     retriever = BM25Retriever(args.corpus or C.fetch_wiki(), show_progress=False)
     print()
-    print(difficulty_table(splits["test"], retriever, topk=args.topk))
+    print(difficulty_table(splits[args.split], retriever, topk=args.topk, models=models or None))
     return 0
 
 
