@@ -172,3 +172,33 @@ def test_real_minilm_similarity_ranks_paraphrases_above_unrelated():
     recs = nqm.score(["waterproof trail running shoes", "red espresso machine"],
                      [{"query": "waterproof running shoes"}, {"query": "waterproof running shoes"}])
     assert recs[0]["emb_sim"] > 0.8 > recs[1]["emb_sim"]
+
+
+def test_eval_run_cli_with_the_documented_command(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """docs/nextquery.md's command: the GRPO recipe, `--metrics nextquery`, a `--data` file with its catalogue."""
+    from pathlib import Path
+
+    import envs.nextquery.rewards as nq_rewards
+    from eval.run import main as eval_main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nextquery_grpo.yaml"
+    if not recipe.exists():
+        pytest.skip("recipes/nextquery_grpo.yaml not written yet")
+    monkeypatch.setattr(nqm.quality, "default_similarity", lambda *a, **k: jaccard_similarity)
+    monkeypatch.setattr(nq_rewards, "default_similarity", lambda *a, **k: jaccard_similarity)
+    w = world.generate(world.WorldConfig(seed=1, n_users=2, items_per_category=10, categories=("tent", "gloves")))
+    d = tmp_path / "synthetic"
+    d.mkdir()
+    (d / "catalog.jsonl").write_text("".join(json.dumps(it) + "\n" for it in w.catalog))
+    rows = [r for u in w.users for r in world.rows_of(u)][:3]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    rc = eval_main(["--recipe", str(recipe), "--metrics", "nextquery", "--data", f"synthetic={d / 'test.jsonl'}",
+                    "--model", f"tiny={tiny_model_dir}", "--max-new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    text = json.dumps(board)
+    assert '"n_hit": 3' in text and "HR@10" in (out / "leaderboard.md").read_text()
+    preds = [json.loads(line) for line in next((out / "predictions").glob("tiny__*.jsonl")).read_text().splitlines()]
+    assert [p["id"] for p in preds] == [r["id"] for r in rows]
+    assert all("rewards" in p for p in preds)  # the recipe's gated reward scored each answer
