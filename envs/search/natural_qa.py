@@ -358,7 +358,9 @@ def _place_numbers(facts: list[Fact], a: Mapping[str, str], s: str) -> None:
         m = re.search(rf"\b(?:population of|[Tt]he population (?:is|was)) (?:about |approximately |around |roughly |"
                       rf"over |more than |almost |nearly |some |just over |an estimated )?"
                       rf"({_NUM}(?: million| billion)?)(?! (?:km|square|sq))", s)  # fmt: skip
-        if m and not re.search(r"\bmetropolitan|\burban area|\bmetro\b|\bregion\b|\bdistrict", s):
+        # the city's own count, not its metropolitan / statistical / urban area's
+        if m and not re.search(r"\bmetropolitan|\burban\b|\bmetro\b|\bregion\b|\bdistrict|\bstatistical area|"
+                               r"\bcombined\b|\bgreater\b|\bagglomeration|\bconurbation|\bcounty\b|\bdiaspora", s):
             _add(facts, a, "population", m.group(1), s)
     if s.count("elevation") == 1:
         m = re.search(rf"\belevation of (?:about |approximately )?({_NUM}) ?(m|metres|meters|ft|feet)\b", s)
@@ -448,7 +450,10 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
         if topic == "People" and first:
             m = re.search(r"\b(is|was) an? ((?:[A-Z][a-z]+-)?[A-Z][a-z]+) (?=[a-z])", s)
             if m and _DEMONYM.match(m.group(2)) and m.group(2) not in _NOT_DEMONYM and m.start() < 120:
-                _add(facts, a, "nationality", m.group(2), s, was=m.group(1))
+                # "a French and Swiss film director": either is right
+                both = re.match(r"and ((?:[A-Z][a-z]+-)?[A-Z][a-z]+) (?=[a-z])", s[m.end():])
+                alias = [both.group(1), f"{m.group(2)} and {both.group(1)}"] if both and _DEMONYM.match(both.group(1)) else []
+                _add(facts, a, "nationality", m.group(2), s, golds=alias, was=m.group(1))
         if topic == "People":
             # "He was born in Delft", "Born in Lausanne, ...", "..., born in Saint-Germain-en-Laye" (the subject's
             # own birth), never "the first laureate born in Africa"
