@@ -305,3 +305,15 @@ def test_check_cli_one_error_line(tmp_path, capsys):
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.match(r"error: .*bad.jsonl row 0 \(line 1\): history\[0\].action", err)
+
+
+def test_load_catalog_checks_items(tmp_path):
+    item = {"item_id": "i1", "title": "Tent", "category": "tent", "brand": "", "attributes": {"capacity": "2 person"},
+            "tags": ["tent", "2 person"]}
+    assert nqdata.load_catalog(_write(tmp_path / "c.jsonl", [item]))[0]["item_id"] == "i1"
+    with pytest.raises(DataError, match=r"c2.jsonl row 1 \(line 2\): item_id: duplicate 'i1'"):
+        nqdata.load_catalog(_write(tmp_path / "c2.jsonl", [item, item]))
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): attributes.capacity: expected a string, got int"):
+        nqdata.load_catalog(_write(tmp_path / "c3.jsonl", [dict(item, attributes={"capacity": 2})]))
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): tags: missing"):
+        nqdata.load_catalog(_write(tmp_path / "c4.jsonl", [{k: v for k, v in item.items() if k != "tags"}]))
