@@ -48,6 +48,9 @@ def test_identical_disjoint_and_empty_windows():
     # one empty: all mass moved; dH = H(other) / log2(|union|)
     assert drift_terms({}, {"a": 0.5, "b": 0.5}) == pytest.approx({"dh": 1.0, "one_minus_jaccard": 1.0, "js": 1.0})
     assert drift_terms({"a": 1.0}, {}) == pytest.approx({"dh": 0.0, "one_minus_jaccard": 1.0, "js": 1.0})
+    # dh_norm="bits": the raw entropy difference (1.5 bits here), unbounded
+    assert drift_terms({"a": 0.5, "b": 0.25, "c": 0.25}, {"d": 1.0}, "bits")["dh"] == pytest.approx(1.5)
+    assert drift_score({"a": 0.5, "b": 0.25, "c": 0.25}, {"d": 1.0}, DriftConfig(dh_norm="bits")) == pytest.approx(1.2)
     cfg = DriftConfig(w_h=1.0, w_j=0.0, w_js=0.0)
     assert drift_score({"a": 0.5, "b": 0.5}, {"a": 1.0}, cfg) == pytest.approx(1.0)  # weights are used
 
@@ -85,6 +88,8 @@ def test_trigger_last_fire_reference_and_cache():
 def test_config_errors():
     with pytest.raises(UserError, match="reference 'prev'"):
         DriftConfig(reference="prev")
+    with pytest.raises(UserError, match="dh_norm 'nats'"):
+        DriftConfig(dh_norm="nats")
     with pytest.raises(UserError, match="window must be >= 1"):
         DriftConfig(window=0)
     with pytest.raises(UserError, match="not both"):
@@ -141,6 +146,15 @@ def test_replay_with_a_callable_and_errors(tmp_path):
     assert rep["trigger"]["em"] == 1.0 and rep["cache_hit_rate"] == 1.0 and rep["n_fires"] == 1
     assert [r["id"] for r in seen] == ["u1-e0", "u1-e3"]  # the serving fire and the always-on point, once each
     assert seen[1]["time"] == 1180 and len(seen[1]["history"]) == 4
+    # the periodic control runs as often (1 fire in 4 events: every 4th event, i.e. event 0 here)
+    assert rep["periodic"]["period_events"] == 4 and rep["periodic"]["trigger_rate"] == 0.25
+    assert rep["periodic"]["quality"] == {"em": 1.0, "f1": 1.0}
+    mixed = _stream("u2", ["tent", "sock", "tent", "sock"], s["queries"])
+    sweep = rp.replay_many([mixed], predictor, [DriftConfig(window=2, reference="last_fire", threshold=t)
+                                                for t in (0.8, 0.0)], emb_sim=False)
+    # threshold 0, against the last fire's window: e0 (cold start), e1 ({tent, sock, colour1} vs {tent}),
+    # not e2 (the same window as e1's), e3 (colour3 instead of colour1)
+    assert [r["n_fires"] for r in sweep] == [1, 3] and [r["config"]["threshold"] for r in sweep] == [0.8, 0.0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"user_id": "u", "events": s["events"], "queries": [
         {"after_event": 9, "time": 2000, "query": "q", "next_items": []}]}) + "\n")

@@ -18,6 +18,9 @@ Reported (JSON + a table):
   quality          em / f1 / emb_sim of the served query vs the real one, for the trigger and for the
                    always-on phone (the model run on every event: at a query point it serves the
                    prediction from `after_event` itself), and trigger / always-on ratios.
+  periodic         the control: the model run every k-th event, k = events / fires (about the trigger's
+                   rate), with its quality and ratios: what the drift formula adds over a plain timer.
+`--thresholds` sweeps the threshold (one report per value; each prediction is computed once).
 Only predictions that are served somewhere are computed (a fire whose answer is replaced before any
 query is counted in trigger_rate but never generated): the numbers are the same, the replay is cheaper.
 """
@@ -30,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from envs.nextquery.drift import REFERENCES, DriftConfig, DriftTrigger
+from envs.nextquery.drift import DH_NORMS, REFERENCES, DriftConfig, DriftTrigger
 from envs.nextquery.quality import default_similarity, exact_match, extract_query, token_f1
 from rl.common import UserError, atomic_write_text
 from rl.data import DataError
@@ -123,15 +126,10 @@ def _quality(preds: list[str], refs: list[str], emb_sim: bool) -> dict:
     return out
 
 
-def replay(streams: list[dict], predictor: Predictor, cfg: DriftConfig | None = None, history_len: int = 20,
-           emb_sim: bool = True) -> dict:
-    """The replay (module docstring); returns the report dict."""
-    cfg = cfg or DriftConfig()
+def _plan(streams: list[dict], cfg: DriftConfig) -> dict:
+    """Run the trigger over every stream; which prediction serves each query point."""
     n_events = n_fires = 0
-    served: list[tuple[int, int]] = []  # per query: (stream index, event index of the serving fire)
-    always: list[tuple[int, int]] = []  # per query: (stream index, after_event)
-    refs: list[str] = []
-    staleness: list[int] = []
+    served, always, refs, staleness = [], [], [], []
     for si, s in enumerate(streams):
         trig = DriftTrigger(cfg)
         fires = [i for i, e in enumerate(s["events"]) if trig.update(e)]
@@ -140,29 +138,73 @@ def replay(streams: list[dict], predictor: Predictor, cfg: DriftConfig | None = 
         for q in s["queries"]:
             a = q["after_event"]
             f = max(i for i in fires if i <= a)  # event 0 always fires: never empty
-            served.append((si, f))
-            always.append((si, a))
+            served.append((si, f))  # (stream index, event index of the serving fire)
+            always.append((si, a))  # the always-on phone: the prediction made at the query's last event
             staleness.append(a - f)
             refs.append(q["query"])
-    points = list(dict.fromkeys(served + always))  # each needed prediction once
+    # the control: the model run every k-th event of a stream (event 0 included), k = events / fires, so it
+    # runs about as often as the trigger did; a trigger is worth its formula only if it keeps more quality
+    k = max(1, round(n_events / max(1, n_fires)))
+    periodic = [(si, (q["after_event"] // k) * k) for si, s in enumerate(streams) for q in s["queries"]]
+    periodic_fires = sum(len(range(0, len(s["events"]), k)) for s in streams)
+    return {"cfg": cfg, "n_events": n_events, "n_fires": n_fires, "served": served, "always": always, "refs": refs,
+            "staleness": staleness, "periodic": periodic, "period": k, "periodic_fires": periodic_fires}
+
+
+def replay_many(streams: list[dict], predictor: Predictor, cfgs: list[DriftConfig], history_len: int = 20,
+                emb_sim: bool = True) -> list[dict]:
+    """One report per trigger config (module docstring); each needed prediction is computed once for all."""
+    plans = [_plan(streams, cfg) for cfg in cfgs]
+    points = list(dict.fromkeys(p for plan in plans for p in plan["served"] + plan["always"] + plan["periodic"]))
     preds = predictor([_row(streams[si], i, history_len) for si, i in points]) if points else []
     if len(preds) != len(points):
         raise RuntimeError(f"replay: the predictor returned {len(preds)} answers for {len(points)} prompts")
     pred = dict(zip(points, preds))
-    trig_q = _quality([pred[p] for p in served], refs, emb_sim)
-    on_q = _quality([pred[p] for p in always], refs, emb_sim)
-    nq = len(refs)
-    return {
-        "config": {"window": cfg.window, "weights": [cfg.w_h, cfg.w_j, cfg.w_js], "threshold": cfg.threshold,
-                   "reference": cfg.reference, "history_len": history_len},
-        "n_streams": len(streams), "n_events": n_events, "n_queries": nq, "n_fires": n_fires,
-        "trigger_rate": n_fires / max(1, n_events),
-        "cache_hit_rate": sum(st > 0 for st in staleness) / max(1, nq),
-        "mean_staleness_events": sum(staleness) / max(1, nq),
-        "trigger": trig_q, "always_on": on_q,
-        "retained": {k: (trig_q[k] / on_q[k] if on_q[k] else None) for k in trig_q},
-        "n_predictions_computed": len(points),
-    }
+    reports = []
+    on_q = None
+    for plan in plans:
+        cfg, refs, nq = plan["cfg"], plan["refs"], len(plan["refs"])
+        trig_q = _quality([pred[p] for p in plan["served"]], refs, emb_sim)
+        on_q = on_q or _quality([pred[p] for p in plan["always"]], refs, emb_sim)  # the same for every config
+        per_q = _quality([pred[p] for p in plan["periodic"]], refs, emb_sim)
+        reports.append({
+            "config": {"window": cfg.window, "weights": [cfg.w_h, cfg.w_j, cfg.w_js], "threshold": cfg.threshold,
+                       "reference": cfg.reference, "dh_norm": cfg.dh_norm, "history_len": history_len},
+            "n_streams": len(streams), "n_events": plan["n_events"], "n_queries": nq, "n_fires": plan["n_fires"],
+            "trigger_rate": plan["n_fires"] / max(1, plan["n_events"]),
+            "cache_hit_rate": sum(st > 0 for st in plan["staleness"]) / max(1, nq),
+            "mean_staleness_events": sum(plan["staleness"]) / max(1, nq),
+            "trigger": trig_q, "always_on": on_q,
+            "retained": {k: (trig_q[k] / on_q[k] if on_q[k] else None) for k in trig_q},
+            "periodic": {"period_events": plan["period"], "trigger_rate": plan["periodic_fires"] / max(1, plan["n_events"]),
+                         "quality": per_q,
+                         "retained": {k: (per_q[k] / on_q[k] if on_q[k] else None) for k in per_q}},
+            "n_predictions_computed": len(points),
+        })
+    return reports
+
+
+def replay(streams: list[dict], predictor: Predictor, cfg: DriftConfig | None = None, history_len: int = 20,
+           emb_sim: bool = True) -> dict:
+    """The replay (module docstring) for one trigger config; returns the report dict."""
+    return replay_many(streams, predictor, [cfg or DriftConfig()], history_len, emb_sim)[0]
+
+
+def sweep_table(reports: list[dict]) -> str:
+    keys = list(reports[0]["trigger"])
+    lines = [f"{'threshold':>9} {'trigger rate':>12} {'cache hits':>10} {'staleness':>9} "
+             + " ".join(f"{k + ' kept':>12}" for k in keys) + f" {'| periodic':>10} {'rate':>6} "
+             + " ".join(f"{k + ' kept':>12}" for k in keys)]
+
+    def kept(retained):
+        return " ".join(f"{(retained[k] if retained[k] is not None else float('nan')):>12.3f}" for k in keys)
+
+    for r in reports:
+        per = r["periodic"]
+        lines.append(f"{r['config']['threshold']:>9.2f} {r['trigger_rate']:>12.3f} {r['cache_hit_rate']:>10.3f} "
+                     f"{r['mean_staleness_events']:>9.2f} {kept(r['retained'])} {'| every ' + str(per['period_events']):>10} "
+                     f"{per['trigger_rate']:>6.3f} {kept(per['retained'])}")
+    return "\n".join(lines)
 
 
 def format_table(report: dict) -> str:
@@ -174,6 +216,9 @@ def format_table(report: dict) -> str:
     for k, v in report["trigger"].items():
         r = report["retained"][k]
         lines.append(f"{k:<8} {v:>8.4f} {report['always_on'][k]:>10.4f} {('%.3f' % r) if r is not None else '-':>9}")
+    per = report["periodic"]
+    lines.append(f"control: the model every {per['period_events']} events (rate {per['trigger_rate']:.3f}) keeps "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in per["retained"].items() if v is not None))
     return "\n".join(lines)
 
 
@@ -189,6 +234,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--weights", type=float, nargs=3, default=[DriftConfig.w_h, DriftConfig.w_j, DriftConfig.w_js],
                    metavar=("W_H", "W_J", "W_JS"))
     p.add_argument("--threshold", type=float, default=DriftConfig.threshold)
+    p.add_argument("--thresholds", type=float, nargs="+", help="a sweep: one report per threshold (shared predictions)")
+    p.add_argument("--dh-norm", choices=DH_NORMS, default=DriftConfig.dh_norm)
     p.add_argument("--reference", choices=REFERENCES, default=DriftConfig.reference)
     p.add_argument("--history-len", type=int, default=20)
     p.add_argument("--max-streams", type=int, default=0, help="only the first N streams (0 = all)")
@@ -207,16 +254,23 @@ def run(args: argparse.Namespace) -> dict:
         predictor: Predictor = ModelPredictor(args.model, args.template, args.max_new_tokens, args.batch_size)
     else:
         predictor = last_title
-    cfg = DriftConfig(window=args.window, w_h=args.weights[0], w_j=args.weights[1], w_js=args.weights[2],
-                      threshold=args.threshold, reference=args.reference)
-    report = replay(streams, predictor, cfg, args.history_len, emb_sim=not args.no_emb_sim)
-    report["predictor"] = args.predictor if args.predictor != "model" else f"model:{args.model}"
-    report["streams"] = str(args.streams)
-    print(format_table(report))
+    cfgs = [DriftConfig(window=args.window, w_h=args.weights[0], w_j=args.weights[1], w_js=args.weights[2],
+                        threshold=t, reference=args.reference, dh_norm=args.dh_norm)
+            for t in (args.thresholds or [args.threshold])]
+    reports = replay_many(streams, predictor, cfgs, args.history_len, emb_sim=not args.no_emb_sim)
+    for report in reports:
+        report["predictor"] = args.predictor if args.predictor != "model" else f"model:{args.model}"
+        report["streams"] = str(args.streams)
+    if len(reports) == 1:
+        print(format_table(reports[0]))
+    else:
+        print(format_table(reports[0]).split("\n")[0])
+        print(sweep_table(reports))
+    result = reports[0] if len(reports) == 1 else {"sweep": reports}
     if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
-    return report
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
