@@ -152,6 +152,13 @@ def _clean_name(name: str) -> str:
     return name.rstrip(",;:'\u2019")
 
 
+def _comma_alias(s: str, name: str) -> list[str]:
+    """"Delft, Netherlands" for "Delft" when the sentence says so (also right)."""
+    i = s.find(name + ", ")
+    got = _name_at(s, i + len(name) + 2) if i >= 0 else None
+    return [f"{name}, {got[0]}"] if got else []
+
+
 def _name_at_any(text: str, start: int) -> tuple[str, int] | None:
     """A name at `text[start]` followed by a comma (inside a list "Haidian, Beijing, China")."""
     m = re.compile(NAME).match(text, start)
@@ -166,6 +173,12 @@ def _name_at(text: str, start: int) -> tuple[str, int] | None:
     if not m:
         return None
     raw = m.group(0)
+    # an abbreviation that ends a sentence ends the name ("Washington, D.C. It is ..."), an initial does not
+    toks = raw.split(" ")
+    for i, tok in enumerate(toks[:-1]):
+        if tok.endswith(".") and not re.fullmatch(r"[A-Z]\.", tok):
+            raw = " ".join(toks[: i + 1])
+            break
     # drop a trailing connector chain ("Bay of" cannot end a name: NAME never does) and a trailing "and X"
     name = _clean_name(raw)
     end = start + len(name)
@@ -461,10 +474,7 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
                 if re.match(rf"^(?:{_YEAR})$", name) or name.split()[0] in ("House", "Family", "Clan", "Dynasty"):
                     continue  # "born in the House of Draculesti" is a family, not a place
                 # "Delft, Netherlands" is also right
-                rest = s[pos:]
-                m2 = re.search(re.escape(name) + r", (" + NAME + r")", rest)
-                alias = [f"{name}, {_clean_name(m2.group(1))}"] if m2 else []
-                _add(facts, a, "birthplace", name, s, golds=alias)
+                _add(facts, a, "birthplace", name, s, golds=_comma_alias(s, name))
                 break
         # --- places
         if kind in ("country", "place") and topic != "People":
@@ -525,9 +535,7 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
                                           r"|\bheadquarters (?:is|are) (?:located )?in (?:the )?"):  # fmt: skip
                 if "based in" in s and not re.search(r"headquarter", s) and not re.search(r"\b(?:company|corporation|organi[sz]ation|agency|conglomerate|firm|bank|manufacturer|network|broadcaster)\b", s):
                     continue
-                m2 = re.search(re.escape(name) + r", (" + NAME + r")", s)
-                alias = [f"{name}, {_clean_name(m2.group(1))}"] if m2 else []
-                _add(facts, a, "headquarters", name, s, golds=alias)
+                _add(facts, a, "headquarters", name, s, golds=_comma_alias(s, name))
                 break
     # at most one fact per relation (the first stated), and never two relations with the same answer
     seen_rel, seen_val, out = set(), set(), []
@@ -621,6 +629,8 @@ def natural_candidates(a: Mapping[str, str], facts: Sequence[Fact], rng: random.
     for f in facts:
         rel = RELATIONS[f.relation]
         tpl = rng.choice(rel.templates)
+        if s.startswith("the ") and "{kind} {s}" in tpl:  # "the film Vertigo": not "the film the film Vertigo"
+            tpl = tpl.replace("the {kind} {s}", "{s}").replace("The {kind} {s}", "{S}")
         q = _fill(tpl, s, f)
         if any(_contains(q, g) for g in f.golds):
             continue
