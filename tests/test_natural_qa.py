@@ -299,3 +299,21 @@ def test_wiki10k_natural_set_keeps_the_contract():
     assert len({r["metadata"]["relation"] for r in test if r["metadata"]["qtype"] == "natural"}) >= 10
     other = generate_natural_qa(arts, seed=1)
     assert {r["question"] for r in other["test"]} != {r["question"] for r in test}
+
+
+def test_difficulty_table_fills_model_columns_from_predictions():
+    from envs.search.natural_qa import difficulty_table
+    from envs.search.retrievers import BM25Retriever
+
+    arts = world(n_countries=4, n_cities=10, n_authors=5, n_novels=8, links=(3, 1, 2, 0, 1, 2, 3, 0))
+    docs = articles_to_passages(arts)
+    rows = generate_natural_qa(arts, seed=0, retriever=BM25Retriever(docs, show_progress=False), n_train=300)["train"]
+    nat = [r for r in rows if r["metadata"]["qtype"] == "natural"]
+    preds = {r["id"]: {"em": 1.0 if i % 2 == 0 else 0.0, "searches": 1} for i, r in enumerate(nat)}
+    table = difficulty_table(rows, BM25Retriever(docs, show_progress=False), models={"sft": preds})
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:]}
+    assert table.splitlines()[0].endswith("| sft EM / searches |")
+    em = sum(p["em"] for p in preds.values()) / len(preds)
+    assert lines["**natural**"].endswith(f"| {em:.3f} / 1.00 |")
+    assert lines["**twohop**"].endswith("| |")  # no predictions for two-hop rows: blank, not 0
+    assert f"| {len(nat)} |" in lines["**natural**"]
