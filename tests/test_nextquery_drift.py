@@ -168,3 +168,10 @@ def test_replay_with_a_callable_and_errors(tmp_path):
     good.write_text(json.dumps(s) + "\n")
     assert nextquery_main(["replay", "--streams", str(good), "--window", "2", "--no-emb-sim", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n_fires"] == 1
+    assert nextquery_main(["replay", "--streams", str(good), "--predictor", "recent-category-attribute", "--no-emb-sim",
+                           "--thresholds", "0.8", "0.1", "--out", str(out)]) == 0
+    sweep = json.loads(out.read_text())["sweep"]
+    assert [r["predictor"] for r in sweep] == ["recent-category-attribute"] * 2
+    assert sweep[0]["always_on"]["f1"] == 1.0  # the category "tent" (no attribute tags) = the query
+    assert rp.main(["--streams", str(good), "--no-emb-sim", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["always_on"]["f1"] == 0.5  # last-title: "tent item 3" vs "tent"

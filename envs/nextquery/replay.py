@@ -1,7 +1,7 @@
 """Replay behaviour streams through the drift trigger and a predictor, as the phone would.
 
     python -m envs.nextquery.replay --streams data/nextquery/synthetic/streams_test.jsonl \
-        --predictor last-title                      # heuristic, no model: seconds
+        --predictor last-title                      # heuristic, no model: seconds (or recent-category-attribute)
     python -m envs.nextquery.replay --streams ... --predictor model --model outputs/nextquery_sft/final
 
 Per user stream (format: docs/nextquery.md, `{"user_id", "events", "queries": [{"after_event", "time",
@@ -59,6 +59,17 @@ def last_title(rows: list[dict]) -> list[str]:
     from envs.nextquery.baselines import last_item_title
 
     return [last_item_title(r) for r in rows]
+
+
+def recent_category_attribute(rows: list[dict]) -> list[str]:
+    """The strongest heuristic of `baselines` ("recent category + attribute": the recent events' category and
+    its most frequent attribute): an intent-like predictor, less tied to the very last event than last-title."""
+    from envs.nextquery.baselines import RECENT, category_attribute
+
+    return [category_attribute(r, RECENT) for r in rows]
+
+
+HEURISTICS = {"last-title": last_title, "recent-category-attribute": recent_category_attribute}
 
 
 class ModelPredictor:
@@ -225,7 +236,7 @@ def format_table(report: dict) -> str:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m envs.nextquery.replay", description=__doc__.split("\n")[0])
     p.add_argument("--streams", required=True, help="streams_test.jsonl")
-    p.add_argument("--predictor", choices=["last-title", "model"], default="last-title")
+    p.add_argument("--predictor", choices=[*HEURISTICS, "model"], default="last-title")
     p.add_argument("--model", help="model dir / registered name / LoRA adapter dir (--predictor model)")
     p.add_argument("--template", default="adaptive", help="full | compact | summary | adaptive")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -253,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError("replay: --predictor model needs --model")
         predictor: Predictor = ModelPredictor(args.model, args.template, args.max_new_tokens, args.batch_size)
     else:
-        predictor = last_title
+        predictor = HEURISTICS[args.predictor]
     cfgs = [DriftConfig(window=args.window, w_h=args.weights[0], w_j=args.weights[1], w_js=args.weights[2],
                         threshold=t, reference=args.reference, dh_norm=args.dh_norm)
             for t in (args.thresholds or [args.threshold])]
