@@ -152,6 +152,20 @@ def _clean_name(name: str) -> str:
     return name.rstrip(",;:'\u2019")
 
 
+_COUNTRY_RX: dict[int, tuple[Mapping, re.Pattern]] = {}
+
+
+def _country_regex(entities: Mapping[str, Mapping[str, str]]) -> re.Pattern:
+    """A regex matching the country names of `entities` (cached per mapping)."""
+    got = _COUNTRY_RX.get(id(entities))
+    if got is None or got[0] is not entities:
+        names = sorted((n for n, b in entities.items() if _is_country(b)), key=len, reverse=True)
+        rx = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else re.compile(r"(?!x)x")
+        _COUNTRY_RX.clear()  # one corpus at a time; keeps no stale mappings alive
+        _COUNTRY_RX[id(entities)] = got = (entities, rx)
+    return got[1]
+
+
 def _comma_alias(s: str, name: str) -> list[str]:
     """"Delft, Netherlands" for "Delft" when the sentence says so (also right)."""
     i = s.find(name + ", ")
@@ -488,7 +502,8 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
         # --- the country (or U.S. state) a place, building, institution... is in: the lead sentence's
         # "is a <noun> in [the] [region-adjective] A, B, C", the last of A, B, C that is a country
         if first and topic != "People" and kind != "country":
-            m = re.search(rf"\b(?:is|was) (?:a|an|the) (?:[\w'-]+ ){{0,5}}?{_PLACE_NOUN} (?:located |situated )?"
+            # "is" only: "Antioch was a city located in northern Syria" is history, not where it is
+            m = re.search(rf"\bis (?:a|an|the) (?:[\w'-]+ ){{0,5}}?{_PLACE_NOUN} (?:located |situated )?"
                           r"(?:in|of) (?:the )?(?:(?:north|south|east|west|central|northern|southern|eastern|western|"
                           r"north-?eastern|north-?western|south-?eastern|south-?western) )?", s[:cut])  # fmt: skip
             if m:
@@ -510,6 +525,14 @@ def extract_facts(a: Mapping[str, str], entities: Mapping[str, Mapping[str, str]
                     if k:
                         _add(facts, a, "country", name, s, kind=k)
                         break
+                if clean and not any(f.relation == "country" for f in facts) and kind == "place":
+                    # "Nanjing is the capital of Jiangsu, East China": the one country the lead sentence names,
+                    # after "in"/"of" (never "between X and Y", never a border)
+                    named = set(_country_regex(entities).findall(s)) - {a["title"]}
+                    if len(named) == 1 and not re.search(r"\b(?:border|borders|bordering|between)\b", s):
+                        name = named.pop()
+                        if re.search(rf"\b(?:in|of) (?:the )?(?:[\w'-]+,? ){{0,4}}?{re.escape(name)}\b", s):
+                            _add(facts, a, "country", name, s, kind="country")
                 # the city among them ("a public research university in Haidian, Beijing, China" -> Beijing),
                 # for what is not itself a city: a city of a city is a district, not a fact people ask
                 is_city = re.compile(r"\b(?:city|capital|town|municipality|metropolis)\b")
