@@ -69,6 +69,7 @@ def test_features():
     assert f["n"] == 6 and f["focus"] == 1.0 and f["recency"] == 595
     assert f["diversity"] == pytest.approx(2 / 6) and f["strong"] == pytest.approx(1 / 6)
     assert template_features(row([]))["n"] == 0
+    assert count_tokens("abcdefg") == 3  # the estimate without a tokenizer: ceil(7 / 3)
 
 
 def test_pick_template_rule():
