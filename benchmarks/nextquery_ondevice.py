@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.worker_out).write_text(json.dumps(res))
         return 0
     rows, data_label = load_rows(args.data, args.n_quality)
+    # every worker reads what the parent read: the data file if it existed now, else the built-in sample
+    # (a file appearing mid-run must not give later precisions other prompts)
+    data_arg = args.data if args.data and Path(args.data).is_file() else ""
     runs = []
     load = os.getloadavg()
     for threads in args.threads:
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--precision", p, "--threads", str(threads),
                    "--model", args.model, "--n-latency", str(args.n_latency), "--n-quality", str(args.n_quality),
                    "--max-new-tokens", str(args.max_new_tokens), "--answer-tokens", str(args.answer_tokens),
-                   "--template", args.template, "--data", args.data or "", "--worker-out", out]
+                   "--template", args.template, "--data", data_arg, "--worker-out", out]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             t0 = time.time()
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
