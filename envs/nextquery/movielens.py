@@ -9,7 +9,7 @@ Data: `envs.common.interactions` (the loader and the MovieLens-100k fetch the ne
 
 Mapping (documented in docs/nextquery.md):
 * item -> catalogue item: title ``"Toy Story (1995)"``, category = the first genre (as a query word,
-  below), brand ``""``, attributes ``{"decade": "90s"}`` (absent when the year is unknown), tags = the
+  below; ``movie`` for a film with no known genre), brand ``""``, attributes ``{"decade": "90s"}`` (absent when the year is unknown), tags = the
   genre words + the decade.
 * rating -> action (engagement grows with the rating): 1-2 ``click`` (watched, disliked), 3 ``cart``,
   4 ``favorite``, 5 ``purchase``. A positive is a rating >= 4.
