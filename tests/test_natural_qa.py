@@ -44,14 +44,18 @@ def world(n_countries=3, n_cities=6, n_authors=3, n_novels=4, links=(0,) * 40) -
         text = f"{x} is a city in {city_country[x]}. The city has an area of {120 + 7 * i} km2 and many old bridges."
         arts.append({"title": x, "extract": text, "description": f"City in {city_country[x]}", "topic": "Geography"})
     authors = AUTHORS[:n_authors]
+    demonyms = {}
     for i, a in enumerate(authors):
-        demonym = countries[pick() % n_countries] + "n"  # "Aldorian"
+        demonym = demonyms[a] = countries[pick() % n_countries] + "n"  # "Aldorian"
         text = f"{a} was an {demonym} novelist and poet."
         if cities:
             text += f" She was born in {cities[pick() % n_cities]} and wrote at night."
         arts.append({"title": a, "extract": text, "description": f"{demonym} novelist", "topic": "People"})
     for i, nv in enumerate(NOVELS[:n_novels] if authors else []):
-        text = f"{nv} is a {1850 + 9 * i} novel by {authors[pick() % n_authors]}. It is read in many schools."
+        author = authors[pick() % n_authors]
+        # odd novels name the author's nationality: "the nationality of the author of X" is then one search
+        by = f"{demonyms[author]} author {author}" if i % 2 else author
+        text = f"{nv} is a {1850 + 9 * i} novel by {by}. It is read in many schools."
         arts.append({"title": nv, "extract": text, "description": "Novel", "topic": "Arts"})
     return arts
 
@@ -144,7 +148,7 @@ def test_generated_rows_keep_the_contract_and_are_deterministic():
         generate_natural_qa(arts, types=["natural", "trivia"])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     n_countries=st.integers(1, 5),
     n_cities=st.integers(0, 12),
@@ -153,11 +157,13 @@ def test_generated_rows_keep_the_contract_and_are_deterministic():
     links=st.lists(st.integers(0, 20), min_size=1, max_size=40),
     seed=st.integers(0, 1000),
     fracs=st.sampled_from([(0.1, 0.1), (0.2, 0.3), (0.0, 0.5), (0.3, 0.0)]),
+    max_group=st.sampled_from([2, 3, 40]),  # small caps split linked articles across splits
 )
-def test_splits_are_article_disjoint_property(n_countries, n_cities, n_authors, n_novels, links, seed, fracs):
+def test_splits_are_article_disjoint_property(n_countries, n_cities, n_authors, n_novels, links, seed, fracs,
+                                               max_group):  # fmt: skip
     arts = world(n_countries, n_cities, n_authors, n_novels, links)
     splits = generate_natural_qa(arts, seed=seed, n_train=500, n_dev=100, n_test=100, frac_dev=fracs[0],
-                                 frac_test=fracs[1])  # fmt: skip
+                                 frac_test=fracs[1], max_group=max_group)  # fmt: skip
     check_rows(splits, arts)
 
 

@@ -845,6 +845,7 @@ def generate_natural_qa(
     max_per_bridge_fact: int = 2,
     allow_b_names_a: bool = False,
     linked_frac_test: float = 0.3,
+    max_group: int = 40,
     data_source: str = "wiki10k_nq",
     retriever: Any | None = None,
     query_topk: int = 1,
@@ -861,7 +862,8 @@ def generate_natural_qa(
     bridge article.  `allow_b_names_a`: keep two-hop questions whose second passage names the
     first article too (about 2.5x more two-hop questions, but one search can shortcut them;
     `metadata.b_names_a` marks them).  `linked_frac_test`: the share of the articles behind
-    two-hop questions that go to test (`split_articles_grouped`).  `retriever` (optional, e.g. BM25 over the corpus): picks each hop's oracle query among
+    two-hop questions that go to test, `max_group` the largest group of linked articles kept
+    together (`split_articles_grouped`).  `retriever` (optional, e.g. BM25 over the corpus): picks each hop's oracle query among
     its options so that it finds the hop's passage in the top `query_topk` (`choose_queries`).
     """
     from . import qa_data as Q
@@ -898,7 +900,7 @@ def generate_natural_qa(
         cands[qtype] = [r for r in cands[qtype] if all(_nwords(g) <= max_answer_words + 1 for g in r["golden_answers"][:1])]
     links = [tuple(r["metadata"]["titles"][:2]) for t in cands for r in cands[t] if len(r["metadata"]["titles"]) >= 2]
     split_of = split_articles_grouped([a["title"] for a in arts], links, random.Random(seed), frac_dev, frac_test,
-                                      linked_frac_test=linked_frac_test)  # fmt: skip
+                                      linked_frac_test=linked_frac_test, max_group=max_group)  # fmt: skip
     wanted = {"train": n_train, "dev": n_dev, "test": n_test}
     result: dict[str, list[dict]] = {}
     seen_questions: set[str] = set()
