@@ -135,6 +135,10 @@ def test_int8_and_bf16_tiny_models_answer(tiny_model_dir):
     assert len(pred(rows)) == 3  # extracted queries
     pred.model = bench.convert(ModelPredictor(tiny_model_dir).model, "bf16")
     assert next(pred.model.parameters()).dtype == torch.bfloat16 and len(pred.generate(rows[:1])) == 1
+    # int8-mixed: the MLP down projections stay fp32, every other Linear is quantised
+    mixed = bench.convert(ModelPredictor(tiny_model_dir).model, "int8-mixed")
+    kinds = {n: type(m) for n, m in mixed.named_modules() if n.endswith(("down_proj", "up_proj", "lm_head"))}
+    assert kinds and all((k is torch.nn.Linear) == n.endswith("down_proj") for n, k in kinds.items())
 
 
 @pytest.mark.slow
@@ -146,12 +150,14 @@ def test_ondevice_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     import nextquery_ondevice as bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", tiny_model_dir, "--threads", "1", "--precisions", "fp32", "int8", "--n-latency", "2",
-                       "--n-quality", "3", "--max-new-tokens", "4", "--answer-tokens", "4", "--data", "",
-                       "--no-emb-sim", "--out", str(out)]) == 0
+    assert bench.main(["--model", tiny_model_dir, "--threads", "1", "--precisions", "int8", "int8-mixed",
+                       "--n-latency", "2", "--n-quality", "3", "--n-logits", "2", "--max-new-tokens", "4",
+                       "--answer-tokens", "4", "--data", "", "--no-emb-sim", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     by = {o["precision"]: o for o in res["summary"]}
-    assert set(by) == {"fp32", "int8"} and by["fp32"]["speedup_vs_fp32"] == 1.0
-    assert by["fp32"]["agreement_with_fp32"] == 1.0 and 0.0 <= by["int8"]["agreement_with_fp32"] <= 1.0
-    assert all(len(r["latencies_s"]) == 2 and r["peak_mb"] > 0 for r in res["runs"])
+    assert set(by) == {"fp32", "int8", "int8-mixed"} and by["fp32"]["speedup_vs_fp32"] == 1.0  # fp32 always added
+    assert by["fp32"]["agreement_with_fp32"] == 1.0 and by["fp32"]["top1_agreement"] == 1.0
+    assert by["fp32"]["kl_from_fp32"] == pytest.approx(0.0, abs=1e-6) and by["int8"]["kl_from_fp32"] >= 0.0
+    assert all(len(v) == 2 for v in res["latencies_s"].values()) and len(res["latencies_s"]) == 3
+    assert all(r["peak_mb"] > 0 for r in res["runs"].values())
     assert "int8" in capsys.readouterr().out
