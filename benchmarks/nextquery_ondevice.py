@@ -20,10 +20,13 @@ Measured:
                precision decodes the same length), over `--n-latency` distinct prompts after one warm-up
                each; the precisions are timed round-robin in one process (query i on fp32, bf16, int8, ...,
                then query i+1), so a change of machine load hits all of them alike; P50 / P90 seconds
-  memory       per precision in a fresh subprocess (`--worker`), RSS from /proc/self/status (not
-               tracemalloc: it does not see torch's C++ allocations): `resident_mb` = VmRSS after loading
-               + converting minus VmRSS before loading, `peak_mb` = VmHWM while answering (reset through
-               /proc/self/clear_refs after conversion) minus the same baseline
+  memory       per precision in a fresh subprocess (`--worker`): `weights_mb` = the serialised state dict
+               (what the phone holds: packed int8 weights + scales for quantised layers; "mem x" is its
+               ratio to fp32), and RSS from /proc/self/status (not tracemalloc: it does not see torch's
+               C++ allocations): `resident_mb` = VmRSS after loading + converting (+ malloc_trim, so the
+               freed fp32 copy does not count) minus VmRSS before loading, `peak_mb` = VmHWM while
+               answering (reset through /proc/self/clear_refs after conversion) minus the same baseline.
+               The fp32 weights are memory-mapped from safetensors: RSS counts only the pages touched
   answers      (in the same subprocess) greedy, natural stop, `--n-quality` prompts in batches of 8 ->
                `quality.extract_query`; agreement = exact match of the normalised query with fp32's
   logits       teacher-forced on prompt + real query: top-1 next-token agreement with fp32 and
@@ -118,6 +121,29 @@ def convert(model, precision: str):
     return model
 
 
+def _malloc_trim() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise), so RSS after a conversion counts the
+    converted model, not the fp32 copy it was made from."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then include freed memory
+        pass
+
+
+def _weights_mb(model) -> float:
+    """The model's weights as stored (the serialised state dict: packed int8 weights + scales for the
+    quantised layers): what a phone would ship and hold, independent of the allocator."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell() / 2**20
+
+
 def _query_ids(tok, row: dict, template: str):
     from envs.nextquery.prompts import build_messages
 
@@ -138,12 +164,14 @@ def worker(args: argparse.Namespace) -> dict:
     pred = ModelPredictor(args.model, template=args.template, max_new_tokens=args.answer_tokens, batch_size=8)
     pred.model = convert(pred.model, args.precision)
     gc.collect()
+    _malloc_trim()
     resident_kb = _proc_kb("VmRSS") - base_kb
+    weights_mb = _weights_mb(pred.model)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak while answering, not while converting
     answers = pred.generate(rows[: args.n_quality])
     peak_kb = _proc_kb("VmHWM") - base_kb
     return {"precision": args.precision, "resident_mb": resident_kb / 1024, "peak_mb": peak_kb / 1024,
-            "answers": answers}
+            "weights_mb": weights_mb, "answers": answers}
 
 
 def latency_and_logits(args: argparse.Namespace, rows: list[dict]) -> tuple[dict, dict]:
@@ -223,13 +251,15 @@ def summarise(runs: dict, latencies: dict, logit: dict, rows: list[dict], thread
         for p, r in runs.items():
             lat = latencies.get(f"{t}/{p}", [])
             out.append({"threads": t, "precision": p, "p50_s": _pct(lat, 0.5), "p90_s": _pct(lat, 0.9),
-                        "resident_mb": r["resident_mb"], "peak_mb": r["peak_mb"], **quality[p], **logit.get(p, {})})
+                        "weights_mb": r.get("weights_mb"), "resident_mb": r["resident_mb"], "peak_mb": r["peak_mb"],
+                        **quality[p], **logit.get(p, {})})
         base = next((o for o in out if o["threads"] == t and o["precision"] == "fp32"), None)
         if base:
             for o in out:
                 if o["threads"] == t:
                     o["speedup_vs_fp32"] = base["p50_s"] / o["p50_s"]
                     o["resident_ratio_vs_fp32"] = o["resident_mb"] / base["resident_mb"] if base["resident_mb"] else None
+                    o["weights_ratio_vs_fp32"] = o["weights_mb"] / base["weights_mb"] if base.get("weights_mb") else None
                     for k in ("em", "f1", "emb_sim"):
                         if k in o and base.get(k):
                             o[f"{k}_ratio_vs_fp32"] = o[k] / base[k]
@@ -237,16 +267,16 @@ def summarise(runs: dict, latencies: dict, logit: dict, rows: list[dict], thread
 
 
 def format_table(summary: list[dict]) -> str:
-    head = (f"{'thr':>3} {'precision':<10} {'P50 s':>7} {'P90 s':>7} {'speed-up':>8} {'resid MB':>9} {'peak MB':>8} "
-            f"{'mem x':>6} {'top1':>6} {'KL':>7} {'agree':>6} {'em':>6} {'f1':>6} {'emb':>6}")
+    head = (f"{'thr':>3} {'precision':<10} {'P50 s':>7} {'P90 s':>7} {'speed-up':>8} {'weights MB':>10} {'resid MB':>9} "
+            f"{'peak MB':>8} {'mem x':>6} {'top1':>6} {'KL':>7} {'agree':>6} {'em':>6} {'f1':>6} {'emb':>6}")
     lines = [head]
     for o in summary:
         def f(k, fmt="{:.3f}"):
             v = o.get(k)
             return fmt.format(v) if isinstance(v, (int, float)) else "-"
         lines.append(f"{o['threads']:>3} {o['precision']:<10} {f('p50_s'):>7} {f('p90_s'):>7} "
-                     f"{f('speedup_vs_fp32', '{:.2f}x'):>8} {f('resident_mb', '{:.0f}'):>9} {f('peak_mb', '{:.0f}'):>8} "
-                     f"{f('resident_ratio_vs_fp32', '{:.2f}'):>6} {f('top1_agreement'):>6} {f('kl_from_fp32', '{:.4f}'):>7} "
+                     f"{f('speedup_vs_fp32', '{:.2f}x'):>8} {f('weights_mb', '{:.0f}'):>10} {f('resident_mb', '{:.0f}'):>9} "
+                     f"{f('peak_mb', '{:.0f}'):>8} {f('weights_ratio_vs_fp32', '{:.2f}'):>6} {f('top1_agreement'):>6} {f('kl_from_fp32', '{:.4f}'):>7} "
                      f"{f('agreement_with_fp32', '{:.2f}'):>6} {f('em'):>6} {f('f1'):>6} {f('emb_sim'):>6}")
     return "\n".join(lines)
 

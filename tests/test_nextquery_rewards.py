@@ -160,4 +160,5 @@ def test_ondevice_benchmark_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert by["fp32"]["kl_from_fp32"] == pytest.approx(0.0, abs=1e-6) and by["int8"]["kl_from_fp32"] >= 0.0
     assert all(len(v) == 2 for v in res["latencies_s"].values()) and len(res["latencies_s"]) == 3
     assert all(r["peak_mb"] > 0 for r in res["runs"].values())
+    assert by["int8"]["weights_mb"] < by["fp32"]["weights_mb"] and by["fp32"]["weights_ratio_vs_fp32"] == 1.0
     assert "int8" in capsys.readouterr().out
