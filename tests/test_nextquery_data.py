@@ -135,13 +135,13 @@ def test_build_splits_by_user_and_writes_valid_files(tiny_build):
     assert len(streams) == 3 and {s["user_id"] for s in streams} <= users["test"]
     catalog = {it["item_id"] for it in nqdata.load_catalog(d / "catalog.jsonl")}
     assert all(i in catalog for rows in splits.values() for r in rows for i in r["next_items"] + [e["item_id"] for e in r["history"]])
-    # SFT rows: the nextquery builder's prompt, then the real query as the answer
-    from envs.nextquery.prompts import nextquery
+    # SFT rows: the nextquery_adaptive builder's prompt (the GRPO recipe's), then the real query as the answer
+    from envs.nextquery.prompts import nextquery_adaptive
 
     sft = [json.loads(line) for line in (d / "sft" / "train.jsonl").read_text().splitlines()]
     assert len(sft) == len(splits["train"])
     for row, s in zip(splits["train"], sft):
-        assert s["messages"][:-1] == nextquery(row)
+        assert s["messages"][:-1] == nextquery_adaptive(row)
         assert s["messages"][-1] == {"role": "assistant", "content": row["query"]}
     table = [json.loads(line) for line in (d / "baselines.jsonl").read_text().splitlines()]
     assert {(r["model"], r["dataset"]) for r in table} == {(m, s) for m in

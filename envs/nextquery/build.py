@@ -4,9 +4,10 @@
       catalog.jsonl                   catalogue items (envs/nextquery/data.py)
       train.jsonl valid.jsonl test.jsonl   example rows
       streams_test.jsonl              behaviour streams of test users (the drift-trigger replay)
-      sft/train.jsonl sft/valid.jsonl `messages` rows sft.train reads: the `nextquery` prompt builder's
-                                      messages (system + user = prompts.render_prompt(row, "full")) and
-                                      the query as the assistant turn; plus id / source / target_kind
+      sft/train.jsonl sft/valid.jsonl `messages` rows sft.train reads: the `nextquery_adaptive` prompt
+                                      builder's messages (the template prompts.pick_template picks, as
+                                      the GRPO recipe and the phone use) and the query as the assistant
+                                      turn; plus id / source / target_kind
       baselines.md baselines.jsonl    the heuristics of baselines.py on valid and test (metrics.score);
                                       synthetic: first the latent-intent reference row (an oracle)
       stats.json                      sizes, target-kind shares, settings, build seconds
@@ -49,11 +50,12 @@ def split_users(user_ids: Sequence[str], seed: int, valid_share: float = 0.1, te
 
 
 def sft_rows(rows: Sequence[Mapping]) -> list[dict]:
-    """SFT rows in `messages` format: exactly the prompt the `nextquery` builder gives the policy at RL and
-    eval time, and the real query as the answer."""
-    from envs.nextquery.prompts import nextquery
+    """SFT rows in `messages` format: exactly the prompt the `nextquery_adaptive` builder gives the policy at
+    RL and eval time (recipes/nextquery_grpo.yaml; the adaptive template is also ~4x shorter than "full" on
+    synthetic rows, so SFT steps are cheaper), and the real query as the answer."""
+    from envs.nextquery.prompts import nextquery_adaptive
 
-    return [{"messages": [*nextquery(dict(r)), {"role": "assistant", "content": r["query"]}], "id": r["id"],
+    return [{"messages": [*nextquery_adaptive(dict(r)), {"role": "assistant", "content": r["query"]}], "id": r["id"],
              "source": r["source"], "target_kind": r["target_kind"]} for r in rows]
 
 
