@@ -132,7 +132,8 @@ def evaluate(model: Path, label: str, out: Path, data: Path, split: str, limit: 
 
 
 def table(results: dict, baselines: list[dict], rows: list[str], seeds: list[int], split: str) -> str:
-    head = ["row", "seeds", *[f"{m} (mean ± spread)" for m in METRICS], "min/run"]
+    # n: anchors scored; a --limit run scores fewer than the baselines (always the whole split)
+    head = ["row", "seeds", "n", *[f"{m} (mean ± spread)" for m in METRICS], "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(vals):
@@ -146,13 +147,16 @@ def table(results: dict, baselines: list[dict], rows: list[str], seeds: list[int
         if b["dataset"] == split:
             by_label.setdefault(b["model"].split(" (seed")[0], []).append(b)
     for label, recs in by_label.items():
-        lines.append(f"| baseline: {label} | {len(recs)} | " + " | ".join(fmt([r.get(m) for r in recs]) for m in METRICS)
+        lines.append(f"| baseline: {label} | {len(recs)} | {recs[0].get('n', '-')} | "
+                     + " | ".join(fmt([r.get(m) for r in recs]) for m in METRICS)
                      + " | - |")
     for row in rows:
         done = [results[f"{row}/seed{s}"] for s in seeds if f"{row}/seed{s}" in results]
         if not done:
             continue
-        lines.append(f"| {row} | {len(done)} | " + " | ".join(fmt([d["metrics"].get(m) for d in done]) for m in METRICS)
+        n = sorted({d["metrics"].get("n") for d in done}, key=str)
+        lines.append(f"| {row} | {len(done)} | {'/'.join(map(str, n))} | "
+                     + " | ".join(fmt([d["metrics"].get(m) for d in done]) for m in METRICS)
                      + f" | {max(d['minutes'] for d in done):.1f} |")
     return "\n".join(lines)
 
