@@ -285,13 +285,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m envs.nextquery.replay ...` = `python -m envs.nextquery replay ...` (one CLI, one error path)."""
+    from envs.nextquery.__main__ import main as package_main
+
+    return package_main(["replay", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
