@@ -33,3 +33,12 @@ def informative_on_even_answers(row, traj):
         return 0.5
     CALLS["n"] += 1
     return float(CALLS["n"] % 2)
+
+
+def word_jaccard_similarity(preds, refs):
+    """A stand-in for a sentence-embedding similarity (no model load): the Jaccard of the word sets."""
+    out = []
+    for p, r in zip(preds, refs):
+        a, b = set(p.split()), set(r.split())
+        out.append(len(a & b) / len(a | b) if a | b else 0.0)
+    return out

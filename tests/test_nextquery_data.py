@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from helpers_rewards import word_jaccard_similarity
 
 from envs.nextquery import data as nqdata
 from envs.nextquery import world
@@ -25,13 +26,7 @@ def tiny_cfg(seed=0, **kw):
                        categories=TINY_CATS, **kw)
 
 
-def fake_similarity(preds, refs):
-    """A stand-in for MiniLM (no model load): 1 for equal strings, else the Jaccard of their words."""
-    out = []
-    for p, r in zip(preds, refs):
-        a, b = set(p.split()), set(r.split())
-        out.append(len(a & b) / len(a | b) if a | b else 0.0)
-    return out
+fake_similarity = word_jaccard_similarity  # no MiniLM load
 
 
 def _dump(w):

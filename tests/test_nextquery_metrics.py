@@ -8,19 +8,14 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from helpers_rewards import word_jaccard_similarity
 
 from envs.nextquery import baselines as nqb
 from envs.nextquery import metrics as nqm
 from envs.nextquery import world
 
 
-def jaccard_similarity(preds, refs):
-    """Stand-in for MiniLM (no model load): the Jaccard of the word sets."""
-    out = []
-    for p, r in zip(preds, refs):
-        a, b = set(p.split()), set(r.split())
-        out.append(len(a & b) / len(a | b) if a | b else 0.0)
-    return out
+jaccard_similarity = word_jaccard_similarity  # no MiniLM load
 
 
 CATALOG = [
